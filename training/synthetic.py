@@ -229,9 +229,10 @@ def _generate_items(config: SyntheticConfig, rng: np.random.Generator) -> list[n
     return [users.items[row, :length] for row, length in enumerate(lengths)]
 
 
-def generate(
-    config: SyntheticConfig = SyntheticConfig(),
-) -> SequenceData:  # frozen, so safe as a default
+DEFAULT_CONFIG = SyntheticConfig()
+
+
+def generate(config: SyntheticConfig = DEFAULT_CONFIG) -> SequenceData:
     """The synthetic data set of `config`, deterministic in `config.seed`."""
     started = time.perf_counter()
     rng = np.random.default_rng(config.seed)
