@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -399,3 +401,19 @@ def test_ml1m_5core_sequence_file_keeps_its_ids() -> None:
 def test_ml100k_recbole_file() -> None:
     data = load_data(SHARED / "ml-100k" / "ml-100k.inter")
     assert (data.num_users, data.num_items, data.num_interactions) == (943, 1682, 100_000)
+
+
+def test_corrupt_parquet_is_a_data_error(tmp_path: Path) -> None:
+    pytest.importorskip("pyarrow")
+    path = tmp_path / "log.parquet"
+    path.write_bytes(b"PAR1 this is not really parquet PAR1")
+    with pytest.raises(DataError, match=r"log\.parquet: expected a Parquet file"):
+        read_interactions(path)
+
+
+def test_importing_data_pulls_in_neither_torch_nor_pyarrow() -> None:
+    code = "import sys, training.data; print('torch' in sys.modules, 'pyarrow' in sys.modules)"
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.split() == ["False", "False"]

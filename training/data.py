@@ -226,8 +226,9 @@ def _read_text(path: Path) -> str:
 
 def _first_line(path: Path) -> str:
     """The first non-blank line, read from at most the first 64 KiB."""
-    opener = gzip.open if path.read_bytes()[:2] == b"\x1f\x8b" else open
-    with opener(path, "rb") as handle:
+    with open(path, "rb") as handle:
+        compressed = handle.read(2) == b"\x1f\x8b"
+    with (gzip.open if compressed else open)(path, "rb") as handle:
         head = handle.read(65536)
     text = head.decode("utf-8-sig", errors="replace")
     return next((line for line in text.splitlines() if line.strip()), "")
@@ -534,16 +535,17 @@ def _read_parquet(path: Path, columns: ColumnNames) -> Interactions:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    wanted = [columns.user, columns.item] + ([columns.timestamp] if columns.timestamp else [])
     try:
-        table = pq.read_table(path)
+        found = pq.read_schema(path).names
+        missing = [name for name in wanted if name not in found]
+        if missing:
+            raise DataError(
+                f"{path}: expected columns {wanted}, missing {missing}; columns found: {found}"
+            )
+        table = pq.read_table(path, columns=wanted)  # other columns are never decoded
     except (pa.ArrowException, OSError) as error:
         raise DataError(f"{path}: expected a Parquet file: {error}") from None
-    wanted = [columns.user, columns.item] + ([columns.timestamp] if columns.timestamp else [])
-    missing = [name for name in wanted if name not in table.column_names]
-    if missing:
-        raise DataError(
-            f"{path}: expected columns {wanted}, missing {missing}; columns found: {table.column_names}"
-        )
     for name in wanted:
         if table.column(name).null_count:
             row = int(
