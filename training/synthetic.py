@@ -107,7 +107,11 @@ class _Catalogue:
         lands inside the topic's stretch: one searchsorted serves every topic.
         """
         keys = topics + rng.random(len(topics))
-        return self.by_topic[np.searchsorted(self.topic_cdf, keys, side="right")]
+        # The minimum guards the last topic against a key rounded up to exactly t + 1.
+        index = np.minimum(
+            np.searchsorted(self.topic_cdf, keys, side="right"), len(self.by_topic) - 1
+        )
+        return self.by_topic[index]
 
     def popular(self, n: int, rng: np.random.Generator) -> np.ndarray:
         return np.searchsorted(self.global_cdf, rng.random(n), side="right")
@@ -131,6 +135,7 @@ def _catalogue(config: SyntheticConfig, rng: np.random.Generator) -> _Catalogue:
         topic_cdf[members[-1]] = topic + 1.0  # exact end, whatever the rounding
     global_cdf = np.cumsum(weight) / weight.sum()
     global_cdf[-1] = 1.0
+    # Two steps: successors are drawn with the catalogue's own samplers.
     catalogue = _Catalogue(topic_of, by_topic, topic_cdf, global_cdf, np.empty(0), np.empty(0))
     successors = _successors(config, catalogue, rng)
     decay = config.successor_decay ** np.arange(config.num_successors)
