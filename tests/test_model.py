@@ -1,0 +1,106 @@
+"""The backbone: padding invariance, attention masks, truncation, checkpoints."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from training.checkpoint import CheckpointError, load_checkpoint, write_checkpoint
+from training.model import ModelConfig, build_model
+
+BACKBONES = ["bert4rec", "sasrec"]
+
+
+def tiny(backbone: str, **kw) -> torch.nn.Module:
+    config = ModelConfig(
+        num_items=40, backbone=backbone, hidden_size=16, num_layers=2, num_heads=2, max_len=8, **kw
+    )
+    return build_model(config, seed=0).eval()
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_left_padding_does_not_change_prediction(backbone: str) -> None:
+    model = tiny(backbone)
+    history = torch.tensor([[5, 9, 3]])
+    padded = torch.tensor([[0, 0, 0, 5, 9, 3]])
+    assert torch.allclose(model.logits(history), model.logits(padded), atol=1e-6)
+    # ... also when the padding comes from a longer neighbour in the same batch
+    batch = torch.tensor([[0, 0, 5, 9, 3], [1, 2, 3, 4, 5]])
+    assert torch.allclose(model.logits(history)[0], model.logits(batch)[0], atol=1e-6)
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_padding_embedding_is_never_seen(backbone: str) -> None:
+    model = tiny(backbone)
+    padded = torch.tensor([[0, 0, 5, 9, 3]])
+    before = model.logits(padded)
+    with torch.no_grad():
+        model.item_embedding.weight[0].normal_()
+    assert torch.allclose(before, model.logits(padded), atol=1e-6)
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_empty_history_gives_finite_scores(backbone: str) -> None:
+    model = tiny(backbone)
+    scores = model.logits(torch.zeros(3, 4, dtype=torch.long))
+    assert scores.shape == (3, 40)
+    assert torch.isfinite(scores).all()
+
+
+def test_sasrec_is_causal_and_bert4rec_is_not() -> None:
+    items = torch.tensor([[4, 7, 1, 9, 2]])
+    changed = items.clone()
+    changed[0, -1] = 30
+    sasrec, bert = tiny("sasrec"), tiny("bert4rec")
+    # A SASRec state never depends on later items; a BERT4Rec state does.
+    assert torch.allclose(sasrec.encode(items)[:, :-1], sasrec.encode(changed)[:, :-1], atol=1e-6)
+    assert not torch.allclose(bert.encode(items)[:, :-1], bert.encode(changed)[:, :-1], atol=1e-6)
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_long_history_keeps_the_newest_items(backbone: str) -> None:
+    model = tiny(backbone)
+    long = torch.arange(1, 21)[None, :]  # 20 items, max_len 8
+    keep = model.config.max_len - (0 if backbone == "sasrec" else 1)
+    assert torch.allclose(model.logits(long), model.logits(long[:, -keep:]), atol=1e-6)
+    other_start = long.clone()
+    other_start[0, 0] = 33
+    assert torch.allclose(model.logits(long), model.logits(other_start), atol=1e-6)
+
+
+def test_bert4rec_prediction_reads_the_mask_position() -> None:
+    model = tiny("bert4rec")
+    history = torch.tensor([[5, 9, 3]])
+    manual = model.encode(torch.tensor([[5, 9, 3, model.config.mask_id]]))[:, -1]
+    assert torch.allclose(model.hidden(history), manual)
+
+
+def test_config_is_validated() -> None:
+    with pytest.raises(ValueError, match="divisible"):
+        ModelConfig(num_items=10, hidden_size=10, num_heads=3)
+    with pytest.raises(ValueError, match="backbone"):
+        ModelConfig(num_items=10, backbone="gru4rec")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_checkpoint_round_trip_is_bit_identical(tmp_path, backbone: str) -> None:
+    model = tiny(backbone)
+    write_checkpoint(tmp_path / "ckpt", model, model.config, {"note": "x"})
+    loaded = load_checkpoint(tmp_path / "ckpt")
+    history = torch.tensor([[0, 3, 4, 5], [1, 2, 3, 4]])
+    assert torch.equal(model.logits(history), loaded.model.logits(history))
+    assert loaded.info == {"note": "x"}
+    assert loaded.config == model.config
+
+
+def test_corrupt_checkpoint_is_refused(tmp_path) -> None:
+    model = tiny("bert4rec")
+    write_checkpoint(tmp_path / "ckpt", model, model.config)
+    weights = tmp_path / "ckpt" / "model.safetensors"
+    raw = bytearray(weights.read_bytes())
+    raw[-5] ^= 0xFF
+    weights.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match="sha256 mismatch"):
+        load_checkpoint(tmp_path / "ckpt")
+    with pytest.raises(CheckpointError, match="not a checkpoint"):
+        load_checkpoint(tmp_path / "nothing")

@@ -1,0 +1,329 @@
+"""The `fishrec` command: one subcommand per stage.
+
+Each package registers its own subcommands (training here, merging/cli.py,
+serving/cli.py). Registration imports nothing heavy, so `fishrec serve` runs in
+the serving image, which has no torch; each command imports what it needs when
+it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("fishrec")
+
+DESCRIPTION = """\
+fishrec: train BERT4Rec-style recommenders with several objectives, merge them
+by Fisher-weighted averaging, export the merged model to ONNX and serve it.
+
+Stages:  data -> train -> evaluate/compare -> fisher -> merge -> export -> serve
+The pipeline command runs them all on Ray; demo runs it on the embedded data.
+Run `fishrec COMMAND --help` for the flags of a stage."""
+
+
+class CommandError(Exception):
+    """An error whose message is the whole story: printed without a traceback."""
+
+
+def add_override_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any config field by dotted path, e.g. --set train.lr=3e-4 (repeatable)",
+    )
+
+
+def collect_overrides(args: argparse.Namespace, flags: dict[str, str]) -> dict[str, Any]:
+    """Dotted-path overrides from --set and from named flags ({attribute: dotted path})."""
+    from training.config import parse_override
+
+    values = dict(parse_override(text) for text in args.overrides)
+    for attribute, dotted in flags.items():
+        value = getattr(args, attribute, None)
+        if value is not None:
+            values[dotted] = value
+    return values
+
+
+# ---- data ---------------------------------------------------------------------------
+
+
+def cmd_data_prepare(args: argparse.Namespace) -> None:
+    from training.data import ColumnNames, prepare
+
+    columns = ColumnNames(
+        user=args.user_column, item=args.item_column, timestamp=args.time_column or None
+    )
+    data = prepare(Path(args.input), Path(args.output), args.format, args.k_core, columns, args.sep)
+    print(
+        f"{args.output}: {data.num_users} users, {data.num_items} items, "
+        f"{data.num_interactions} interactions, {data.fingerprint}"
+    )
+
+
+def cmd_data_download(args: argparse.Namespace) -> None:
+    from training.download import download_dataset
+
+    data = download_dataset(args.name, Path(args.output), url=args.url)
+    print(
+        f"{args.output}: {data.num_users} users, {data.num_items} items, {data.num_interactions} interactions"
+    )
+
+
+def cmd_data_synthetic(args: argparse.Namespace) -> None:
+    from training.config import parse_override
+    from training.synthetic import SyntheticConfig, generate
+
+    fields = dict(parse_override(text) for text in args.overrides)
+    data = generate(SyntheticConfig(seed=args.seed, **fields))
+    data.save(Path(args.output))
+    print(
+        f"{args.output}: {data.num_users} users, {data.num_items} items, {data.num_interactions} interactions"
+    )
+
+
+def register_data(commands: argparse._SubParsersAction) -> None:
+    data = commands.add_parser(
+        "data",
+        help="read, prepare and download interaction data",
+        description="Turn interaction logs into fishrec's canonical data folder.",
+    )
+    sub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+
+    prepare = sub.add_parser(
+        "prepare",
+        help="turn a log file into a canonical data folder",
+        description="Read ratings.dat, sequence .txt, CSV/TSV, Parquet or RecBole .inter; "
+        "order each user's items by time, optionally k-core filter, map ids, save.",
+    )
+    prepare.add_argument("--input", required=True, help="the log file")
+    prepare.add_argument("--output", required=True, help="folder to write (replaced atomically)")
+    prepare.add_argument(
+        "--format",
+        default="auto",
+        choices=["auto", "ratings", "sequences", "csv", "parquet", "recbole"],
+        help="input format; auto recognises it by content",
+    )
+    prepare.add_argument(
+        "--k-core",
+        type=int,
+        default=None,
+        help="drop users and items with fewer than N interactions, repeatedly",
+    )
+    prepare.add_argument("--user-column", default="user", help="CSV/Parquet: user column")
+    prepare.add_argument("--item-column", default="item", help="CSV/Parquet: item column")
+    prepare.add_argument(
+        "--time-column",
+        default="timestamp",
+        help="CSV/Parquet: timestamp column ('' for none: file order)",
+    )
+    prepare.add_argument("--sep", default=None, help="CSV separator (default: sniffed)")
+    prepare.set_defaults(func=cmd_data_prepare)
+
+    download = sub.add_parser(
+        "download",
+        help="download and prepare a public data set (needs internet)",
+        description="Download a public data set, verify its checksum and prepare it.",
+    )
+    download.add_argument("name", choices=["ml-1m"], help="data set")
+    download.add_argument("--output", required=True, help="folder to write")
+    download.add_argument(
+        "--url", default=None, help="download from this URL instead of the official one"
+    )
+    download.set_defaults(func=cmd_data_download)
+
+    synthetic = sub.add_parser(
+        "synthetic",
+        help="write the embedded synthetic data set as a data folder",
+        description="Generate the deterministic synthetic data set (the default data of every command).",
+    )
+    synthetic.add_argument("--output", required=True, help="folder to write")
+    synthetic.add_argument("--seed", type=int, default=0, help="generator seed")
+    add_override_flags(synthetic)
+    synthetic.set_defaults(func=cmd_data_synthetic)
+
+
+# ---- train / evaluate ---------------------------------------------------------------
+
+TRAIN_FLAGS = {
+    "data": "data.path",
+    "backbone": "model.backbone",
+    "recipe": "recipe.name",
+    "epochs": "train.epochs",
+    "seed": "train.seed",
+    "device": "train.device",
+}
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from training.config import ExperimentConfig, load_config
+    from training.sources import load_source
+    from training.trainer import train
+
+    overrides = collect_overrides(args, TRAIN_FLAGS)
+    if args.no_progress:
+        overrides["train.progress"] = False
+    config = load_config(ExperimentConfig, Path(args.config) if args.config else None, overrides)
+    data = load_source(config.data)
+    result = train(
+        config,
+        data,
+        Path(args.out),
+        init=Path(args.init) if args.init else None,
+        resume=args.resume,
+    )
+    print_metrics({"model": result.metrics["model"], "mostpop": result.metrics["mostpop"]})
+    print(f"best epoch {result.best_epoch}; run folder {result.run_dir}")
+
+
+def register_train(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "train",
+        help="train one model with one recipe",
+        description="Train a BERT4Rec/SASRec model with a recipe; early-stops on validation NDCG@10 "
+        "and writes best/, last/, history.json and metrics.json into the run folder.",
+    )
+    parser.add_argument(
+        "--data",
+        default=None,
+        help="'synthetic' (default), a prepared data folder or a raw log file",
+    )
+    parser.add_argument("--out", required=True, help="run folder")
+    parser.add_argument("--config", default=None, help="experiment YAML (see configs/)")
+    parser.add_argument(
+        "--backbone", choices=["bert4rec", "sasrec"], default=None, help="model variant"
+    )
+    parser.add_argument(
+        "--recipe", default=None, help="training objective (default: the backbone's plain one)"
+    )
+    parser.add_argument(
+        "--init", default=None, help="start from this checkpoint or run folder (fine-tune setting)"
+    )
+    parser.add_argument("--epochs", type=int, default=None, help="maximum epochs")
+    parser.add_argument("--seed", type=int, default=None, help="random seed")
+    parser.add_argument("--device", default=None, help="auto, cpu, cuda")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue the run in --out from its last epoch"
+    )
+    parser.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (log lines only)"
+    )
+    add_override_flags(parser)
+    parser.set_defaults(func=cmd_train)
+
+
+def print_metrics(tables: dict[str, dict[str, Any]]) -> None:
+    from training.evaluate import format_table
+
+    for part in ("valid", "test"):
+        rows = {name: parts[part] for name, parts in tables.items() if part in parts}
+        print(f"\n{part}\n{format_table(rows)}")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    import json
+
+    from training.data import load_data
+    from training.evaluate import Evaluator
+    from training.trainer import load_run_checkpoint
+
+    checkpoint = load_run_checkpoint(Path(args.checkpoint))
+    data = load_data(Path(args.data))
+    if checkpoint.config.num_items != data.num_items:
+        raise CommandError(
+            f"the checkpoint scores {checkpoint.config.num_items} items, the data has {data.num_items}"
+        )
+    evaluator = Evaluator(data.split(), seed=args.seed, exclude_seen=not args.no_exclude_seen)
+    document = evaluator.metrics_document(checkpoint.model)
+    print_metrics({"model": document["model"], "mostpop": document["mostpop"]})
+    print(
+        f"(history items {'excluded' if evaluator.exclude_seen else 'ranked'} in the full setting)"
+    )
+    if args.out:
+        Path(args.out).write_text(json.dumps(document, indent=2) + "\n")
+
+
+def register_evaluate(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "evaluate",
+        help="rank metrics of a checkpoint under the three candidate settings",
+        description="Leave-one-out NDCG@10/@20, HR@10/@20 and MRR under full, random100 and "
+        "popular100 candidates, for the model and for MostPop.",
+    )
+    parser.add_argument("--checkpoint", required=True, help="checkpoint or run folder")
+    parser.add_argument(
+        "--data", required=True, help="the data folder (or raw file) the model was trained on"
+    )
+    parser.add_argument("--out", default=None, help="write metrics.json here")
+    parser.add_argument(
+        "--no-exclude-seen",
+        action="store_true",
+        help="rank history items too in the full setting (RecBole style)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random100 candidates")
+    parser.set_defaults(func=cmd_evaluate)
+
+
+# ---- entry point --------------------------------------------------------------------
+
+Registrar = Callable[[argparse._SubParsersAction], None]
+
+
+def registrars() -> list[Registrar]:
+    """Every subcommand group; each registration is import-light by contract."""
+    from merging.cli import register as register_merging
+    from serving.cli import register as register_serving
+
+    return [register_data, register_train, register_evaluate, register_merging, register_serving]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fishrec",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for register in registrars():
+        register(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # every failure becomes one clear line unless --debug
+        if args.debug or not _is_user_error(err):
+            raise
+        print(f"fishrec {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _is_user_error(err: Exception) -> bool:
+    # Bad input of every kind: files, configs, checkpoints, arguments. Bugs keep their traceback.
+    return isinstance(
+        err, CommandError | ValueError | FileNotFoundError | PermissionError | OSError | KeyError
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

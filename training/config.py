@@ -1,0 +1,177 @@
+"""Typed, validated configuration: YAML files under configs/, overridable on the command line.
+
+One `ExperimentConfig` describes a training run: where the data comes from, the
+backbone, the recipe (objective) and the optimisation. Every field has a default
+and a description, so `fishrec train --data DIR --out RUN` works with no file.
+Overrides use dotted paths: `--set train.lr=3e-4 --set recipe.params.weight=0.2`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class StrictModel(BaseModel):
+    """Base of every config model: unknown keys are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(StrictModel):
+    """Backbone hyper-parameters; the catalogue size comes from the data."""
+
+    backbone: Literal["bert4rec", "sasrec"] = Field(
+        "bert4rec", description="bert4rec: bidirectional Cloze; sasrec: causal next-item"
+    )
+    hidden_size: int = Field(64, ge=8, description="width D of embeddings and states")
+    num_layers: int = Field(2, ge=1, description="transformer blocks")
+    num_heads: int = Field(2, ge=1, description="attention heads")
+    max_len: int = Field(50, ge=2, description="longest model input ([MASK] included)")
+    dropout: float = Field(0.2, ge=0.0, lt=1.0, description="dropout on embeddings and residuals")
+    attn_dropout: float = Field(0.2, ge=0.0, lt=1.0, description="dropout on attention weights")
+    ffn_mult: int = Field(4, ge=1, description="feed-forward width as a multiple of D")
+    init_std: float = Field(0.02, gt=0.0, description="std of the normal initialisation")
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> ModelSpec:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} must be divisible by num_heads")
+        return self
+
+
+class SyntheticSpec(StrictModel):
+    """Parameters of the embedded synthetic data set (see training/synthetic.py)."""
+
+    seed: int = Field(0, description="generator seed")
+    overrides: dict[str, Any] = Field(
+        default_factory=dict, description="SyntheticConfig fields to change, e.g. num_users"
+    )
+
+
+class DataSpec(StrictModel):
+    path: str = Field(
+        "synthetic",
+        description="'synthetic' for the embedded data set, a prepared data folder, or a raw file",
+    )
+    synthetic: SyntheticSpec = Field(default_factory=SyntheticSpec)
+
+
+class RecipeSpec(StrictModel):
+    """Which objective trains the model; `params` are validated by the recipe's own model."""
+
+    name: str = Field(
+        "bert4rec",
+        description="a key of training.recipes.RECIPES (default: the backbone's plain one)",
+    )
+    params: dict[str, Any] = Field(default_factory=dict, description="recipe parameters")
+
+    @model_validator(mode="after")
+    def _known_recipe(self) -> RecipeSpec:
+        from training.recipes import RECIPES  # local: recipes import torch
+
+        if self.name not in RECIPES:
+            raise ValueError(f"unknown recipe {self.name!r}; known: {sorted(RECIPES)}")
+        RECIPES[self.name].Params.model_validate(self.params)
+        return self
+
+
+class TrainConfig(StrictModel):
+    epochs: int = Field(50, ge=0, description="maximum number of epochs")
+    batch_size: int = Field(128, ge=1, description="sequences per optimiser step")
+    lr: float = Field(1e-3, gt=0.0, description="peak learning rate of AdamW")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW decoupled weight decay")
+    betas: tuple[float, float] = Field((0.9, 0.98), description="AdamW betas")
+    warmup_steps: int = Field(100, ge=0, description="linear warm-up steps")
+    schedule: Literal["constant", "linear", "cosine"] = Field(
+        "cosine", description="decay after warm-up, to 10% of lr at the last epoch"
+    )
+    clip_grad_norm: float | None = Field(5.0, description="clip the global gradient norm")
+    patience: int = Field(5, ge=1, description="epochs without validation gain before stopping")
+    eval_every: int = Field(1, ge=1, description="validate every N epochs")
+    eval_batch_size: int = Field(512, ge=1, description="histories per evaluation batch")
+    window: Literal["last", "random"] = Field(
+        "last", description="which max_len window of a long training sequence to use"
+    )
+    seed: int = Field(0, description="seeds initialisation, batching, masking and dropout")
+    device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'")
+    num_threads: int | None = Field(
+        None, ge=1, description="torch intra-op threads (None: torch default)"
+    )
+    progress: bool = Field(True, description="show a progress bar")
+    eval_seed: int = Field(0, description="seed of the random100 candidate sets")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if value != "auto" and not (value == "cpu" or value.startswith("cuda")):
+            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {value!r}")
+        return value
+
+
+class ExperimentConfig(StrictModel):
+    data: DataSpec = Field(default_factory=DataSpec)
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    recipe: RecipeSpec = Field(default_factory=RecipeSpec)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _plain_recipe_follows_backbone(cls, values: Any) -> Any:
+        # With no recipe named, train the backbone's own plain objective.
+        if not isinstance(values, dict):
+            return values
+        recipe = values.get("recipe") or {}
+        if isinstance(recipe, dict) and not recipe.get("name"):
+            model = values.get("model") or {}
+            backbone = (
+                model.get("backbone", "bert4rec") if isinstance(model, dict) else model.backbone
+            )
+            values = {**values, "recipe": {**recipe, "name": backbone}}
+        return values
+
+
+def set_dotted(values: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set values['a']['b'] = value for dotted = 'a.b', creating inner dicts."""
+    keys = dotted.split(".")
+    node = values
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"cannot set {dotted!r}: {key!r} is not a section")
+    node[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'train.lr=3e-4' -> ('train.lr', 0.0003); the value is parsed as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise ValueError(f"override {text!r} is not of the form section.key=value")
+    return key.strip(), yaml.safe_load(raw)
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{path}: expected a mapping at the top level")
+    return loaded
+
+
+T = TypeVar("T", bound=BaseModel)
+
+
+def load_config(
+    model: type[T], path: Path | None = None, overrides: dict[str, Any] | None = None
+) -> T:
+    """Defaults <- YAML file <- overrides (dotted keys), validated by `model`."""
+    values = read_yaml(path) if path else {}
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            set_dotted(values, key, value)
+    return model.model_validate(values)

@@ -1,0 +1,225 @@
+"""The sequential recommendation backbone: BERT4Rec and SASRec in one file.
+
+BERT4Rec (Sun et al., CIKM 2019) and SASRec (Kang & McAuley, ICDM 2018) share
+everything but the attention pattern: BERT4Rec attends in both directions and
+predicts masked positions (Cloze), SASRec attends causally and predicts the next
+item at every position. Both score items with the shared item embedding:
+
+    z = W h + b        W = item embedding rows of the real items, b = output bias
+
+Read top to bottom: config, attention, feed-forward, block, the model.
+
+Conventions used everywhere in fishrec:
+- item ids are internal: 0 is padding, 1..num_items are items, num_items + 1 is
+  [MASK]; sequences are oldest first and LEFT-padded with 0;
+- column j of `logits` scores item id j + 1 (padding and [MASK] are never scored);
+- positions are counted from the right end of the sequence, so left padding
+  never changes what a real item sees: a padded and an unpadded history give the
+  same prediction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+Backbone = Literal["bert4rec", "sasrec"]
+PAD_ID = 0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    num_items: int
+    backbone: Backbone = "bert4rec"
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 2
+    max_len: int = 50  # longest input, [MASK] included for bert4rec
+    dropout: float = 0.2  # on embeddings and residual branches
+    attn_dropout: float = 0.2  # on attention probabilities
+    ffn_mult: int = 4  # feed-forward width = ffn_mult * hidden_size
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.num_items < 1:
+            raise ValueError(f"num_items must be >= 1, got {self.num_items}")
+        if self.backbone not in ("bert4rec", "sasrec"):
+            raise ValueError(f"backbone must be 'bert4rec' or 'sasrec', got {self.backbone!r}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
+            )
+        if self.max_len < 2:
+            raise ValueError(f"max_len must be >= 2, got {self.max_len}")
+
+    @property
+    def mask_id(self) -> int:
+        return self.num_items + 1
+
+    @property
+    def causal(self) -> bool:
+        return self.backbone == "sasrec"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
+        return cls(**values)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)
+        self.proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.attn_dropout = config.attn_dropout
+
+    def forward(self, x: Tensor, allowed: Tensor) -> Tensor:
+        # x: (B, L, D); allowed: (B, 1, L, L) bool, True where a query may attend a key
+        batch, length, dim = x.shape
+        q, k, v = self.qkv(x).split(dim, dim=-1)
+        # (B, L, D) -> (B, nh, L, hs)
+        q, k, v = (t.view(batch, length, self.num_heads, -1).transpose(1, 2) for t in (q, k, v))
+        dropout = self.attn_dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout)
+        y = y.transpose(1, 2).reshape(batch, length, dim)  # (B, L, D)
+        return self.proj(y)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.fc_in = nn.Linear(config.hidden_size, config.ffn_mult * config.hidden_size)
+        self.fc_out = nn.Linear(config.ffn_mult * config.hidden_size, config.hidden_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc_out(F.gelu(self.fc_in(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(ln(x)), then x + ffn(ln(x))."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.ln_attn = nn.LayerNorm(config.hidden_size)
+        self.attn = SelfAttention(config)
+        self.ln_ffn = nn.LayerNorm(config.hidden_size)
+        self.ffn = FeedForward(config)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor, allowed: Tensor) -> Tensor:
+        x = x + self.dropout(self.attn(self.ln_attn(x), allowed))
+        return x + self.dropout(self.ffn(self.ln_ffn(x)))
+
+
+class SequenceRecommender(nn.Module):
+    """BERT4Rec / SASRec backbone with a tied output layer and an output bias.
+
+    Training path: `encode(item_ids)` gives a state at every position, `score`
+    turns states into logits. Inference path: `hidden(history)` gives the state
+    at the prediction position, `logits(history)` the scores of every item.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        d = config.hidden_size
+        self.item_embedding = nn.Embedding(config.num_items + 2, d, padding_idx=PAD_ID)
+        self.position_embedding = nn.Embedding(config.max_len, d)
+        self.embed_norm = nn.LayerNorm(d)
+        self.embed_dropout = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
+        self.final_norm = nn.LayerNorm(d)
+        # BERT4Rec's prediction head: a non-linear transform before the tied output layer.
+        self.head = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.LayerNorm(d))
+        self.output_bias = nn.Parameter(torch.zeros(config.num_items))
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Linear | nn.Embedding):
+            nn.init.normal_(module.weight, std=self.config.init_std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+        if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+            with torch.no_grad():
+                module.weight[module.padding_idx].zero_()
+
+    # ---- training path -------------------------------------------------------------
+
+    def attention_mask(self, item_ids: Tensor) -> Tensor:
+        """(B, 1, L, L) bool: keys that are real items (and, for SASRec, not in the future).
+
+        Every position may always attend to itself, so a padding position (or a
+        fully padded row) has a finite output instead of a NaN from an empty softmax.
+        """
+        length = item_ids.shape[1]
+        allowed = (item_ids != PAD_ID)[:, None, None, :]  # (B, 1, 1, L)
+        if self.config.causal:
+            causal = torch.ones(length, length, dtype=torch.bool, device=item_ids.device).tril()
+            allowed = allowed & causal  # (B, 1, L, L)
+        eye = torch.eye(length, dtype=torch.bool, device=item_ids.device)
+        return allowed | eye
+
+    def encode(self, item_ids: Tensor) -> Tensor:
+        """States at every position: (B, L) ids -> (B, L, D), after the prediction head."""
+        length = item_ids.shape[1]
+        # Right-aligned positions: the newest item always gets position max_len - 1.
+        positions = torch.arange(length, device=item_ids.device) + (self.config.max_len - length)
+        x = self.item_embedding(item_ids) + self.position_embedding(positions)  # (B, L, D)
+        x = self.embed_dropout(self.embed_norm(x))
+        allowed = self.attention_mask(item_ids)
+        for block in self.blocks:
+            x = block(x, allowed)
+        return self.head(self.final_norm(x))
+
+    def output_weight(self) -> Tensor:
+        """W: the embedding rows of the real items, (N, D); shared with the input."""
+        return self.item_embedding.weight[1 : self.config.num_items + 1]
+
+    def score(self, states: Tensor) -> Tensor:
+        """Logits z = W h + b for states (..., D) -> (..., N); column j is item j + 1."""
+        return states @ self.output_weight().T + self.output_bias
+
+    # ---- inference path ------------------------------------------------------------
+
+    def prediction_input(self, history: Tensor) -> Tensor:
+        """The model input that predicts the item after `history` (B, L), left-padded.
+
+        BERT4Rec appends [MASK] after the last max_len - 1 items; SASRec reads the
+        state of the newest of the last max_len items.
+        """
+        if not self.config.causal:
+            history = history[:, -(self.config.max_len - 1) :]
+            mask = torch.full_like(history[:, :1], self.config.mask_id)
+            return torch.cat([history, mask], dim=1)
+        return history[:, -self.config.max_len :]
+
+    def hidden(self, history: Tensor) -> Tensor:
+        """State at the prediction position: (B, L) -> (B, D)."""
+        return self.encode(self.prediction_input(history))[:, -1]
+
+    def logits(self, history: Tensor) -> Tensor:
+        """Next-item logits over all items: (B, L) -> (B, N)."""
+        return self.score(self.hidden(history))
+
+    def forward(self, history: Tensor) -> Tensor:
+        return self.logits(history)
+
+
+def build_model(config: ModelConfig, seed: int | None = None) -> SequenceRecommender:
+    """A freshly initialised model; `seed` makes the initialisation reproducible."""
+    if seed is None:
+        return SequenceRecommender(config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return SequenceRecommender(config)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,376 @@
+"""The training loop: batches, AdamW, schedule, early stopping, checkpoints, resume.
+
+A run folder holds:
+
+    best/          checkpoint of the best validation epoch (what evaluation, Fisher,
+                   merging and export read)
+    last/          checkpoint of the newest epoch + optimizer and recipe state +
+                   trainer.json: what `--resume` continues from
+    config.yaml    the resolved experiment configuration
+    history.json   one entry per epoch: loss, throughput, validation metrics, recipe logs
+    metrics.json   valid/test metrics of the best model and MostPop (DESIGN §9)
+
+Every epoch starts from a seed derived from (seed, epoch), so a run resumed
+after epoch e continues exactly as the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+from tqdm.auto import tqdm
+
+from training.batching import iterate_batches
+from training.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    load_checkpoint,
+    load_state_dict_strict,
+    optimizer_from_tensors,
+    optimizer_to_tensors,
+    read_manifest,
+    read_tensors,
+    write_checkpoint,
+    write_json,
+)
+from training.config import ExperimentConfig, TrainConfig
+from training.data import SequenceData
+from training.evaluate import Evaluator
+from training.model import ModelConfig, SequenceRecommender, build_model
+from training.recipes import Recipe, build_recipe
+
+log = logging.getLogger(__name__)
+
+BEST, LAST = "best", "last"
+SELECTION_METRIC = ("full", "ndcg@10")
+EpochCallback = Callable[[dict[str, Any]], None]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """A checkpoint folder, or a run folder whose best/ is one."""
+    path = Path(path)
+    if (path / "checkpoint.json").is_file():
+        return path
+    if (path / BEST / "checkpoint.json").is_file():
+        return path / BEST
+    raise CheckpointError(f"{path}: neither a checkpoint nor a run folder with {BEST}/")
+
+
+def load_run_checkpoint(path: Path, device: str | torch.device = "cpu") -> Checkpoint:
+    return load_checkpoint(resolve_checkpoint(path), device)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+
+
+def learning_rate_factor(step: int, total: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then constant, linear or cosine decay to 10% at the last step."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+    if cfg.schedule == "linear":
+        return 1.0 - 0.9 * progress
+    if cfg.schedule == "cosine":
+        return 0.1 + 0.45 * (1.0 + math.cos(math.pi * progress))
+    return 1.0
+
+
+def build_optimizer(modules: list[nn.Module], cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; weight decay on weight matrices only (not on biases, norms or embeddings)."""
+    decay, no_decay = [], []
+    for module in modules:
+        for name, param in module.named_parameters():
+            if not param.requires_grad:
+                continue
+            is_matrix = param.ndim >= 2 and "embedding" not in name
+            (decay if is_matrix else no_decay).append(param)
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+
+
+@dataclass
+class TrainState:
+    """What the loop carries from epoch to epoch (saved in last/trainer.json)."""
+
+    epoch: int = 0  # epochs finished
+    step: int = 0
+    best_score: float = -1.0
+    best_epoch: int = -1
+    bad_epochs: int = 0
+    stopped: bool = False
+    history: list[dict[str, Any]] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    best_epoch: int
+    best_score: float
+    metrics: dict[str, Any]
+    history: list[dict[str, Any]]
+
+
+class Trainer:
+    """Trains one model with one recipe on one data set into one run folder."""
+
+    def __init__(
+        self,
+        config: ExperimentConfig,
+        data: SequenceData,
+        run_dir: Path,
+        init: Path | None = None,
+        on_epoch: EpochCallback | None = None,
+    ) -> None:
+        self.config = config
+        self.cfg = config.train
+        self.data = data
+        self.run_dir = Path(run_dir)
+        self.on_epoch = on_epoch
+        self.device = resolve_device(self.cfg.device)
+        if self.cfg.num_threads:
+            torch.set_num_threads(self.cfg.num_threads)
+        self.split = data.split()
+        # A sequence of one item has nothing to predict from.
+        self.train_sequences = [seq for seq in self.split.train if len(seq) >= 2]
+        if not self.train_sequences:
+            raise ValueError("no training sequence has two or more items")
+        self.evaluator = Evaluator(
+            self.split, seed=self.cfg.eval_seed, batch_size=self.cfg.eval_batch_size
+        )
+        self.init = init
+        self.model = self._initial_model(init).to(self.device)
+        self.model_config = self.model.config
+        self.recipe: Recipe = build_recipe(
+            config.recipe.name, config.recipe.params, self.model_config, self.train_sequences
+        ).to(self.device)
+        self.optimizer = build_optimizer([self.model, self.recipe], self.cfg)
+        steps_per_epoch = math.ceil(len(self.train_sequences) / self.cfg.batch_size)
+        self.total_steps = max(1, steps_per_epoch * self.cfg.epochs)
+        self.state = TrainState(history=[])
+
+    def _initial_model(self, init: Path | None) -> SequenceRecommender:
+        spec = self.config.model.model_dump()
+        if init is None:
+            return build_model(
+                ModelConfig(num_items=self.data.num_items, **spec), seed=self.cfg.seed
+            )
+        checkpoint = load_run_checkpoint(init)
+        fingerprint = checkpoint.info.get("data_fingerprint")
+        if fingerprint and fingerprint != self.data.fingerprint:
+            raise ValueError(
+                f"--init {init} was trained on data {fingerprint}, this run uses {self.data.fingerprint}: "
+                "item ids would not mean the same items"
+            )
+        log.info("starting from the weights of %s", checkpoint.path)
+        return checkpoint.model.train()
+
+    # ---- persistence ---------------------------------------------------------------
+
+    def checkpoint_info(self, epoch: int) -> dict[str, Any]:
+        return {
+            "recipe": self.config.recipe.name,
+            "recipe_params": self.recipe.params.model_dump(),
+            "epoch": epoch,
+            "seed": self.cfg.seed,
+            "data_fingerprint": self.data.fingerprint,
+            "init": str(self.init) if self.init else None,
+        }
+
+    def save_last(self) -> None:
+        tensors, meta = optimizer_to_tensors(self.optimizer)
+        write_checkpoint(
+            self.run_dir / LAST,
+            self.model,
+            self.model_config,
+            self.checkpoint_info(self.state.epoch),
+            extra_tensors={
+                "optimizer.safetensors": tensors,
+                "recipe.safetensors": self.recipe.state_dict(),
+            },
+            extra_json={"optimizer.json": meta, "trainer.json": self.state.to_json()},
+        )
+
+    def save_best(self) -> None:
+        write_checkpoint(
+            self.run_dir / BEST,
+            self.model,
+            self.model_config,
+            self.checkpoint_info(self.state.epoch),
+        )
+
+    def restore_last(self) -> bool:
+        """Continue from last/ if it exists; returns whether it did."""
+        last = self.run_dir / LAST
+        if not (last / "checkpoint.json").is_file():
+            return False
+        read_manifest(last)  # verifies every checksum before anything is loaded
+        if (
+            read_manifest(last, verify=False)["info"].get("data_fingerprint")
+            != self.data.fingerprint
+        ):
+            raise ValueError(f"{last} was trained on other data; start a new run folder")
+        load_state_dict_strict(
+            self.model, read_tensors(last, "model.safetensors", verify=False), str(last)
+        )
+        self.recipe.load_state_dict(read_tensors(last, "recipe.safetensors", verify=False))
+        meta = json.loads((last / "optimizer.json").read_text())
+        optimizer_from_tensors(
+            self.optimizer, read_tensors(last, "optimizer.safetensors", verify=False), meta
+        )
+        self.state = TrainState(**json.loads((last / "trainer.json").read_text()))
+        log.info("resuming %s after epoch %d", self.run_dir, self.state.epoch)
+        return True
+
+    # ---- the loop ------------------------------------------------------------------
+
+    def fit(self, resume: bool = False) -> TrainResult:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(
+            yaml.safe_dump(self.config.model_dump(mode="json"), sort_keys=False)
+        )
+        if not (resume and self.restore_last()):
+            self.state = TrainState(history=[])
+        while self.state.epoch < self.cfg.epochs and not self.state.stopped:
+            self.run_epoch(self.state.epoch)
+        if not (self.run_dir / BEST / "checkpoint.json").is_file():
+            self.save_best()  # zero epochs: the initial model is the result
+        return self.finish()
+
+    def run_epoch(self, epoch: int) -> None:
+        seed = epoch_seed(self.cfg.seed, epoch)
+        torch.manual_seed(seed)
+        rng = np.random.default_rng(seed)
+        self.model.train()
+        self.recipe.train()
+        start, seen, losses = time.perf_counter(), 0, []
+        batches = iterate_batches(
+            self.train_sequences,
+            self.cfg.batch_size,
+            self.recipe.window_length(),
+            self.cfg.window,
+            rng,
+        )
+        total = math.ceil(len(self.train_sequences) / self.cfg.batch_size)
+        bar = tqdm(
+            batches,
+            total=total,
+            desc=f"epoch {epoch + 1}/{self.cfg.epochs}",
+            disable=not self.cfg.progress,
+            leave=False,
+        )
+        for batch in bar:
+            loss = self.train_step(batch.to(self.device))
+            losses.append(loss)
+            seen += batch.items.shape[0]
+            bar.set_postfix(loss=f"{loss:.4f}", seq_s=f"{seen / (time.perf_counter() - start):.0f}")
+        elapsed = time.perf_counter() - start
+        entry: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "loss": float(np.mean(losses)),
+            "seconds": elapsed,
+            "sequences_per_second": seen / elapsed,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            **self.recipe.epoch_end(),
+        }
+        self.state.epoch = epoch + 1
+        if self.state.epoch % self.cfg.eval_every == 0 or self.state.epoch == self.cfg.epochs:
+            self.validate(entry)
+        self.state.history = [*(self.state.history or []), entry]
+        self.save_last()
+        log.info("epoch %d: %s", epoch + 1, _describe(entry))
+        if self.on_epoch:
+            self.on_epoch(entry)
+
+    def train_step(self, batch: Any) -> float:
+        output = self.recipe.loss(self.model, batch)
+        if not torch.isfinite(output.loss):
+            raise FloatingPointError(f"loss became {output.loss.item()} at step {self.state.step}")
+        self.optimizer.zero_grad(set_to_none=True)
+        output.loss.backward()
+        if self.cfg.clip_grad_norm:
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            nn.utils.clip_grad_norm_(params, self.cfg.clip_grad_norm)
+        factor = learning_rate_factor(self.state.step, self.total_steps, self.cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.cfg.lr * factor * group.get("lr_scale", 1.0)
+        self.optimizer.step()
+        self.state.step += 1
+        return float(output.loss.detach())
+
+    def validate(self, entry: dict[str, Any]) -> None:
+        start = time.perf_counter()
+        result = self.evaluator.evaluate_model(self.model, "valid")
+        setting, metric = SELECTION_METRIC
+        score = result.metrics[setting][metric]
+        entry["valid"] = result.metrics
+        entry["eval_seconds"] = time.perf_counter() - start
+        if score > self.state.best_score:
+            self.state.best_score, self.state.best_epoch, self.state.bad_epochs = (
+                score,
+                self.state.epoch,
+                0,
+            )
+            self.save_best()
+        else:
+            self.state.bad_epochs += 1
+            if self.state.bad_epochs >= self.cfg.patience:
+                log.info("early stop: no validation gain for %d evaluations", self.state.bad_epochs)
+                self.state.stopped = True
+
+    def finish(self) -> TrainResult:
+        best = load_run_checkpoint(self.run_dir, self.device)
+        document = self.evaluator.metrics_document(best.model)
+        document["best_epoch"] = self.state.best_epoch
+        write_json(self.run_dir / "metrics.json", document)
+        write_json(self.run_dir / "history.json", self.state.history or [])
+        return TrainResult(
+            self.run_dir,
+            self.state.best_epoch,
+            self.state.best_score,
+            document,
+            self.state.history or [],
+        )
+
+
+def _describe(entry: dict[str, Any]) -> str:
+    parts = [f"loss {entry['loss']:.4f}", f"{entry['sequences_per_second']:.0f} seq/s"]
+    if "valid" in entry:
+        parts.append(f"valid ndcg@10 {entry['valid']['full']['ndcg@10']:.4f}")
+    parts += [f"{k} {v:.4g}" for k, v in entry.items() if k.startswith("recipe/")]
+    return ", ".join(parts)
+
+
+def train(
+    config: ExperimentConfig,
+    data: SequenceData,
+    run_dir: Path,
+    init: Path | None = None,
+    resume: bool = False,
+    on_epoch: EpochCallback | None = None,
+) -> TrainResult:
+    """Train `config` on `data` into `run_dir`; the one entry point of the CLI and the job."""
+    return Trainer(config, data, run_dir, init=init, on_epoch=on_epoch).fit(resume=resume)
