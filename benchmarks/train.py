@@ -18,20 +18,17 @@ import argparse
 import logging
 import resource
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from training.batching import Batch, iterate_batches, pad_left  # noqa: E402
-from training.config import ExperimentConfig  # noqa: E402
-from training.data import load_data  # noqa: E402
-from training.evaluate import format_table  # noqa: E402
-from training.trainer import Trainer  # noqa: E402
+from training.batching import Batch, iterate_batches, pad_left
+from training.config import ExperimentConfig
+from training.data import load_data
+from training.evaluate import format_table
+from training.trainer import Trainer
 
 
 def parse_args() -> argparse.Namespace:
