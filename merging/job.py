@@ -190,3 +190,63 @@ class Pipeline:
         if failures:
             raise failures[0]
         return results
+
+    # ---- stages --------------------------------------------------------------------------
+
+    def save_config(self) -> None:
+        """Record the config; a run id is bound to one config (a resume must not change it)."""
+        text = yaml.safe_dump(self.config.model_dump(mode="json"), sort_keys=True)
+        relative = f"{self.work}/pipeline.yaml"
+        if self.store.exists(relative) and self.store.read_text(relative) != text:
+            raise StageError("config", f"run {self.run_id} was started with another configuration; use a new --run-id")
+        self.store.write_text(relative, text)
+
+    def stage_data(self) -> dict[str, Any]:
+        def work() -> StageOutput:
+            from training.sources import load_source
+
+            data = load_source(self.config.experiment.data)
+            local = self.context.scratch("data-staging")
+            data.save(local / "data")
+            self.store.upload_folder(local / "data", f"{self.work}/data")
+            result = {"fingerprint": data.fingerprint, "num_users": data.num_users,
+                      "num_items": data.num_items, "num_interactions": data.num_interactions}
+            return StageOutput(["data"], result)
+
+        return self.runner.run("data", work)
+
+    def experiment_for(self, recipe: str, params: dict[str, Any], epochs: int, seed: int) -> dict[str, Any]:
+        values = self.config.experiment.model_dump(mode="json")
+        values["recipe"] = {"name": recipe, "params": params}
+        values["train"].update(epochs=epochs, seed=seed, progress=False, device=self._device())
+        return values
+
+    def _device(self) -> str:
+        return "cuda" if self.config.resources.num_gpus > 0 else "cpu"
+
+    def training_stage(self, name: str, experiment: dict[str, Any], init: str | None) -> ParallelStage:
+        task = self.remote(tasks.train_model, f"train/{name}")
+        return ParallelStage(
+            name=f"train/{name}",
+            submit=lambda: [task.remote(self.context, name, experiment, init)],
+            finish=lambda values: StageOutput([f"models/{name}"], values[0]),
+        )
+
+    def stage_base(self) -> None:
+        if self.config.setting != "finetune":
+            return
+        train = self.config.experiment.train
+        experiment = self.experiment_for(self.config.experiment.model.backbone, {}, train.epochs, train.seed)
+        self.run_parallel([self.training_stage(BASE, experiment, None)])
+
+    def stage_recipes(self) -> dict[str, dict[str, Any]]:
+        """Every recipe of the pool, trained concurrently (fine-tuned from the base or from scratch)."""
+        init = f"models/{BASE}" if self.config.setting == "finetune" else None
+        stages = []
+        for position, entry in enumerate(self.config.recipes):
+            seed = entry.seed if entry.seed is not None else self.config.experiment.train.seed + position + 1
+            epochs = entry.epochs if entry.epochs is not None else self.config.recipe_epochs
+            experiment = self.experiment_for(self.config.recipe_of(entry), entry.params, epochs, seed)
+            stages.append(self.training_stage(entry.name, experiment, init))
+        results = self.run_parallel(stages)
+        return {entry.name: results[f"train/{entry.name}"] for entry in self.config.recipes}

@@ -1,0 +1,188 @@
+"""The run report: report.md and the plots people would rather see than read.
+
+- the metric table of every model under the three candidate settings;
+- validation NDCG@10 per epoch for every trained model;
+- mean Fisher information per layer for every recipe;
+- thesis Fig. 4.5: the weights of the recipes and of the merged models,
+  projected on the plane through the three best recipes;
+- thesis Fig. 4.6: sorted next-item probabilities of the published model for a
+  few test sequences.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on servers and workers
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from torch import Tensor  # noqa: E402
+
+from training.evaluate import SETTINGS, format_table  # noqa: E402
+from training.model import SequenceRecommender  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+PLOTS = "plots"
+
+
+def layer_of(name: str) -> str:
+    """Group a parameter name by layer: 'blocks.0.attn.qkv.weight' -> 'blocks.0'."""
+    match = re.match(r"(blocks\.\d+)\.", name)
+    return match.group(1) if match else name.split(".")[0]
+
+
+def fisher_per_layer(fisher: Mapping[str, Tensor]) -> dict[str, float]:
+    """Mean Fisher value of the parameters of each layer."""
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    for name, values in fisher.items():
+        layer = layer_of(name)
+        sums[layer] = sums.get(layer, 0.0) + float(values.double().sum())
+        counts[layer] = counts.get(layer, 0) + values.numel()
+    return {layer: sums[layer] / counts[layer] for layer in sums}
+
+
+def flat_weights(state: Mapping[str, Tensor]) -> Tensor:
+    """All floating-point parameters as one vector, in name order."""
+    return torch.cat([state[k].double().flatten() for k in sorted(state) if state[k].is_floating_point()])
+
+
+def project_on_plane(anchors: Sequence[Tensor], points: Mapping[str, Tensor]) -> dict[str, tuple[float, float]]:
+    """2-D coordinates of `points` in the plane through three `anchors` (Gram-Schmidt basis)."""
+    origin, second, third = anchors
+    u = second - origin
+    u = u / u.norm().clamp_min(1e-12)
+    v = third - origin
+    v = v - (v @ u) * u
+    v = v / v.norm().clamp_min(1e-12)
+    return {name: (float((p - origin) @ u), float((p - origin) @ v)) for name, p in points.items()}
+
+
+def plot_validation_curves(histories: Mapping[str, list[dict[str, Any]]], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, history in histories.items():
+        points = [(e["epoch"], e["valid"]["full"]["ndcg@10"]) for e in history if "valid" in e]
+        if points:
+            ax.plot(*zip(*points, strict=True), marker="o", markersize=3, label=name)
+    ax.set(xlabel="epoch", ylabel="validation NDCG@10 (full)", title="Validation curves")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_fisher_layers(fishers: Mapping[str, Mapping[str, Tensor]], path: Path) -> None:
+    per_recipe = {name: fisher_per_layer(f) for name, f in fishers.items()}
+    layers = sorted({layer for values in per_recipe.values() for layer in values})
+    fig, ax = plt.subplots(figsize=(max(7, len(layers) * 0.9), 4))
+    width = 0.8 / max(1, len(per_recipe))
+    for i, (name, values) in enumerate(per_recipe.items()):
+        xs = [j + i * width for j in range(len(layers))]
+        ax.bar(xs, [max(values.get(layer, 0.0), 1e-30) for layer in layers], width=width, label=name)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(layers))], layers, rotation=30, ha="right")
+    ax.set(yscale="log", ylabel="mean diagonal Fisher", title="Fisher information per layer")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_weight_plane(
+    anchors: Mapping[str, Mapping[str, Tensor]], others: Mapping[str, Mapping[str, Tensor]], path: Path
+) -> None:
+    """Thesis Fig. 4.5: recipes (anchors) and merged models on the anchors' plane."""
+    names = list(anchors)
+    flats = {name: flat_weights(state) for name, state in {**anchors, **others}.items()}
+    coords = project_on_plane([flats[n] for n in names], flats)
+    fig, ax = plt.subplots(figsize=(6, 5))
+    for name, (x, y) in coords.items():
+        marker, color = ("o", "tab:blue") if name in anchors else ("*", "tab:red")
+        ax.scatter([x], [y], marker=marker, s=90 if marker == "*" else 50, color=color)
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=9)
+    ax.set(title="Weights on the plane of the three best recipes", xlabel="direction 1", ylabel="direction 2")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_sorted_probabilities(model: SequenceRecommender, histories: Tensor, path: Path) -> None:
+    """Thesis Fig. 4.6: how peaked the next-item distribution is, per sequence."""
+    with torch.inference_mode():
+        probabilities = torch.softmax(model.eval().logits(histories), dim=-1)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for row, values in enumerate(probabilities):
+        ranked = values.sort(descending=True).values
+        ax.plot(torch.arange(1, len(ranked) + 1), ranked, label=f"sequence {row + 1}")
+    ax.set(xscale="log", yscale="log", xlabel="item rank", ylabel="p(item | sequence)",
+           title="Sorted next-item probabilities")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def metrics_section(metrics: Mapping[str, Mapping[str, Any]], exclude_seen: bool) -> str:
+    lines = []
+    for part in ("valid", "test"):
+        rows = {name: doc[part] for name, doc in metrics.items()}
+        lines += [f"### {part}", "", format_table(rows), ""]
+    note = "excluded" if exclude_seen else "ranked"
+    lines.append(f"Settings: {', '.join(SETTINGS)}; history items {note} in `full`; "
+                 "ties counted by their expectation under a random order.")
+    return "\n".join(lines)
+
+
+def write_report(
+    out: Path,
+    *,
+    title: str,
+    summary: Mapping[str, Any],
+    metrics: Mapping[str, Mapping[str, Any]],
+    histories: Mapping[str, list[dict[str, Any]]],
+    fishers: Mapping[str, Mapping[str, Tensor]],
+    recipe_weights: Mapping[str, Mapping[str, Tensor]],
+    merged_weights: Mapping[str, Mapping[str, Tensor]],
+    published: SequenceRecommender,
+    sample_histories: Tensor,
+    stage_seconds: Mapping[str, float],
+    exclude_seen: bool = True,
+) -> Path:
+    """Write report.md and plots/*.png into `out`; returns the report's path."""
+    plots = out / PLOTS
+    plots.mkdir(parents=True, exist_ok=True)
+    sections = [f"# {title}", ""]
+    sections += [f"- **{key}**: {value}" for key, value in summary.items()]
+    sections += ["", "## Metrics", "", metrics_section(metrics, exclude_seen), ""]
+
+    plot_validation_curves(histories, plots / "validation_curves.png")
+    sections += ["## Validation curves", "", f"![validation curves]({PLOTS}/validation_curves.png)", ""]
+    if fishers:
+        plot_fisher_layers(fishers, plots / "fisher_per_layer.png")
+        sections += ["## Fisher information per layer", "", f"![Fisher per layer]({PLOTS}/fisher_per_layer.png)", ""]
+    best = sorted(recipe_weights, key=lambda n: -metrics[n]["valid"]["full"]["ndcg@10"])[:3]
+    if len(best) == 3:
+        plot_weight_plane({n: recipe_weights[n] for n in best}, merged_weights, plots / "weight_plane.png")
+        sections += ["## Weights of recipes and merged models (thesis Fig. 4.5)", "",
+                     f"Plane through the three best recipes on validation: {', '.join(best)}.", "",
+                     f"![weight plane]({PLOTS}/weight_plane.png)", ""]
+    else:
+        sections += ["## Weights of recipes and merged models", "", "Needs three recipes; this run has fewer.", ""]
+    plot_sorted_probabilities(published, sample_histories, plots / "sorted_probabilities.png")
+    sections += ["## Next-item probabilities of the published model (thesis Fig. 4.6)", "",
+                 f"![sorted probabilities]({PLOTS}/sorted_probabilities.png)", ""]
+    sections += ["## Stage times", "", "| stage | seconds |", "|---|---|"]
+    sections += [f"| {stage} | {seconds:.1f} |" for stage, seconds in stage_seconds.items()]
+    report = out / "report.md"
+    report.write_text("\n".join(sections) + "\n")
+    log.info("report written to %s", report)
+    return report
