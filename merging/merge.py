@@ -1,0 +1,554 @@
+"""Merging checkpoints of one architecture: uniform soup, greedy soup, Fisher merge (DESIGN §6).
+
+One formula serves every method (`merge_state_dicts`): per coordinate,
+
+    θ* = Σ_m λ_m F_m θ_m / Σ_m λ_m F_m
+
+with F_m the model's diagonal Fisher (floored, optionally normalised) or, when
+no Fishers are given, F_m = 1: the λ-weighted average. Methods are strategies in
+`MERGE_METHODS`:
+
+- `uniform`: the (λ-weighted) mean of the parameters;
+- `greedy`: model-soup greedy (Wortsman et al., 2022): models in order of
+  validation NDCG@10, each added to the soup when the soup's validation NDCG@10
+  does not drop;
+- `fisher`: Fisher-weighted averaging (Matena & Raffel, 2022), λ uniform by
+  default, given, or searched on validation (a grid for 2 models, seeded
+  Dirichlet samples for more).
+
+Parameters are matched by name, never by position. `merge_checkpoints` reads
+checkpoints and Fisher files, merges, optionally fine-tunes the merged model
+(1 epoch of the plain objective by default), and writes a checkpoint folder.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from torch import Tensor
+
+from merging.fisher import FisherFile, check_same_keys, load_fisher
+from training.checkpoint import Checkpoint, read_manifest, write_checkpoint
+from training.config import ExperimentConfig, set_dotted
+from training.data import SequenceData
+from training.evaluate import Evaluator
+from training.model import SequenceRecommender
+from training.trainer import SELECTION_METRIC, load_run_checkpoint, train
+
+log = logging.getLogger(__name__)
+
+StateDict = dict[str, Tensor]
+# Validation score of a merged state (higher is better): what greedy and the search maximise.
+Scorer = Callable[[StateDict], float]
+
+
+# ---- the one formula ------------------------------------------------------------------
+
+
+def check_coefficients(coefficients: Sequence[float] | None, count: int) -> list[float]:
+    """λ: one non-negative finite value per model, not all zero (default: uniform)."""
+    if coefficients is None:
+        return [1.0 / count] * count
+    values = [float(c) for c in coefficients]
+    if len(values) != count:
+        raise ValueError(f"{len(values)} coefficients for {count} models")
+    if any(not np.isfinite(c) or c < 0 for c in values) or sum(values) <= 0:
+        raise ValueError(f"coefficients must be >= 0, finite and not all 0, got {values}")
+    return values
+
+
+def _check_states(states: Sequence[StateDict], parameter_names: set[str]) -> None:
+    if not states:
+        raise ValueError("nothing to merge: no models given")
+    for index, state in enumerate(states[1:], start=1):
+        check_same_keys(states[0], state, f"model 0 and model {index}")
+        for name, tensor in state.items():
+            if tensor.shape != states[0][name].shape:
+                raise ValueError(
+                    f"{name}: model {index} has shape {tuple(tensor.shape)}, "
+                    f"model 0 has {tuple(states[0][name].shape)}"
+                )
+    unknown = sorted(parameter_names - set(states[0]))
+    if unknown:
+        raise ValueError(f"parameters {unknown} are not in the models' state dicts")
+
+
+def _buffers(states: Sequence[StateDict], parameter_names: set[str]) -> StateDict:
+    """Tensors that are not merged (buffers, integer tensors): equal in all models, kept."""
+    kept = {}
+    for name in sorted(set(states[0]) - parameter_names):
+        first = states[0][name]
+        differing = [i for i, s in enumerate(states) if not torch.equal(s[name], first)]
+        if differing:
+            raise ValueError(
+                f"{name} is not a mergeable parameter and differs in models {differing}"
+            )
+        kept[name] = first.clone()
+    return kept
+
+
+def default_parameter_names(state: StateDict) -> set[str]:
+    return {name for name, tensor in state.items() if tensor.is_floating_point()}
+
+
+class FisherWeighting:
+    """Precomputed λ-free parts of the merge, so that many λ are cheap to try.
+
+    Holds F'_m θ_m and F'_m per model (float64), F' = max(F_m / norm_m, floor)
+    with norm_m the model's mean Fisher when normalising (1 otherwise). Without
+    Fishers F' = 1 and the merge is the λ-weighted average.
+    """
+
+    def __init__(
+        self,
+        states: Sequence[StateDict],
+        fishers: Sequence[StateDict] | None = None,
+        fisher_floor: float = 1e-6,
+        normalize_fishers: bool = False,
+        parameter_names: set[str] | None = None,
+    ) -> None:
+        names = default_parameter_names(states[0]) if parameter_names is None else parameter_names
+        _check_states(states, names)
+        self.names = sorted(names)
+        self.template = {name: states[0][name] for name in self.names}
+        self.kept = _buffers(states, names)
+        self.order = list(states[0])
+        self.count = len(states)
+        self.weighted: list[StateDict] = []
+        self.weights: list[StateDict] | None = None
+        if fishers is None:
+            self.weighted = [{n: s[n].double() for n in self.names} for s in states]
+            return
+        if len(fishers) != len(states):
+            raise ValueError(f"{len(fishers)} Fishers for {len(states)} models")
+        self.weights = []
+        for index, fisher in enumerate(fishers):
+            check_same_keys(
+                {n: None for n in self.names}, fisher, f"the parameters and Fisher {index}"
+            )
+            weights = _floored(fisher, self.names, fisher_floor, normalize_fishers, index)
+            self.weights.append(weights)
+            self.weighted.append({n: weights[n] * states[index][n].double() for n in self.names})
+
+    def __call__(self, coefficients: Sequence[float] | None = None) -> StateDict:
+        lam = check_coefficients(coefficients, self.count)
+        merged: StateDict = {}
+        for name in self.names:
+            numerator = sum(c * w[name] for c, w in zip(lam, self.weighted, strict=True))
+            if self.weights is None:
+                denominator: Any = sum(lam)
+            else:
+                denominator = sum(c * w[name] for c, w in zip(lam, self.weights, strict=True))
+            merged[name] = (numerator / denominator).to(self.template[name].dtype)
+        merged.update(self.kept)
+        return {name: merged[name] for name in self.order}
+
+
+def _floored(
+    fisher: StateDict, names: list[str], floor: float, normalize: bool, index: int
+) -> StateDict:
+    values = {n: fisher[n].double() for n in names}
+    bad = [n for n, v in values.items() if not bool(torch.isfinite(v).all()) or bool((v < 0).any())]
+    if bad:
+        raise ValueError(f"Fisher {index} has negative or non-finite values in {bad}")
+    scale = 1.0
+    if normalize:
+        total = sum(float(v.sum()) for v in values.values())
+        size = sum(v.numel() for v in values.values())
+        scale = total / size if total > 0 else 1.0
+    return {n: torch.clamp(v / scale, min=floor) for n, v in values.items()}
+
+
+def merge_state_dicts(
+    states: Sequence[StateDict],
+    coefficients: Sequence[float] | None = None,
+    fishers: Sequence[StateDict] | None = None,
+    fisher_floor: float = 1e-6,
+    normalize_fishers: bool = False,
+    parameter_names: set[str] | None = None,
+) -> StateDict:
+    """Σ λ F θ / Σ λ F per coordinate; `fishers=None` is the λ-weighted average.
+
+    `parameter_names` (default: every floating tensor) are merged; other entries
+    must be equal in every model and are kept.
+    """
+    weighting = FisherWeighting(states, fishers, fisher_floor, normalize_fishers, parameter_names)
+    return weighting(coefficients)
+
+
+# ---- methods --------------------------------------------------------------------------
+
+
+class MergeConfig(BaseModel):
+    """How checkpoints are merged; the CLI and the Ray job build one of these."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    method: str = Field("fisher", description="a key of MERGE_METHODS: uniform, greedy, fisher")
+    coefficients: list[float] | None = Field(
+        None, description="λ per model, in input order (None: uniform)"
+    )
+    fisher_floor: float = Field(
+        1e-6,
+        ge=0.0,
+        description="lower bound on F: uninformed coordinates fall back to the average",
+    )
+    normalize_fishers: bool = Field(
+        False, description="divide each model's Fisher by its mean before merging"
+    )
+    search: bool = Field(False, description="choose λ by validation NDCG@10 (needs data)")
+    grid_points: int = Field(11, ge=2, description="search, 2 models: λ_1 on this many grid points")
+    dirichlet_samples: int = Field(
+        20, ge=1, description="search, 3+ models: Dirichlet(1) draws tried besides uniform"
+    )
+    seed: int = Field(0, description="seed of the Dirichlet draws")
+    finetune_epochs: int = Field(
+        0, ge=0, description="epochs of the plain objective after merging (0: no fine-tune)"
+    )
+    finetune_overrides: dict[str, Any] = Field(
+        default_factory=dict,
+        description="dotted ExperimentConfig overrides for the fine-tune, e.g. {'train.lr': 1e-4}",
+    )
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        if value not in MERGE_METHODS:
+            raise ValueError(f"unknown merge method {value!r}; known: {', '.join(MERGE_METHODS)}")
+        return value
+
+
+@dataclass
+class MergeInputs:
+    """What a merge method works on: states (and Fishers) in one order, with labels."""
+
+    states: list[StateDict]
+    labels: list[str]
+    fishers: list[StateDict] | None = None
+    scorer: Scorer | None = None  # validation NDCG@10 of a state; None: no data
+    parameter_names: set[str] | None = None
+
+
+@dataclass
+class MergeOutcome:
+    state: StateDict
+    coefficients: list[float]
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def _need_scorer(inputs: MergeInputs, why: str) -> Scorer:
+    if inputs.scorer is None:
+        raise ValueError(f"{why} needs validation data (pass --data)")
+    return inputs.scorer
+
+
+def search_coefficients(
+    combine: Callable[[list[float]], StateDict],
+    scorer: Scorer,
+    count: int,
+    config: MergeConfig,
+) -> tuple[list[float], list[dict[str, Any]]]:
+    """The λ with the best validation score: a grid for 2 models, Dirichlet draws for more.
+
+    Returns (best λ, every trial as {"coefficients", "score"}); ties keep the earlier trial.
+    """
+    if count == 2:
+        grid = np.linspace(0.0, 1.0, config.grid_points)
+        candidates = [[float(t), float(1.0 - t)] for t in grid]
+    else:
+        rng = np.random.default_rng(config.seed)
+        draws = rng.dirichlet(np.ones(count), size=config.dirichlet_samples)
+        candidates = [[1.0 / count] * count] + [[float(x) for x in row] for row in draws]
+    trials = []
+    for lam in candidates:
+        trials.append({"coefficients": lam, "score": scorer(combine(lam))})
+        log.info("λ %s: validation %.4f", np.round(lam, 3).tolist(), trials[-1]["score"])
+    best = max(range(len(trials)), key=lambda i: (trials[i]["score"], -i))
+    return trials[best]["coefficients"], trials
+
+
+def _weighted(
+    inputs: MergeInputs, config: MergeConfig, fishers: list[StateDict] | None
+) -> MergeOutcome:
+    weighting = FisherWeighting(
+        inputs.states,
+        fishers,
+        config.fisher_floor,
+        config.normalize_fishers,
+        inputs.parameter_names,
+    )
+    info: dict[str, Any] = {}
+    coefficients = check_coefficients(config.coefficients, len(inputs.states))
+    if config.search:
+        scorer = _need_scorer(inputs, "coefficient search")
+        coefficients, trials = search_coefficients(weighting, scorer, len(inputs.states), config)
+        info["search"] = trials
+    return MergeOutcome(weighting(coefficients), coefficients, info)
+
+
+def merge_uniform(inputs: MergeInputs, config: MergeConfig) -> MergeOutcome:
+    """The mean of the parameters (λ-weighted when coefficients are given or searched)."""
+    return _weighted(inputs, config, None)
+
+
+def merge_fisher(inputs: MergeInputs, config: MergeConfig) -> MergeOutcome:
+    """Fisher-weighted averaging with floor, optional normalisation and λ."""
+    if inputs.fishers is None:
+        raise ValueError("the fisher method needs one Fisher per model (--fishers)")
+    return _weighted(inputs, config, inputs.fishers)
+
+
+def merge_greedy(inputs: MergeInputs, config: MergeConfig) -> MergeOutcome:
+    """Greedy soup: add models by validation rank while the soup's score does not drop."""
+    scorer = _need_scorer(inputs, "greedy soup")
+    weighting = FisherWeighting(inputs.states, parameter_names=inputs.parameter_names)
+    count = len(inputs.states)
+    alone = [scorer(state) for state in inputs.states]
+    order = sorted(range(count), key=lambda i: -alone[i])
+    chosen = [order[0]]
+    best = alone[order[0]]
+    trials = [{"models": [inputs.labels[order[0]]], "score": best, "kept": True}]
+    for index in order[1:]:
+        trying = [*chosen, index]
+        score = scorer(weighting(_indicator(trying, count)))
+        kept = score >= best
+        trials.append({"models": [inputs.labels[i] for i in trying], "score": score, "kept": kept})
+        if kept:
+            chosen, best = trying, score
+    coefficients = _indicator(chosen, count)
+    info = {
+        "individual_scores": dict(zip(inputs.labels, alone, strict=True)),
+        "selected": [inputs.labels[i] for i in chosen],
+        "trials": trials,
+    }
+    return MergeOutcome(weighting(coefficients), coefficients, info)
+
+
+def _indicator(chosen: list[int], count: int) -> list[float]:
+    return [1.0 / len(chosen) if i in chosen else 0.0 for i in range(count)]
+
+
+MergeMethod = Callable[[MergeInputs, MergeConfig], MergeOutcome]
+
+MERGE_METHODS: dict[str, MergeMethod] = {
+    "uniform": merge_uniform,
+    "greedy": merge_greedy,
+    "fisher": merge_fisher,
+}
+
+
+def run_merge(inputs: MergeInputs, config: MergeConfig) -> MergeOutcome:
+    return MERGE_METHODS[config.method](inputs, config)
+
+
+# ---- checkpoints ----------------------------------------------------------------------
+
+# Fields that must agree for parameters to mean the same thing (dropout may differ).
+_ARCHITECTURE = (
+    "num_items",
+    "backbone",
+    "hidden_size",
+    "num_layers",
+    "num_heads",
+    "max_len",
+    "ffn_mult",
+)
+
+
+def check_architectures(checkpoints: Sequence[Checkpoint]) -> None:
+    first = checkpoints[0].config.to_dict()
+    for ckpt in checkpoints[1:]:
+        other = ckpt.config.to_dict()
+        differ = {k: (first[k], other[k]) for k in _ARCHITECTURE if first[k] != other[k]}
+        if differ:
+            raise ValueError(
+                f"{ckpt.path} and {checkpoints[0].path} have different architectures: {differ}"
+            )
+
+
+def model_sha256(checkpoint: Checkpoint) -> str:
+    """sha256 of the checkpoint's model.safetensors (from its verified manifest)."""
+    assert checkpoint.path is not None
+    return read_manifest(checkpoint.path, verify=False)["files"]["model.safetensors"]
+
+
+def _data_fingerprint(checkpoints: Sequence[Checkpoint], data: SequenceData | None) -> str | None:
+    prints = {str(c.path): c.info.get("data_fingerprint") for c in checkpoints}
+    known = {p for p in prints.values() if p}
+    if data is not None:
+        known.add(data.fingerprint)
+    if len(known) > 1:
+        given = f"; --data is {data.fingerprint}" if data is not None else ""
+        raise ValueError(f"the inputs were trained on different data: {prints}{given}")
+    return known.pop() if known else None
+
+
+def _load_fishers(paths: Sequence[Path], checkpoints: Sequence[Checkpoint]) -> list[FisherFile]:
+    if len(paths) != len(checkpoints):
+        raise ValueError(f"{len(paths)} Fisher files for {len(checkpoints)} checkpoints")
+    files = []
+    for path, ckpt in zip(paths, checkpoints, strict=True):
+        fisher = load_fisher(Path(path))
+        recorded = fisher.metadata.get("checkpoint_sha256")
+        if recorded and recorded != model_sha256(ckpt):
+            raise ValueError(
+                f"{path} is the Fisher of another checkpoint (model sha256 {recorded[:12]}...), "
+                f"not of {ckpt.path}: give --fishers in the order of --checkpoints"
+            )
+        files.append(fisher)
+    return files
+
+
+def validation_scorer(evaluator: Evaluator, template: SequenceRecommender) -> Scorer:
+    """Validation NDCG@10 (full setting) of a state loaded into a copy of `template`."""
+    model = copy.deepcopy(template)
+    setting, metric = SELECTION_METRIC
+
+    def score(state: StateDict) -> float:
+        model.load_state_dict(state)
+        return evaluator.evaluate_model(model, "valid").metrics[setting][metric]
+
+    return score
+
+
+@dataclass
+class MergeResult:
+    path: Path  # the checkpoint (or, after a fine-tune, the run folder) written
+    info: dict[str, Any]
+    metrics: dict[str, Any] | None  # metrics.json document of the result, when data was given
+
+
+def merge_checkpoints(
+    checkpoints: Sequence[Path],
+    out: Path,
+    config: MergeConfig | None = None,
+    fishers: Sequence[Path] | None = None,
+    data: SequenceData | None = None,
+) -> MergeResult:
+    """Merge checkpoint (or run) folders into `out`, a checkpoint folder.
+
+    With `config.finetune_epochs > 0`, `out` becomes a run folder: the merged
+    model in out/merged/, fine-tuned into out/best/ by the trainer.
+    """
+    config = config or MergeConfig()
+    if not checkpoints:
+        raise ValueError("nothing to merge: no checkpoints given")
+    loaded = [load_run_checkpoint(Path(p)) for p in checkpoints]
+    check_architectures(loaded)
+    fingerprint = _data_fingerprint(loaded, data)
+    fisher_files = _load_fishers(fishers, loaded) if fishers else None
+    template = loaded[0].model
+    evaluator = Evaluator(data.split()) if data is not None else None
+    inputs = MergeInputs(
+        states=[c.model.state_dict() for c in loaded],
+        labels=[_label(c, i) for i, c in enumerate(loaded)],
+        fishers=[f.tensors for f in fisher_files] if fisher_files else None,
+        scorer=validation_scorer(evaluator, template) if evaluator else None,
+        parameter_names={name for name, _ in template.named_parameters()},
+    )
+    outcome = run_merge(inputs, config)
+    merged = copy.deepcopy(template)
+    merged.load_state_dict(outcome.state)
+    info = _merge_info(loaded, fisher_files, config, outcome, fingerprint, inputs.labels)
+    metrics = evaluator.metrics_document(merged) if evaluator else None
+    extra = {"metrics.json": metrics} if metrics else None
+    if config.finetune_epochs == 0:
+        write_checkpoint(Path(out), merged, loaded[0].config, info, extra_json=extra)
+        return MergeResult(Path(out), info, metrics)
+    if data is None:
+        raise ValueError("a post-merge fine-tune needs the training data (pass --data)")
+    return _finetune(Path(out), merged, loaded[0], info, extra, data, config)
+
+
+def _label(checkpoint: Checkpoint, index: int) -> str:
+    return f"{index}:{checkpoint.info.get('recipe', 'model')}"
+
+
+def _merge_info(
+    loaded: Sequence[Checkpoint],
+    fishers: Sequence[FisherFile] | None,
+    config: MergeConfig,
+    outcome: MergeOutcome,
+    fingerprint: str | None,
+    labels: list[str],
+) -> dict[str, Any]:
+    inputs = [
+        {
+            "path": str(c.path),
+            "sha256": model_sha256(c),
+            "recipe": c.info.get("recipe"),
+            "label": label,
+        }
+        for c, label in zip(loaded, labels, strict=True)
+    ]
+    estimators = sorted({str(f.metadata.get("estimator")) for f in fishers}) if fishers else []
+    return {
+        "recipe": "merged",
+        "data_fingerprint": fingerprint,
+        "merge": {
+            "method": config.method,
+            "inputs": inputs,
+            "coefficients": outcome.coefficients,
+            "estimator": estimators[0] if len(estimators) == 1 else estimators or None,
+            "fishers": [
+                {"path": str(f.path), "content_sha256": f.metadata.get("content_sha256")}
+                for f in fishers
+            ]
+            if fishers
+            else None,
+            "config": config.model_dump(mode="json"),
+            **outcome.info,
+        },
+    }
+
+
+def finetune_config(source: Checkpoint, config: MergeConfig) -> ExperimentConfig:
+    """The plain objective of the backbone for `finetune_epochs`, with the inputs' training settings.
+
+    Training settings come from the config.yaml of the first input's run folder
+    when there is one (so the fine-tune uses the recipes' optimiser settings).
+    """
+    values: dict[str, Any] = {}
+    assert source.path is not None
+    for folder in (source.path, source.path.parent):
+        if (folder / "config.yaml").is_file():
+            loaded = yaml.safe_load((folder / "config.yaml").read_text()) or {}
+            values = {"data": loaded.get("data", {}), "train": loaded.get("train", {})}
+            break
+    model = source.config.to_dict()
+    model.pop("num_items")
+    values["model"] = model
+    values["recipe"] = {"name": source.config.backbone}
+    values.setdefault("train", {})["epochs"] = config.finetune_epochs
+    for key, value in config.finetune_overrides.items():
+        set_dotted(values, key, value)
+    return ExperimentConfig.model_validate(values)
+
+
+def _finetune(
+    out: Path,
+    merged: SequenceRecommender,
+    source: Checkpoint,
+    info: dict[str, Any],
+    extra: dict[str, Any] | None,
+    data: SequenceData,
+    config: MergeConfig,
+) -> MergeResult:
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(
+            f"{out} exists and is not empty: a fine-tuned merge needs a new run folder"
+        )
+    merged_dir = out / "merged"
+    write_checkpoint(merged_dir, merged, source.config, info, extra_json=extra)
+    result = train(finetune_config(source, config), data, out, init=merged_dir)
+    info = {**info, "finetune": {"epochs": config.finetune_epochs, "best_epoch": result.best_epoch}}
+    return MergeResult(out, info, result.metrics)
