@@ -80,3 +80,83 @@ def next_item_loss(model: SequenceRecommender, items: Tensor, negatives: int = 0
     # A position predicts only when both it and its target are real items.
     picked = (targets != PAD_ID) & (inputs != PAD_ID)
     return item_cross_entropy(model, states[picked], targets[picked], negatives)
+
+
+# ---- contrastive terms (CL4SRec, DuoRec, EHRec) ---------------------------------------
+
+
+def similarity_matrix(z1: Tensor, z2: Tensor, similarity: str = "dot") -> Tensor:
+    """Similarities of all 2B views of a batch: z = [z1; z2], (B, D) x 2 -> (2B, 2B).
+
+    "dot" is the official CL4SRec/DuoRec choice; "cos" normalises the views first.
+    """
+    if z1.shape != z2.shape or z1.ndim != 2:
+        raise ValueError(f"views must both be (B, D), got {tuple(z1.shape)} and {tuple(z2.shape)}")
+    if similarity not in ("dot", "cos"):
+        raise ValueError(f"similarity must be 'dot' or 'cos', got {similarity!r}")
+    z = torch.cat([z1, z2])  # (2B, D)
+    if similarity == "cos":
+        z = F.normalize(z, dim=-1)
+    return z @ z.T
+
+
+def negative_pairs(batch_size: int, device: torch.device | None = None) -> Tensor:
+    """(2B, 2B) bool: the in-batch negatives of each view (not itself, not its positive)."""
+    n = 2 * batch_size
+    index = torch.arange(n, device=device)
+    positive = (index + batch_size) % n
+    keep = ~torch.eye(n, dtype=torch.bool, device=device)
+    keep[index, positive] = False
+    return keep
+
+
+def distinct_target_pairs(targets: Tensor) -> Tensor:
+    """(2B, 2B) bool: True where the two views belong to sequences with different targets.
+
+    Views of two sequences with the same target are semantic positives (DuoRec),
+    so they must not serve as each other's negatives.
+    """
+    different = targets[:, None] != targets[None, :]  # (B, B)
+    return different.repeat(2, 2)
+
+
+def info_nce_from_similarity(
+    similarity: Tensor, temperature: float = 1.0, negative_weights: Tensor | None = None
+) -> Tensor:
+    """InfoNCE over 2B views whose positive pairs are (i, i + B), from their similarities.
+
+    For view i with positive p and logits s = similarity / temperature:
+        loss_i = -s_ip + log(exp(s_ip) + sum_j w_ij exp(s_ij))
+    over the in-batch negatives j (every other view but i's positive), with
+    w_ij = 1 by default. `negative_weights` (2B, 2B) in [0, 1] scales (soft-)removes
+    negatives: 0 drops one exactly (same-target samples, EHRec's threshold).
+    """
+    n = similarity.shape[0]
+    if similarity.shape != (n, n) or n % 2:
+        raise ValueError(f"similarity must be (2B, 2B), got {tuple(similarity.shape)}")
+    logits = similarity / temperature
+    index = torch.arange(n, device=logits.device)
+    positive = logits[index, (index + n // 2) % n]  # (2B,)
+    weights = negative_pairs(n // 2, logits.device).to(logits.dtype)
+    if negative_weights is not None:
+        weights = weights * negative_weights
+    # A weighted log-sum-exp: the shift m is the largest logit that counts, so an
+    # excluded pair (e.g. a view with itself under "dot") cannot underflow the rest,
+    # and a weight of exactly 0 contributes neither value nor NaN gradient.
+    counted = logits.masked_fill(weights <= 0, float("-inf"))
+    shift = torch.maximum(positive, counted.max(dim=1).values).detach()
+    total = torch.exp(positive - shift) + (weights * torch.exp(counted - shift[:, None])).sum(1)
+    return (torch.log(total) + shift - positive).mean()
+
+
+def info_nce(
+    z1: Tensor,
+    z2: Tensor,
+    temperature: float = 1.0,
+    similarity: str = "dot",
+    negative_weights: Tensor | None = None,
+) -> Tensor:
+    """InfoNCE with in-batch negatives (NT-Xent): row i of z1 and of z2 are a positive pair."""
+    return info_nce_from_similarity(
+        similarity_matrix(z1, z2, similarity), temperature, negative_weights
+    )

@@ -6,10 +6,16 @@ Add a recipe by writing a module with a `Recipe` subclass and adding it here.
 from __future__ import annotations
 
 from training.recipes.base import BERT4Rec, Recipe, RecipeOutput, RecipeParams, SASRec
+from training.recipes.cl4srec import CL4SRec
+from training.recipes.duorec import DuoRec
+from training.recipes.ehrec import EHRec
 
 RECIPES: dict[str, type[Recipe]] = {
     "bert4rec": BERT4Rec,
     "sasrec": SASRec,
+    "cl4srec": CL4SRec,
+    "duorec": DuoRec,
+    "ehrec": EHRec,
 }
 
 
