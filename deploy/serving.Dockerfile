@@ -1,0 +1,54 @@
+# syntax=docker/dockerfile:1
+# The fishrec HTTP service: FastAPI on onnxruntime. Only the `serve` extra is
+# installed: no torch, no ray. The model bundle is read from a mounted volume.
+#
+#   docker build -f deploy/serving.Dockerfile -t fishrec-serve .      (from the repository root)
+#   docker run -p 8000:8000 -v "$PWD/artifacts:/artifacts:ro" fishrec-serve
+#
+# Settings come from FISHREC_* environment variables (serving/settings.py,
+# deploy/README.md). onnxruntime's thread count is FISHREC_INTRA_OP_THREADS;
+# unset, the service derives it from the container's CPU quota (cgroup), not
+# from the host's core count. Kubernetes sets it from limits.cpu.
+
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+
+# ---- build: a virtual environment with the dependencies, then the package ----
+FROM ${PYTHON_IMAGE} AS build
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONDONTWRITEBYTECODE=1
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+WORKDIR /src
+
+# Dependencies first, read from pyproject.toml alone: a code change does not reinstall them.
+COPY pyproject.toml deploy/requirements.py ./
+RUN python requirements.py pyproject.toml serve > requirements.txt \
+    && pip install -r requirements.txt
+
+# The package itself (the `fishrec` command registers every subcommand without importing torch).
+COPY training/ training/
+COPY merging/ merging/
+COPY serving/ serving/
+RUN pip install --no-deps . \
+    && python -c "import importlib.util as u, sys; heavy = [m for m in ('torch', 'ray') if u.find_spec(m)]; sys.exit(f'serving image must not contain {heavy}' if heavy else 0)"
+
+# ---- runtime: the virtual environment only, run as an unprivileged user ----
+FROM ${PYTHON_IMAGE} AS runtime
+LABEL org.opencontainers.image.title="fishrec-serve" \
+      org.opencontainers.image.description="fishrec recommendations over HTTP (onnxruntime, no torch)" \
+      org.opencontainers.image.licenses="Apache-2.0"
+RUN groupadd --system --gid 10001 fishrec \
+    && useradd --system --uid 10001 --gid fishrec --no-create-home --home-dir /nonexistent \
+       --shell /usr/sbin/nologin fishrec
+COPY --from=build /opt/venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1
+USER 10001:10001
+WORKDIR /tmp
+EXPOSE 8000
+HEALTHCHECK --interval=30s --timeout=3s --start-period=20s --retries=3 \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2)"]
+ENTRYPOINT ["fishrec"]
+CMD ["serve", "--artifacts", "/artifacts", "--host", "0.0.0.0", "--port", "8000"]
