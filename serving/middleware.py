@@ -1,0 +1,157 @@
+"""The outermost layer of every request: request id, body size limit, metrics, access log.
+
+The body limit is enforced on the stream: the body is read here chunk by chunk
+and refused with 413 as soon as it passes the limit, whatever Content-Length
+says (or when there is none, as with chunked transfer encoding). Bodies are
+small, so the checked body is handed on in one piece. An exception that escapes
+the application becomes a JSON 500 without a stack trace; the trace goes to the log.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from serving.logs import request_id
+from serving.metrics import Metrics
+
+log = logging.getLogger("fishrec.access")
+errors = logging.getLogger(__name__)
+
+REQUEST_ID_HEADER = b"x-request-id"
+MAX_REQUEST_ID = 128
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class RequestContextMiddleware:
+    def __init__(
+        self, app: ASGIApp, metrics: Metrics, max_body_bytes: int, access_log: bool = True
+    ) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.max_body_bytes = max_body_bytes
+        self.access_log = access_log
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = incoming_request_id(scope) or uuid.uuid4().hex
+        token = request_id.set(rid)
+        started = time.perf_counter()
+        status = 500
+        response_started = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status, response_started
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                response_started = True
+                headers = list(message.get("headers", []))
+                headers.append((REQUEST_ID_HEADER, rid.encode()))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        try:
+            try:
+                body = await self.read_body(scope, receive)
+            except BodyTooLarge:
+                await self.send_error(send_with_id, 413, "payload_too_large", self.too_large(), rid)
+                return
+            await self.app(scope, replay(body, receive), send_with_id)
+        except Exception:
+            errors.exception("unhandled error in %s %s", scope["method"], scope["path"])
+            if not response_started:
+                message = "internal error; the request id identifies it in the service's log"
+                await self.send_error(send_with_id, 500, "internal", message, rid)
+        finally:
+            self.record(scope, status, time.perf_counter() - started)
+            request_id.reset(token)
+
+    def too_large(self) -> str:
+        return f"request body is larger than the limit of {self.max_body_bytes} bytes"
+
+    async def read_body(self, scope: Scope, receive: Receive) -> bytes:
+        """The whole body, or BodyTooLarge as soon as it passes the limit."""
+        declared = header(scope, b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+            raise BodyTooLarge
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # client gone: the app sees the disconnect
+                return b"".join(chunks)
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                raise BodyTooLarge
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    async def send_error(self, send: Send, status: int, error: str, message: str, rid: str) -> None:
+        body = json.dumps({"error": error, "message": message, "request_id": rid}).encode()
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+        ]
+        if status == 413:
+            headers.append((b"connection", b"close"))  # the rest of the body is never read
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    def record(self, scope: Scope, status: int, seconds: float) -> None:
+        route = scope.get("route")
+        # Route templates, never raw paths: unknown paths would grow the label set without bound.
+        template = getattr(route, "path", None) or "unmatched"
+        self.metrics.observe_request(template, scope["method"], status, seconds)
+        if self.access_log:
+            log.info(
+                "%s %s %d",
+                scope["method"],
+                scope["path"],
+                status,
+                extra={
+                    "status": status,
+                    "duration_ms": round(seconds * 1000, 3),
+                    "route": template,
+                },
+            )
+
+
+def header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+def incoming_request_id(scope: Scope) -> str | None:
+    """A caller's X-Request-ID when it is short and printable (it ends up in logs)."""
+    value = header(scope, REQUEST_ID_HEADER)
+    if value and len(value) <= MAX_REQUEST_ID and value.isprintable() and value.isascii():
+        return value
+    return None
+
+
+def replay(body: bytes, receive: Receive) -> Receive:
+    """A receive that yields the already-read body once, then defers to the real one."""
+    sent = False
+
+    async def wrapped() -> dict[str, Any]:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return wrapped

@@ -1,0 +1,215 @@
+"""Model lifecycle: load, verify, warm up and swap bundles; watch LATEST in the background.
+
+The serving model is one reference (`ModelManager.current`), replaced in a
+single assignment on the event loop once the candidate is verified and warm.
+A request takes the reference once and finishes on that model even when a swap
+happens meanwhile: the old model's batcher answers everything it queued before
+it stops. A bundle that fails any check is refused and the current model keeps
+serving; the failure is logged and counted.
+
+The watcher is edge-triggered: it loads a bundle when LATEST changes (or while
+no model is loaded), so a rollback through POST /v1/admin/reload with an older
+run id is not undone by the next poll.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from serving.batcher import MicroBatcher
+from serving.bundle import Bundle, BundleError, bundle_folder, load_bundle, read_latest
+from serving.metrics import Metrics
+from serving.runtime import OnnxModel, Ranked, Row, cpu_quota, default_threads
+from serving.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class ReloadError(Exception):
+    """A requested reload that could not happen; the current model keeps serving."""
+
+
+@dataclass
+class ServingModel:
+    """A verified, warm bundle with its own batcher."""
+
+    bundle: Bundle
+    onnx: OnnxModel
+    batcher: MicroBatcher[Row, Ranked]
+    loaded_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+    @property
+    def version(self) -> str:
+        return self.bundle.run_id
+
+
+@dataclass(frozen=True)
+class Prepared:
+    bundle: Bundle
+    onnx: OnnxModel
+
+
+class ModelManager:
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.threads = settings.intra_op_threads or default_threads(cpu_quota())
+        self.current: ServingModel | None = None
+        self.last_error: str | None = None
+        self.stopping = False
+        self._lock = asyncio.Lock()
+        self._seen_latest: str | None = None
+        self._watcher: asyncio.Task[None] | None = None
+
+    # ---- lifecycle -------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Load the first bundle and then watch LATEST, in the background."""
+        log.info(
+            "onnxruntime threads: intra-op %d, inter-op %d",
+            self.threads,
+            self.settings.inter_op_threads,
+        )
+        self._watcher = asyncio.get_running_loop().create_task(self._watch(), name="watcher")
+
+    async def stop(self) -> None:
+        """Stop watching, then let the serving model answer what it has queued."""
+        self.stopping = True
+        if self._watcher is not None:
+            self._watcher.cancel()
+            await asyncio.gather(self._watcher, return_exceptions=True)
+        async with self._lock:
+            if self.current is not None:
+                await self.current.batcher.close()
+
+    async def _watch(self) -> None:
+        interval = self.settings.reload_interval_s
+        while True:
+            await self.poll()
+            if interval <= 0:
+                return
+            await asyncio.sleep(interval)
+
+    # ---- loading -----------------------------------------------------------------------
+
+    def wanted(self) -> str | None:
+        """The run id to serve: the pinned one, else the one LATEST names."""
+        if self.settings.bundle is not None:
+            return self.settings.bundle
+        return read_latest(self.settings.artifacts)
+
+    async def poll(self) -> None:
+        """One look at LATEST: load it when it changed or nothing is loaded; never raises."""
+        try:
+            wanted = self.wanted()
+        except BundleError as err:
+            self._failed(None, err)
+            return
+        if wanted is None:
+            if self.current is None:
+                self.last_error = f"no bundle published under {self.settings.artifacts} (no LATEST)"
+            return
+        if wanted == self._seen_latest and self.current is not None:
+            return
+        self._seen_latest = wanted
+        # A refusal is logged and counted in load; the current model keeps serving.
+        with contextlib.suppress(BundleError):
+            await self.load(wanted)
+
+    async def reload(self, run_id: str | None) -> tuple[bool, str | None]:
+        """POST /v1/admin/reload: (changed, previous version); ReloadError when refused."""
+        target = run_id
+        if target is None:
+            try:
+                target = self.wanted()
+            except BundleError as err:
+                raise ReloadError(str(err)) from err
+            if target is None:
+                raise ReloadError(f"nothing to load: no LATEST under {self.settings.artifacts}")
+        previous = self.current.version if self.current is not None else None
+        try:
+            changed = await self.load(target)
+        except BundleError as err:
+            raise ReloadError(f"bundle {target!r} refused: {err}") from err
+        return changed, previous
+
+    async def load(self, run_id: str) -> bool:
+        """Load, verify and warm `run_id`, then swap it in; False when it is already serving."""
+        async with self._lock:
+            if self.stopping:
+                raise BundleError("the service is shutting down")
+            if self.current is not None and self.current.version == run_id:
+                return False
+            try:
+                prepared = await asyncio.to_thread(self._prepare, run_id)
+            except BundleError as err:
+                self._failed(run_id, err)
+                raise
+            except Exception as err:  # anything unexpected in a bundle is a refusal, not a crash
+                self._failed(run_id, err)
+                raise BundleError(f"{type(err).__name__}: {err}") from err
+            await self._swap(prepared)
+            return True
+
+    def _prepare(self, run_id: str) -> Prepared:
+        """Everything that may fail, off the event loop: read, verify, open, warm up."""
+        try:
+            folder = bundle_folder(self.settings.artifacts, run_id)
+        except ValueError as err:
+            raise BundleError(str(err)) from err
+        bundle = load_bundle(folder)
+        if bundle.run_id != run_id:
+            raise BundleError(
+                f"{folder}: manifest run_id is {bundle.run_id!r}, expected {run_id!r}"
+            )
+        onnx = OnnxModel(
+            bundle.model_file(self.settings.quantized),
+            bundle.num_items,
+            self.threads,
+            self.settings.inter_op_threads,
+        )
+        onnx.warm_up(
+            self.settings.max_batch_size, min(bundle.max_history, self.settings.max_history)
+        )
+        return Prepared(bundle, onnx)
+
+    async def _swap(self, prepared: Prepared) -> None:
+        settings = self.settings
+        batcher: MicroBatcher[Row, Ranked] = MicroBatcher(
+            prepared.onnx.run,
+            max_batch_size=settings.max_batch_size,
+            max_wait_s=settings.max_wait_ms / 1000,
+            max_queue=settings.max_queue,
+            observer=self.metrics.observer(),
+            name=f"batcher-{prepared.bundle.run_id}",
+        )
+        batcher.start()
+        previous = self.current
+        self.current = ServingModel(prepared.bundle, prepared.onnx, batcher)
+        self.last_error = None
+        self.metrics.reloads.labels("success").inc()
+        self.metrics.set_model(prepared.bundle.run_id, previous.version if previous else None)
+        log.info(
+            "serving bundle %s (%s)",
+            prepared.bundle.run_id,
+            prepared.onnx.path.name,
+            extra={"model_version": prepared.bundle.run_id},
+        )
+        if previous is not None:
+            await previous.batcher.close()  # in-flight rows of the old model finish on it
+
+    def _failed(self, run_id: str | None, err: Exception) -> None:
+        self.metrics.reloads.labels("failure").inc()
+        serving = self.current.version if self.current is not None else None
+        self.last_error = f"bundle {run_id!r} refused: {err}"
+        log.error(
+            "bundle %s refused (%s); %s",
+            run_id,
+            err,
+            f"still serving {serving}" if serving else "no model is serving",
+            extra={"model_version": serving},
+        )

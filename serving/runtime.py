@@ -1,0 +1,211 @@
+"""The onnxruntime side: thread counts from the container's CPU quota, and one session.
+
+A container limited to 2 CPUs on a 64-core host still sees 64 cores through
+os.cpu_count(); onnxruntime's default pool would then run 64 threads on a
+2-CPU quota and get throttled. The thread count is therefore set explicitly,
+by default from the cgroup CPU quota (v2 cpu.max, v1 cpu.cfs_quota_us) and the
+CPU affinity, whichever is smaller.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from serving.bundle import BundleError
+
+log = logging.getLogger(__name__)
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+PROC_CGROUP = Path("/proc/self/cgroup")
+
+# The interface of model.onnx (bundle contract fishrec.bundle/1).
+INPUTS = {"item_ids": "tensor(int64)", "k": "tensor(int64)", "exclude_seen": "tensor(bool)"}
+OUTPUTS = {"scores": "tensor(float)", "indices": "tensor(int64)"}
+
+
+# ---- CPU quota -------------------------------------------------------------------------
+
+
+def cgroup_paths(proc_cgroup: Path) -> dict[str, str]:
+    """{controller: path} from /proc/self/cgroup ('' is the v2 unified hierarchy)."""
+    paths: dict[str, str] = {}
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        return paths
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) == 3:
+            for controller in parts[1].split(","):
+                paths[controller] = parts[2]
+    return paths
+
+
+def ancestors(base: Path, relative: str) -> list[Path]:
+    """base/relative and every folder above it up to base: a parent's limit applies too."""
+    folders = [base]
+    current = base
+    for part in Path(relative.lstrip("/")).parts:
+        current = current / part
+        folders.append(current)
+    return folders
+
+
+def read_v2_quota(folder: Path) -> float | None:
+    try:
+        quota, period = (folder / "cpu.max").read_text().split()[:2]
+    except (OSError, ValueError):
+        return None
+    if quota == "max":
+        return None
+    return int(quota) / int(period)
+
+
+def read_v1_quota(folder: Path) -> float | None:
+    try:
+        quota = int((folder / "cpu.cfs_quota_us").read_text())
+        period = int((folder / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return quota / period if quota > 0 and period > 0 else None
+
+
+def cpu_quota(root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_CGROUP) -> float | None:
+    """The CPU limit of this process's cgroup in CPUs (e.g. 1.5), or None when unlimited.
+
+    Inside a container the process's own cgroup is usually mounted at the root,
+    outside it lives at the path /proc/self/cgroup names: both are looked at,
+    and the smallest limit found wins.
+    """
+    paths = cgroup_paths(proc_cgroup)
+    candidates: list[float | None] = []
+    for folder in ancestors(root, paths.get("", "/")):
+        candidates.append(read_v2_quota(folder))
+    for v1_mount in ("cpu", "cpu,cpuacct", "cpuacct,cpu"):
+        for folder in ancestors(root / v1_mount, paths.get("cpu", "/")):
+            candidates.append(read_v1_quota(folder))
+    limits = [value for value in candidates if value is not None]
+    return min(limits) if limits else None
+
+
+def available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def default_threads(quota: float | None = None, cpus: int | None = None) -> int:
+    """Threads for onnxruntime: the CPU quota rounded down (at least 1), at most the CPUs we may use."""
+    cpus = available_cpus() if cpus is None else cpus
+    if quota is None:
+        return max(1, cpus)
+    # Rounding down: a thread per fraction of a CPU would be throttled by the quota.
+    return max(1, min(cpus, math.floor(quota)))
+
+
+# ---- the session ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Row:
+    """One history to score: internal ids oldest first (no padding), how many items, exclusion."""
+
+    history: np.ndarray  # (L,) int64, L >= 1
+    k: int
+    exclude_seen: bool
+
+
+@dataclass(frozen=True)
+class Ranked:
+    """The answer for one row: internal ids and scores, best first, non-finite scores dropped."""
+
+    ids: np.ndarray  # (<= k,) int64
+    scores: np.ndarray  # (<= k,) float32
+
+
+class OnnxModel:
+    """An onnxruntime session of a bundle's model with explicit threads."""
+
+    def __init__(self, path: Path, num_items: int, intra_op_threads: int, inter_op_threads: int):
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = intra_op_threads
+        options.inter_op_num_threads = inter_op_threads
+        options.execution_mode = (
+            ort.ExecutionMode.ORT_SEQUENTIAL
+            if inter_op_threads == 1
+            else ort.ExecutionMode.ORT_PARALLEL
+        )
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Spinning pool threads burn the CPU that the event loop needs between runs.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        self.path = Path(path)
+        self.num_items = num_items
+        try:
+            self.session = ort.InferenceSession(
+                str(path), options, providers=["CPUExecutionProvider"]
+            )
+        except Exception as err:  # onnxruntime raises its own exception types for bad graphs
+            raise BundleError(f"{path}: onnxruntime cannot load the model ({err})") from err
+        self.check_interface()
+
+    def check_interface(self) -> None:
+        inputs = {node.name: node.type for node in self.session.get_inputs()}
+        outputs = {node.name: node.type for node in self.session.get_outputs()}
+        for expected, actual, kind in ((INPUTS, inputs, "inputs"), (OUTPUTS, outputs, "outputs")):
+            wrong = {
+                name: actual.get(name)
+                for name, type_ in expected.items()
+                if actual.get(name) != type_
+            }
+            if wrong:
+                raise BundleError(
+                    f"{self.path}: model {kind} {wrong} do not match the bundle contract {expected}"
+                )
+
+    def run(self, rows: list[Row]) -> list[Ranked]:
+        """Score a batch of rows in one session run; each row gets its own k."""
+        width = max(len(row.history) for row in rows)
+        item_ids = np.zeros((len(rows), width), dtype=np.int64)  # (B, L) left-padded
+        for i, row in enumerate(rows):
+            item_ids[i, width - len(row.history) :] = row.history
+        k = min(max(row.k for row in rows), self.num_items)
+        exclude = np.fromiter((row.exclude_seen for row in rows), dtype=bool, count=len(rows))
+        scores, indices = self.session.run(
+            ["scores", "indices"],
+            {"item_ids": item_ids, "k": np.array([k], dtype=np.int64), "exclude_seen": exclude},
+        )  # (B, k), (B, k)
+        ranked = []
+        for i, row in enumerate(rows):
+            row_scores, row_ids = scores[i, : row.k], indices[i, : row.k]
+            keep = np.isfinite(row_scores)
+            ranked.append(Ranked(ids=row_ids[keep], scores=row_scores[keep]))
+        return ranked
+
+    def warm_up(self, batch_size: int, history: int) -> None:
+        """Run the shapes serving will see and check the answers are sane.
+
+        A bundle that loads but answers nonsense (wrong shapes, ids out of range,
+        NaN) is refused here, before it can replace a working model.
+        """
+        rng = np.random.default_rng(0)
+        for rows, length in ((1, 1), (batch_size, history)):
+            batch = [
+                Row(rng.integers(1, self.num_items + 1, size=length), self.num_items, i % 2 == 1)
+                for i in range(rows)
+            ]
+            for row, answer in zip(batch, self.run(batch), strict=True):
+                if not ((answer.ids >= 1) & (answer.ids <= self.num_items)).all():
+                    raise BundleError(f"{self.path}: warm-up answer has item ids out of range")
+                if not row.exclude_seen and len(answer.ids) != self.num_items:
+                    raise BundleError(f"{self.path}: warm-up scores are not all finite")
+                if np.any(np.diff(answer.scores) > 0):
+                    raise BundleError(f"{self.path}: warm-up scores are not in descending order")

@@ -1,0 +1,104 @@
+"""Service settings, read from FISHREC_* environment variables (CLI flags override them)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Run ids become folder names under <artifacts>/runs/: one plain path component.
+RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+# Upper bounds baked into the OpenAPI schema; the configured limits must stay below them.
+SCHEMA_MAX_K = 1000
+SCHEMA_MAX_HISTORY = 10_000
+SCHEMA_MAX_BATCH = 1000
+
+
+def check_run_id(run_id: str) -> str:
+    if not RUN_ID_PATTERN.match(run_id):
+        raise ValueError(
+            f"run id {run_id!r} is not a plain folder name (letters, digits, '.', '_', '-')"
+        )
+    return run_id
+
+
+class Settings(BaseSettings):
+    """Everything `fishrec serve` can be told; each field is also FISHREC_<NAME>."""
+
+    model_config = SettingsConfigDict(env_prefix="FISHREC_", extra="ignore", frozen=True)
+
+    artifacts: Path = Field(
+        Path("artifacts"),
+        description="artifact root (a local path or mount): runs/<run_id>/ bundles and LATEST",
+    )
+    bundle: str | None = Field(
+        None,
+        description="serve this run id and ignore LATEST (no background reload); default: LATEST",
+    )
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(8000, ge=0, le=65535, description="port to listen on (0: any free port)")
+
+    intra_op_threads: int | None = Field(
+        None,
+        ge=1,
+        le=256,
+        description="onnxruntime threads inside one operator; default: the container's CPU quota",
+    )
+    inter_op_threads: int = Field(
+        1, ge=1, le=64, description="onnxruntime threads across operators (1: sequential graph)"
+    )
+    quantized: bool = Field(
+        False, description="serve model.int8.onnx when the bundle has one (else model.onnx)"
+    )
+
+    max_batch_size: int = Field(
+        64, ge=1, le=4096, description="most histories coalesced into one onnxruntime run"
+    )
+    max_wait_ms: float = Field(
+        1.0,
+        ge=0.0,
+        le=1000.0,
+        description="longest a history waits for others to join its batch (0: run what is queued)",
+    )
+    max_queue: int = Field(
+        1024, ge=1, description="most histories waiting for a batch; beyond it requests get 503"
+    )
+    retry_after_s: int = Field(1, ge=1, le=3600, description="Retry-After of a 503 answer")
+
+    api_key: SecretStr | None = Field(
+        None, description="when set, /v1/* requires the header X-API-Key with this value"
+    )
+    max_body_bytes: int = Field(
+        256 * 1024, ge=1024, description="largest request body, counted on the stream"
+    )
+    max_history: int = Field(
+        1000,
+        ge=1,
+        le=SCHEMA_MAX_HISTORY,
+        description="most item ids accepted in one history (the model itself reads the newest ones)",
+    )
+    max_k: int = Field(
+        100, ge=1, le=SCHEMA_MAX_K, description="largest k (also capped by the catalogue size)"
+    )
+    max_batch_requests: int = Field(
+        256, ge=1, le=SCHEMA_MAX_BATCH, description="most histories in one batch request"
+    )
+
+    reload_interval_s: float = Field(
+        30.0, ge=0.0, description="how often LATEST is checked for a new bundle (0: never)"
+    )
+    shutdown_timeout_s: float = Field(
+        30.0, gt=0.0, description="longest a graceful shutdown waits for in-flight requests"
+    )
+    log_json: bool = Field(True, description="log one JSON object per line (else plain text)")
+
+    @field_validator("bundle")
+    @classmethod
+    def _plain_run_id(cls, value: str | None) -> str | None:
+        return None if value is None else check_run_id(value)
+
+    def api_key_value(self) -> str | None:
+        return None if self.api_key is None else self.api_key.get_secret_value()
