@@ -228,19 +228,29 @@ def print_metrics(tables: dict[str, dict[str, Any]]) -> None:
         print(f"\n{part}\n{format_table(rows)}")
 
 
+def checkpoint_for_data(path: Path, data: Any) -> Any:
+    """The checkpoint at `path`, refused unless it scores the items of `data`."""
+    from training.trainer import load_run_checkpoint
+
+    checkpoint = load_run_checkpoint(path)
+    if checkpoint.config.num_items != data.num_items:
+        raise CommandError(
+            f"{path}: the checkpoint scores {checkpoint.config.num_items} items, the data has {data.num_items}"
+        )
+    fingerprint = checkpoint.info.get("data_fingerprint")
+    if fingerprint and fingerprint != data.fingerprint:
+        raise CommandError(f"{path}: trained on data {fingerprint}, not on {data.fingerprint}")
+    return checkpoint
+
+
 def cmd_evaluate(args: argparse.Namespace) -> None:
     import json
 
     from training.data import load_data
     from training.evaluate import Evaluator
-    from training.trainer import load_run_checkpoint
 
-    checkpoint = load_run_checkpoint(Path(args.checkpoint))
     data = load_data(Path(args.data))
-    if checkpoint.config.num_items != data.num_items:
-        raise CommandError(
-            f"the checkpoint scores {checkpoint.config.num_items} items, the data has {data.num_items}"
-        )
+    checkpoint = checkpoint_for_data(Path(args.checkpoint), data)
     evaluator = Evaluator(data.split(), seed=args.seed, exclude_seen=not args.no_exclude_seen)
     document = evaluator.metrics_document(checkpoint.model)
     print_metrics({"model": document["model"], "mostpop": document["mostpop"]})
@@ -272,6 +282,65 @@ def register_evaluate(commands: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=cmd_evaluate)
 
 
+def cmd_compare(args: argparse.Namespace) -> None:
+    import json
+
+    from training.data import load_data
+    from training.diagnostics import compare_models, representation_quality
+    from training.evaluate import Evaluator
+
+    data = load_data(Path(args.data))
+    a, b = (checkpoint_for_data(Path(path), data) for path in (args.a, args.b))
+    evaluator = Evaluator(data.split(), seed=args.seed, exclude_seen=not args.no_exclude_seen)
+    comparison = compare_models(a.model, b.model, evaluator, args.part, args.setting)
+    geometry = {
+        name: representation_quality(checkpoint.model, getattr(evaluator.split, args.part))
+        for name, checkpoint in (("A", a), ("B", b))
+    }
+    print(f"A = {args.a}\nB = {args.b}")
+    print_metrics({"A": {args.part: comparison.metrics_a}, "B": {args.part: comparison.metrics_b}})
+    print(
+        f"\nerror inconsistency ({args.part}, {args.setting}, NDCG@10 > 0.5): "
+        f"{comparison.inconsistency:.4f}  (only A {comparison.only_a:.4f}, only B "
+        f"{comparison.only_b:.4f}, both {comparison.both_right:.4f})"
+    )
+    for name, values in geometry.items():
+        print(f"{name}: alignment {values['alignment']:.4f}, uniformity {values['uniformity']:.4f}")
+    if args.out:
+        document = {**comparison.__dict__, "representations": geometry}
+        Path(args.out).write_text(json.dumps(document, indent=2) + "\n")
+
+
+def register_compare(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "compare",
+        help="how differently two models err, with both models' metrics",
+        description="Error inconsistency of two models (share of users for which exactly one has "
+        "NDCG@10 > 0.5 on the held-out item), both models' metrics, and the alignment and "
+        "uniformity of their sequence representations.",
+    )
+    parser.add_argument("a", metavar="A_RUN", help="first checkpoint or run folder")
+    parser.add_argument("b", metavar="B_RUN", help="second checkpoint or run folder")
+    parser.add_argument("--data", required=True, help="the data folder (or raw file) both use")
+    parser.add_argument(
+        "--part", choices=["valid", "test"], default="test", help="which held-out item"
+    )
+    parser.add_argument(
+        "--setting",
+        choices=["full", "random100", "popular100"],
+        default="full",
+        help="candidate setting of the inconsistency",
+    )
+    parser.add_argument(
+        "--no-exclude-seen",
+        action="store_true",
+        help="rank history items too in the full setting (RecBole style)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random100 candidates")
+    parser.add_argument("--out", default=None, help="write the comparison as JSON here")
+    parser.set_defaults(func=cmd_compare)
+
+
 # ---- entry point --------------------------------------------------------------------
 
 Registrar = Callable[[argparse._SubParsersAction], None]
@@ -282,7 +351,14 @@ def registrars() -> list[Registrar]:
     from merging.cli import register as register_merging
     from serving.cli import register as register_serving
 
-    return [register_data, register_train, register_evaluate, register_merging, register_serving]
+    return [
+        register_data,
+        register_train,
+        register_evaluate,
+        register_compare,
+        register_merging,
+        register_serving,
+    ]
 
 
 def build_parser() -> argparse.ArgumentParser:
