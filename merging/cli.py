@@ -12,7 +12,71 @@ from pathlib import Path
 
 def register(commands: argparse._SubParsersAction) -> None:
     """Add every merging subcommand to the `fishrec` parser."""
+    register_export(commands)
     register_pipeline(commands)
+
+
+# ---- export ---------------------------------------------------------------------------
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from merging.export import export_bundle
+    from training.config import DataSpec
+    from training.sources import load_source
+
+    fields = {"run_id": args.run_id} if args.run_id else {}
+    manifest = export_bundle(
+        Path(args.checkpoint),
+        Path(args.out),
+        load_source(DataSpec(path=args.data)),
+        quantize=args.quantize,
+        full_scores=args.full_scores,
+        manifest_fields=fields,
+        parity_sequences=args.parity_sequences,
+    )
+    parity = manifest["onnx"]["parity"]
+    print(
+        f"{args.out}: run {manifest['run_id']}, opset {manifest['onnx']['opset']}, parity on "
+        f"{parity['sequences']} sequences: max abs diff {parity['max_abs_diff']:.2e}, "
+        f"top-k agreement {parity['topk_agreement']:.3f}"
+    )
+    if manifest["quantized"]:
+        print(f"int8 graph: NDCG@10 change {manifest['quantized']['ndcg@10_change']:+.4f}")
+
+
+def register_export(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "export",
+        help="export a checkpoint to ONNX as a model bundle (parity-checked against torch)",
+        description="Write model.onnx (inference path, history exclusion and top-k in the graph), "
+        "vocab.json, popular.json and manifest.json into a bundle folder. The export fails when "
+        "the graph's scores or top-k differ from torch on real histories of the data.",
+    )
+    parser.add_argument("--checkpoint", required=True, help="checkpoint or run folder")
+    parser.add_argument("--out", required=True, help="bundle folder (replaced as a whole)")
+    parser.add_argument(
+        "--data", required=True, help="the data the model was trained on (folder, file, synthetic)"
+    )
+    parser.add_argument(
+        "--quantize",
+        action="store_true",
+        help="also write model.int8.onnx (dynamic int8), with its parity and NDCG@10 change",
+    )
+    parser.add_argument(
+        "--full-scores",
+        action="store_true",
+        help="add the all_scores output (every item's score) to the graph",
+    )
+    parser.add_argument(
+        "--run-id", default=None, help="run id in the manifest (default: the name of --out)"
+    )
+    parser.add_argument(
+        "--parity-sequences",
+        type=int,
+        default=256,
+        help="how many real histories the parity check runs on",
+    )
+    parser.set_defaults(func=cmd_export)
 
 
 # ---- pipeline -------------------------------------------------------------------------
