@@ -12,8 +12,146 @@ from pathlib import Path
 
 def register(commands: argparse._SubParsersAction) -> None:
     """Add every merging subcommand to the `fishrec` parser."""
+    register_fisher(commands)
+    register_merge(commands)
     register_export(commands)
     register_pipeline(commands)
+
+
+# ---- fisher / merge -------------------------------------------------------------------
+
+
+def cmd_fisher(args: argparse.Namespace) -> None:
+    from merging.fisher import FisherConfig, checkpoint_fisher, save_fisher
+    from training.config import DataSpec
+    from training.sources import load_source
+
+    config = FisherConfig(
+        estimator=args.estimator,
+        num_sequences=args.num_sequences,
+        seed=args.seed,
+        batch_shortcut=args.batch_shortcut,
+        batch_size=args.batch_size,
+        engine=args.engine,
+    )
+    data = load_source(DataSpec(path=args.data))
+    result, metadata = checkpoint_fisher(Path(args.checkpoint), data, config, args.device)
+    save_fisher(Path(args.out), result.mean(), metadata)
+    mass = result.mean_dropped_mass
+    dropped = f", dropped eigenvalue mass {mass:.3g}" if mass else ""
+    print(f"{args.out}: Fisher {result.estimator} over {result.count} sequences{dropped}")
+
+
+def register_fisher(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "fisher",
+        help="diagonal Fisher information of a checkpoint (next-item distribution)",
+        description="Estimate the diagonal Fisher of p(next item | history) over training sequences, "
+        "in eval mode, whatever recipe trained the model. Estimators: exact[:r] (all items in D "
+        "VJPs; r keeps the top r eigenpairs), full (brute force), random:n, topk:n, sample:n, "
+        "target, empirical. Writes safetensors keyed by parameter name.",
+    )
+    parser.add_argument("--checkpoint", required=True, help="checkpoint or run folder")
+    parser.add_argument(
+        "--data", required=True, help="the data the model was trained on (folder, file, synthetic)"
+    )
+    parser.add_argument("--estimator", default="exact", help="name or name:n (default: exact)")
+    parser.add_argument(
+        "--num-sequences", type=int, default=None, help="seeded subset of training sequences"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the subset and the draws")
+    parser.add_argument(
+        "--batch-shortcut",
+        action="store_true",
+        help="APPROXIMATE: square batch-summed gradients instead of per-sequence ones",
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=64, help="sequences per batch (batch shortcut only)"
+    )
+    parser.add_argument(
+        "--engine",
+        choices=["auto", "structured", "autograd"],
+        default="auto",
+        help="per-sequence gradient engine (auto: the estimator's default)",
+    )
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
+    parser.add_argument("--out", required=True, help="Fisher file to write (.safetensors)")
+    parser.set_defaults(func=cmd_fisher)
+
+
+def cmd_merge(args: argparse.Namespace) -> None:
+    from merging.merge import MergeConfig, merge_checkpoints
+    from training.cli import collect_overrides, print_metrics
+    from training.config import DataSpec
+    from training.sources import load_source
+
+    config = MergeConfig(
+        method=args.method,
+        coefficients=args.coefficients,
+        fisher_floor=args.fisher_floor,
+        normalize_fishers=args.normalize_fishers,
+        search=args.search,
+        seed=args.seed,
+        finetune_epochs=args.finetune_epochs,
+        finetune_overrides=collect_overrides(args, {}),
+    )
+    data = load_source(DataSpec(path=args.data)) if args.data else None
+    fishers = [Path(p) for p in args.fishers] if args.fishers else None
+    result = merge_checkpoints(
+        [Path(p) for p in args.checkpoints], Path(args.out), config, fishers, data
+    )
+    merge = result.info["merge"]
+    coefficients = [round(c, 4) for c in merge["coefficients"]]
+    print(f"{result.path}: {merge['method']} merge, λ = {coefficients}")
+    if result.metrics:
+        print_metrics({"merged": result.metrics["model"]})
+
+
+def register_merge(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "merge",
+        help="merge checkpoints: uniform soup, greedy soup or Fisher-weighted",
+        description="Merge checkpoints of one architecture by parameter name into a checkpoint "
+        "folder. greedy, --search and --finetune-epochs need --data; fisher needs --fishers "
+        "(one per checkpoint, same order).",
+    )
+    parser.add_argument(
+        "--method", choices=["uniform", "greedy", "fisher"], default="fisher", help="merge method"
+    )
+    parser.add_argument("--checkpoints", nargs="+", required=True, help="checkpoint or run folders")
+    parser.add_argument("--fishers", nargs="+", default=None, help="Fisher files, one per input")
+    parser.add_argument(
+        "--data", default=None, help="training data: validation for greedy/search, fine-tune"
+    )
+    parser.add_argument(
+        "--coefficients", nargs="+", type=float, default=None, help="λ per input (default uniform)"
+    )
+    parser.add_argument(
+        "--search", action="store_true", help="choose λ by validation NDCG@10 (grid / Dirichlet)"
+    )
+    parser.add_argument(
+        "--fisher-floor", type=float, default=1e-6, help="lower bound on every Fisher value"
+    )
+    parser.add_argument(
+        "--normalize-fishers", action="store_true", help="divide each Fisher by its mean first"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the Dirichlet search")
+    parser.add_argument(
+        "--finetune-epochs",
+        type=int,
+        default=0,
+        help="post-merge fine-tune with the plain objective (e.g. 1); --out becomes a run folder",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="fine-tune config override by dotted path, e.g. --set train.lr=1e-4 (repeatable)",
+    )
+    parser.add_argument("--out", required=True, help="checkpoint folder to write")
+    parser.set_defaults(func=cmd_merge)
 
 
 # ---- export ---------------------------------------------------------------------------

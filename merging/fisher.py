@@ -57,9 +57,10 @@ from merging.fisher_exact import (
     structured_items,
 )
 from training.batching import pad_left
-from training.checkpoint import save_tensors
+from training.checkpoint import WEIGHTS, Checkpoint, read_manifest, save_tensors
+from training.data import SequenceData
 from training.model import SequenceRecommender
-from training.trainer import epoch_seed
+from training.trainer import epoch_seed, load_run_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -473,6 +474,45 @@ def fisher_metadata(result: FisherResult, **provenance: Any) -> dict[str, Any]:
     }
     meta.update(provenance)
     return meta
+
+
+def model_sha256(checkpoint: Checkpoint) -> str:
+    """sha256 of a loaded checkpoint's model.safetensors (from its verified manifest)."""
+    if checkpoint.path is None:
+        raise ValueError("the checkpoint was not loaded from a folder")
+    return read_manifest(checkpoint.path, verify=False)["files"][WEIGHTS]
+
+
+def checkpoint_fisher(
+    checkpoint: Path,
+    data: SequenceData,
+    config: FisherConfig | None = None,
+    device: str | torch.device = "cpu",
+) -> tuple[FisherResult, dict[str, Any]]:
+    """The Fisher of a checkpoint (or run folder) on its training data, with file metadata."""
+    config = config or FisherConfig()
+    loaded = load_run_checkpoint(Path(checkpoint), device)
+    trained_on = loaded.info.get("data_fingerprint")
+    if trained_on and trained_on != data.fingerprint:
+        raise ValueError(
+            f"{checkpoint} was trained on data {trained_on}, the given data is {data.fingerprint}"
+        )
+    if loaded.config.num_items != data.num_items:
+        raise ValueError(
+            f"{checkpoint} scores {loaded.config.num_items} items, the data has {data.num_items}"
+        )
+    ids, sequences = select_sequences(data.split().train, config.num_sequences, config.seed)
+    result = compute_fisher(loaded.model, sequences, config, ids)
+    metadata = fisher_metadata(
+        result,
+        checkpoint=str(loaded.path),
+        checkpoint_sha256=model_sha256(loaded),
+        recipe=loaded.info.get("recipe"),
+        data_fingerprint=data.fingerprint,
+        seed=config.seed,
+        config=config.model_dump(mode="json"),
+    )
+    return result, metadata
 
 
 def relative_error(estimate: dict[str, Tensor], reference: dict[str, Tensor]) -> float:

@@ -36,8 +36,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor
 
-from merging.fisher import FisherFile, check_same_keys, load_fisher
-from training.checkpoint import Checkpoint, read_manifest, write_checkpoint
+from merging.fisher import FisherFile, check_same_keys, load_fisher, model_sha256
+from training.checkpoint import Checkpoint, write_checkpoint
 from training.config import ExperimentConfig, set_dotted
 from training.data import SequenceData
 from training.evaluate import Evaluator
@@ -373,12 +373,6 @@ def check_architectures(checkpoints: Sequence[Checkpoint]) -> None:
             raise ValueError(
                 f"{ckpt.path} and {checkpoints[0].path} have different architectures: {differ}"
             )
-
-
-def model_sha256(checkpoint: Checkpoint) -> str:
-    """sha256 of the checkpoint's model.safetensors (from its verified manifest)."""
-    assert checkpoint.path is not None
-    return read_manifest(checkpoint.path, verify=False)["files"]["model.safetensors"]
 
 
 def _data_fingerprint(checkpoints: Sequence[Checkpoint], data: SequenceData | None) -> str | None:
