@@ -5,10 +5,11 @@
 #   docker build -f deploy/serving.Dockerfile -t fishrec-serve .      (from the repository root)
 #   docker run -p 8000:8000 -v "$PWD/artifacts:/artifacts:ro" fishrec-serve
 #
-# Settings come from FISHREC_* environment variables (serving/settings.py,
-# deploy/README.md). onnxruntime's thread count is FISHREC_INTRA_OP_THREADS;
-# unset, the service derives it from the container's CPU quota (cgroup), not
-# from the host's core count. Kubernetes sets it from limits.cpu.
+# The command is `fishrec serve`; its settings are FISHREC_* environment variables
+# (serving/settings.py, deploy/README.md): FISHREC_ARTIFACTS, FISHREC_HOST and
+# FISHREC_PORT are set below. onnxruntime's thread count is FISHREC_INTRA_OP_THREADS;
+# unset, the service derives it from the container's CPU quota (cgroup), not from
+# the host's core count. Kubernetes sets it from limits.cpu.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
@@ -42,13 +43,18 @@ RUN groupadd --system --gid 10001 fishrec \
     && useradd --system --uid 10001 --gid fishrec --no-create-home --home-dir /nonexistent \
        --shell /usr/sbin/nologin fishrec
 COPY --from=build /opt/venv /opt/venv
+# Where the service looks and listens: FISHREC_* settings, so that a deployment
+# changes them without touching the command (command-line flags would win over them).
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
-    PYTHONDONTWRITEBYTECODE=1
+    PYTHONDONTWRITEBYTECODE=1 \
+    FISHREC_ARTIFACTS=/artifacts \
+    FISHREC_HOST=0.0.0.0 \
+    FISHREC_PORT=8000
 USER 10001:10001
 WORKDIR /tmp
 EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=3s --start-period=20s --retries=3 \
-    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2)"]
+    CMD ["python", "-c", "import os, urllib.request as r; r.urlopen('http://127.0.0.1:%s/healthz' % os.environ['FISHREC_PORT'], timeout=2)"]
 ENTRYPOINT ["fishrec"]
-CMD ["serve", "--artifacts", "/artifacts", "--host", "0.0.0.0", "--port", "8000"]
+CMD ["serve"]

@@ -132,6 +132,17 @@ def image_command(instructions: list[Instruction]) -> list[str]:
     return parts["ENTRYPOINT"] + parts["CMD"]
 
 
+def healthcheck_command(instructions: list[Instruction]) -> list[str]:
+    args = next(i.args for i in final_stage(instructions) if i.keyword == "HEALTHCHECK")
+    return json.loads(args[args.index("CMD") + 3 :])
+
+
+def serving_setting(instructions: list[Instruction], name: str) -> str | None:
+    """A `fishrec serve` setting as the image gives it: its flag in the command, else FISHREC_<NAME>."""
+    flag = flag_value(image_command(instructions), f"--{name}")
+    return flag if flag is not None else image_env(instructions).get(f"FISHREC_{name.upper()}")
+
+
 def hadolint_binary() -> str | None:
     beside = Path(sys.executable).parent / "hadolint"
     return str(beside) if beside.exists() else shutil.which("hadolint")
@@ -188,15 +199,16 @@ def test_serving_image_layers_and_runtime() -> None:
     assert not any(
         i.keyword == "COPY" and i.args.startswith(("training/", "serving/")) for i in final
     )
-    health = next(i.args for i in final if i.keyword == "HEALTHCHECK")
+    health = healthcheck_command(instructions)
+    assert "/healthz" in " ".join(
+        health
+    )  # run for real in test_image_serving_command_reaches_readyz
     port = next(i.args for i in final if i.keyword == "EXPOSE")
-    assert f"127.0.0.1:{port}/healthz" in health
 
-    command = image_command(instructions)
-    assert command[:2] == ["fishrec", "serve"]
-    assert flag_value(command, "--artifacts") == "/artifacts"
-    assert flag_value(command, "--port") == port
-    assert flag_value(command, "--host") == "0.0.0.0"
+    assert image_command(instructions)[:2] == ["fishrec", "serve"]
+    assert serving_setting(instructions, "artifacts") == "/artifacts"
+    assert serving_setting(instructions, "port") == port
+    assert serving_setting(instructions, "host") == "0.0.0.0"
 
 
 def test_job_image_pins_the_project_ray_and_a_cpu_torch() -> None:
@@ -345,7 +357,7 @@ def test_serving_deployment_probes_threads_and_storage(target: str) -> None:
     assert "command" not in container and "args" not in container, "the image's command is used"
 
     instructions = parse_dockerfile(DOCKERFILES["serving"])
-    port = int(flag_value(image_command(instructions), "--port") or 0)
+    port = int(serving_setting(instructions, "port") or 0)
     (http,) = container["ports"]
     assert http["containerPort"] == port
     probes = {
@@ -367,7 +379,7 @@ def test_serving_deployment_probes_threads_and_storage(target: str) -> None:
     assert env["FISHREC_API_KEY"]["valueFrom"]["secretKeyRef"]["optional"] is True
 
     # The bundle comes from the artifact PVC, read-only, where the image looks for it.
-    artifacts = flag_value(image_command(instructions), "--artifacts")
+    artifacts = serving_setting(instructions, "artifacts")
     mount = next(m for m in container["volumeMounts"] if m["mountPath"] == artifacts)
     assert mount["readOnly"] is True
     volume = next(v for v in spec["volumes"] if v["name"] == mount["name"])
@@ -949,10 +961,12 @@ def site_command(argv: list[str], env: dict[str, str], root: Path, port: int) ->
     site = {"artifacts": str(root), "host": "127.0.0.1", "port": str(port)}
     argv = list(argv)
     for name, value in site.items():
+        variable = f"FISHREC_{name.upper()}"
+        assert f"--{name}" in argv or variable in env, f"the image does not set {name}"
         if f"--{name}" in argv:
             argv[argv.index(f"--{name}") + 1] = value
-        if f"FISHREC_{name.upper()}" in env:
-            env[f"FISHREC_{name.upper()}"] = value
+        if variable in env:
+            env[variable] = value
     return argv
 
 
@@ -998,26 +1012,32 @@ def test_image_serving_command_reaches_readyz(
     if reason:
         pytest.skip(reason)
     instructions = parse_dockerfile(DOCKERFILES["serving"])
-    env = {k: v for k, v in image_env(instructions).items() if k != "PATH"}
+    image = {k: v for k, v in image_env(instructions).items() if k != "PATH"}
     port = free_port()
     root = tmp_path / "artifacts"
-    argv = site_command(image_command(instructions), env, root, port)
+    argv = site_command(image_command(instructions), image, root, port)
     publish_bundle(root, trained_run, small_data_dir, "deploy-test")
-    argv[0] = str(Path(sys.executable).parent / argv[0])  # the image's PATH: its venv
+    # The image's PATH starts with its virtual environment: here, this interpreter's.
+    argv[0] = str(Path(sys.executable).parent / argv[0])
+    health = healthcheck_command(instructions)
+    health[0] = sys.executable
+    outside = {k: v for k, v in os.environ.items() if not k.startswith("FISHREC_")}
+    env = {**outside, **image}
     log = (tmp_path / "serve.log").open("wb")
-    process = subprocess.Popen(
-        argv, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT
-    )
+    process = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_ready(f"http://127.0.0.1:{port}/readyz", process, timeout_s=60)
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/model", timeout=5) as reply:
             assert "deploy-test" in reply.read().decode()
+        assert subprocess.run(health, env=env, capture_output=True, timeout=30).returncode == 0
     except AssertionError as err:
         raise AssertionError(f"{err}\n{(tmp_path / 'serve.log').read_text()[-3000:]}") from None
     finally:
         process.terminate()
         process.wait(timeout=30)
         log.close()
+    # The image's HEALTHCHECK notices a server that is gone.
+    assert subprocess.run(health, env=env, capture_output=True, timeout=30).returncode != 0
 
 
 # ---- opt-in: build and run the serving image with podman --------------------------------
@@ -1038,6 +1058,9 @@ def test_serving_image_builds_runs_and_gets_ready(
         pytest.skip("podman is not installed (see deploy/README.md, 'Building without Docker')")
     root = tmp_path / "artifacts"
     publish_bundle(root, trained_run, small_data_dir, "container-test")
+    # The image runs as uid 10001: the bind-mounted bundle must be world-readable.
+    for path in [root, *root.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
     port = free_port()
     result = subprocess.run(
         ["bash", str(DEPLOY / "podman-smoke.sh"), str(root), str(port)],
