@@ -33,7 +33,7 @@ from typing import Any
 import yaml
 
 from merging import tasks
-from merging.job_config import PipelineConfig, RecipeEntry
+from merging.job_config import PipelineConfig
 from merging.stages import StageError, StageOutput, StageRunner
 from merging.store import ArtifactStore
 from merging.tasks import TaskContext
@@ -198,7 +198,10 @@ class Pipeline:
         text = yaml.safe_dump(self.config.model_dump(mode="json"), sort_keys=True)
         relative = f"{self.work}/pipeline.yaml"
         if self.store.exists(relative) and self.store.read_text(relative) != text:
-            raise StageError("config", f"run {self.run_id} was started with another configuration; use a new --run-id")
+            raise StageError(
+                "config",
+                f"run {self.run_id} was started with another configuration; use a new --run-id",
+            )
         self.store.write_text(relative, text)
 
     def stage_data(self) -> dict[str, Any]:
@@ -209,13 +212,19 @@ class Pipeline:
             local = self.context.scratch("data-staging")
             data.save(local / "data")
             self.store.upload_folder(local / "data", f"{self.work}/data")
-            result = {"fingerprint": data.fingerprint, "num_users": data.num_users,
-                      "num_items": data.num_items, "num_interactions": data.num_interactions}
+            result = {
+                "fingerprint": data.fingerprint,
+                "num_users": data.num_users,
+                "num_items": data.num_items,
+                "num_interactions": data.num_interactions,
+            }
             return StageOutput(["data"], result)
 
         return self.runner.run("data", work)
 
-    def experiment_for(self, recipe: str, params: dict[str, Any], epochs: int, seed: int) -> dict[str, Any]:
+    def experiment_for(
+        self, recipe: str, params: dict[str, Any], epochs: int, seed: int
+    ) -> dict[str, Any]:
         values = self.config.experiment.model_dump(mode="json")
         values["recipe"] = {"name": recipe, "params": params}
         values["train"].update(epochs=epochs, seed=seed, progress=False, device=self._device())
@@ -224,7 +233,9 @@ class Pipeline:
     def _device(self) -> str:
         return "cuda" if self.config.resources.num_gpus > 0 else "cpu"
 
-    def training_stage(self, name: str, experiment: dict[str, Any], init: str | None) -> ParallelStage:
+    def training_stage(
+        self, name: str, experiment: dict[str, Any], init: str | None
+    ) -> ParallelStage:
         task = self.remote(tasks.train_model, f"train/{name}")
         return ParallelStage(
             name=f"train/{name}",
@@ -236,7 +247,9 @@ class Pipeline:
         if self.config.setting != "finetune":
             return
         train = self.config.experiment.train
-        experiment = self.experiment_for(self.config.experiment.model.backbone, {}, train.epochs, train.seed)
+        experiment = self.experiment_for(
+            self.config.experiment.model.backbone, {}, train.epochs, train.seed
+        )
         self.run_parallel([self.training_stage(BASE, experiment, None)])
 
     def stage_recipes(self) -> dict[str, dict[str, Any]]:
@@ -244,9 +257,258 @@ class Pipeline:
         init = f"models/{BASE}" if self.config.setting == "finetune" else None
         stages = []
         for position, entry in enumerate(self.config.recipes):
-            seed = entry.seed if entry.seed is not None else self.config.experiment.train.seed + position + 1
+            seed = (
+                entry.seed
+                if entry.seed is not None
+                else self.config.experiment.train.seed + position + 1
+            )
             epochs = entry.epochs if entry.epochs is not None else self.config.recipe_epochs
-            experiment = self.experiment_for(self.config.recipe_of(entry), entry.params, epochs, seed)
+            experiment = self.experiment_for(
+                self.config.recipe_of(entry), entry.params, epochs, seed
+            )
             stages.append(self.training_stage(entry.name, experiment, init))
         results = self.run_parallel(stages)
         return {entry.name: results[f"train/{entry.name}"] for entry in self.config.recipes}
+
+    def stage_fishers(self) -> dict[str, dict[str, Any]]:
+        """The Fisher of every recipe: Ray tasks over user shards, summed per recipe."""
+        from merging.fisher import FisherConfig, select_sequences
+
+        spec = self.config.fisher
+        fisher = FisherConfig(estimator=spec.estimator, seed=spec.seed).model_dump()
+        train = tasks.load_run_data(self.store.root, self.work).split().train
+        ids, _ = select_sequences(train, spec.num_sequences, spec.seed)
+        shards = tasks.shard(ids, spec.shards)
+        shard_task = self.remote(tasks.fisher_shard, "fisher")
+        stages = []
+        for entry in self.config.recipes:
+            name = entry.name
+
+            def submit(name: str = name) -> list[Any]:
+                return [
+                    shard_task.remote(self.context, name, f"models/{name}", part, fisher)
+                    for part in shards
+                ]
+
+            def finish(values: list[Any], name: str = name) -> StageOutput:
+                provenance = {"checkpoint": f"models/{name}", "estimator_config": fisher}
+                result = tasks.combine_fisher_shards(self.context, name, values, provenance)
+                return StageOutput([f"fisher/{name}.safetensors"], result)
+
+            stages.append(ParallelStage(f"fisher/{name}", submit, finish))
+        results = self.run_parallel(stages)
+        return {entry.name: results[f"fisher/{entry.name}"] for entry in self.config.recipes}
+
+    def stage_merges(self) -> dict[str, dict[str, Any]]:
+        """Every merge method of the config, as concurrent tasks (each evaluates its result)."""
+        spec = self.config.merge
+        names = [entry.name for entry in self.config.recipes]
+        models = [f"models/{name}" for name in names]
+        fishers = [f"fisher/{name}.safetensors" for name in names]
+        merge_task = self.remote(tasks.merge_models, "merge")
+        stages = []
+        for method in spec.methods:
+            options: dict[str, Any] = {
+                "finetune_epochs": spec.finetune_epochs,
+                "seed": self.config.experiment.train.seed,
+            }
+            if method == "fisher":
+                options.update(
+                    fisher_floor=spec.fisher_floor,
+                    normalize_fishers=spec.normalize_fishers,
+                    search=spec.search_coefficients,
+                    grid_points=max(2, spec.search_samples),
+                    dirichlet_samples=spec.search_samples,
+                )
+
+            def submit(method: str = method, options: dict[str, Any] = options) -> list[Any]:
+                inputs = fishers if method == "fisher" else None
+                return [merge_task.remote(self.context, method, models, inputs, options)]
+
+            def finish(values: list[Any], method: str = method) -> StageOutput:
+                return StageOutput([f"merged/{method}"], values[0])
+
+            stages.append(ParallelStage(f"merge/{method}", submit, finish))
+        results = self.run_parallel(stages)
+        return {method: results[f"merge/{method}"] for method in spec.methods}
+
+    def stage_metrics(
+        self, trained: dict[str, dict[str, Any]], merged: dict[str, dict[str, Any]]
+    ) -> dict[str, Any]:
+        """One table of every model (from training and merge results) plus MostPop."""
+
+        def work() -> StageOutput:
+            any_result = next(iter(trained.values()))
+            table = {name: result["metrics"]["model"] for name, result in trained.items()}
+            table.update(
+                {f"merged-{m}": result["metrics"]["model"] for m, result in merged.items()}
+            )
+            table["mostpop"] = any_result["metrics"]["mostpop"]
+            document = {"protocol": any_result["metrics"]["protocol"], "models": table}
+            self.store.write_text(
+                f"{self.work}/metrics.json", json.dumps(document, indent=2) + "\n"
+            )
+            return StageOutput(["metrics.json"], document)
+
+        return self.runner.run("metrics", work)
+
+    def published_model(self, metrics: dict[str, Any]) -> tuple[str, str]:
+        """(table name, store path) of the model to export."""
+        choice = self.config.merge.publish
+        if choice != "best":
+            if choice not in self.config.merge.methods:
+                raise StageError(
+                    "export", f"merge.publish is {choice!r} but merge.methods lacks it"
+                )
+            return f"merged-{choice}", f"merged/{choice}"
+        candidates = {k: v for k, v in metrics["models"].items() if k != "mostpop"}
+        best = max(candidates, key=lambda name: candidates[name]["valid"]["full"]["ndcg@10"])
+        return best, (
+            f"merged/{best.removeprefix('merged-')}"
+            if best.startswith("merged-")
+            else f"models/{best}"
+        )
+
+    def stage_export(self, model: str, fields: dict[str, Any]) -> dict[str, Any]:
+        export_task = self.remote(tasks.export_model, "export")
+        export = self.config.export.model_dump()
+        stage = ParallelStage(
+            "export",
+            submit=lambda: [export_task.remote(self.context, model, export, fields)],
+            finish=lambda values: StageOutput(["bundle"], values[0]),
+        )
+        return self.run_parallel([stage])["export"]
+
+    def stage_report(self, info: dict[str, Any]) -> dict[str, Any]:
+        report_task = self.remote(tasks.write_run_report, "report")
+        stage = ParallelStage(
+            "report",
+            submit=lambda: [report_task.remote(self.context, info)],
+            finish=lambda values: StageOutput(["report"], values[0]),
+        )
+        return self.run_parallel([stage])["report"]
+
+    def stage_publish(self) -> str:
+        """Bundle + report + metrics as runs/<run_id>/, verified, then LATEST (DESIGN §2)."""
+
+        def work() -> StageOutput:
+            relative = publish_bundle(
+                self.store, self.work, self.run_id, self.context.scratch("publish")
+            )
+            return StageOutput([], {"bundle": relative})
+
+        return self.runner.run("publish", work)["bundle"]
+
+    # ---- the whole job ---------------------------------------------------------------------
+
+    def run(self) -> PipelineResult:
+        self.save_config()
+        data = self.stage_data()
+        self.stage_base()
+        trained = self.stage_recipes()
+        base_result = self._base_result()
+        fishers = self.stage_fishers()
+        merged = self.stage_merges()
+        everything = {**({BASE: base_result} if base_result else {}), **trained}
+        metrics = self.stage_metrics(everything, merged)
+        label, model = self.published_model(metrics)
+        merge_info = {
+            "published": label,
+            "methods": {m: {"coefficients": r["coefficients"]} for m, r in merged.items()},
+            "estimator": self.config.fisher.estimator,
+            "fisher_sequences": {n: r["sequences"] for n, r in fishers.items()},
+        }
+        fields = {
+            "run_id": self.run_id,
+            "recipes": [
+                {"name": e.name, "recipe": self.config.recipe_of(e), "params": e.params}
+                for e in self.config.recipes
+            ],
+            "merge": merge_info,
+            "metrics": metrics["models"][label],
+        }
+        self.stage_export(model, fields)
+        self.stage_report(self._report_info(data, metrics, label, model, merged))
+        bundle = self.stage_publish()
+        return PipelineResult(self.run_id, bundle, metrics, dict(self.stage_seconds))
+
+    def _base_result(self) -> dict[str, Any] | None:
+        done = self.runner.completed(f"train/{BASE}")
+        return done["result"] if done else None
+
+    def _report_info(
+        self,
+        data: dict[str, Any],
+        metrics: dict[str, Any],
+        label: str,
+        model: str,
+        merged: dict[str, Any],
+    ) -> dict[str, Any]:
+        names = [entry.name for entry in self.config.recipes]
+        trained = {n: f"models/{n}" for n in names}
+        if self.config.setting == "finetune":
+            trained = {BASE: f"models/{BASE}", **trained}
+        return {
+            "run_id": self.run_id,
+            "summary": {
+                "data": f"{self.config.experiment.data.path} ({data['num_users']} users, {data['num_items']} items, "
+                f"{data['num_interactions']} interactions, {data['fingerprint'][:19]}...)",
+                "backbone": self.config.experiment.model.backbone,
+                "setting": self.config.setting,
+                "Fisher estimator": self.config.fisher.estimator,
+                "published model": label,
+            },
+            "metrics": metrics["models"],
+            "trained": trained,
+            "recipes": names,
+            "fishers": {n: f"fisher/{n}.safetensors" for n in names},
+            "merged": {f"merged-{m}": f"merged/{m}" for m in merged},
+            "published_model": model,
+            "stage_seconds": dict(self.stage_seconds),
+        }
+
+
+def publish_bundle(store: ArtifactStore, work: str, run_id: str, scratch: Path) -> str:
+    """Assemble, verify and publish runs/<run_id>/, then point LATEST at it.
+
+    LATEST moves only after the published folder verifies, so a reader of
+    LATEST always finds a complete bundle.
+    """
+    import shutil
+
+    from merging.bundle import verify_bundle, write_manifest
+
+    staging = scratch / run_id
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(store.download_folder(f"{work}/bundle", scratch / "in-bundle"), staging)
+    report = store.download_folder(f"{work}/report", scratch / "in-report")
+    shutil.copytree(report, staging, dirs_exist_ok=True)
+    (staging / "metrics.json").write_text(store.read_text(f"{work}/metrics.json"))
+    manifest = json.loads((staging / "manifest.json").read_text())
+    write_manifest(
+        staging, {k: v for k, v in manifest.items() if k not in ("schema", "files", "created")}
+    )
+    verify_bundle(staging)
+    relative = f"runs/{run_id}"
+    store.upload_folder(staging, relative)
+    verify_bundle(store.download_folder(relative, scratch / "check"))
+    store.write_text(LATEST, run_id + "\n")
+    log.info("published %s and pointed %s at it", relative, LATEST)
+    return relative
+
+
+def load_pipeline_config(path: Path | None, overrides: list[str]) -> PipelineConfig:
+    from training.config import load_config, parse_override
+
+    return load_config(PipelineConfig, path, dict(parse_override(text) for text in overrides))
+
+
+def run_pipeline(
+    config: PipelineConfig, artifacts: str, address: str | None = None, run_id: str | None = None
+) -> PipelineResult:
+    """Run (or resume, given the run id of an earlier attempt) the merge job."""
+    store = ArtifactStore(artifacts)
+    pipeline = Pipeline(config, store, run_id or new_run_id())
+    log.info("run %s, artifacts %s", pipeline.run_id, store.root)
+    with ray_session(address, config.num_cpus):
+        return pipeline.run()

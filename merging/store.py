@@ -97,6 +97,19 @@ class ArtifactStore:
         self.remove(relative)
         self.fs.put(str(local), target, recursive=True)
 
+    def upload_file(self, local: Path, relative: str) -> None:
+        """Copy one local file to `relative`, replacing it in one step."""
+        target = self.path(relative)
+        self.fs.makedirs(str(PurePosixPath(target).parent), exist_ok=True)
+        if self.local:
+            if Path(local).resolve() == Path(target).resolve():
+                return
+            staging = f"{target}.{uuid.uuid4().hex}.tmp"
+            shutil.copy2(local, staging)
+            os.replace(staging, target)
+        else:
+            self.fs.put_file(str(local), target)
+
     def download_folder(self, relative: str, local: Path) -> Path:
         """A local copy of the folder `relative` (local stores: the folder itself)."""
         if self.local:

@@ -15,6 +15,7 @@ crashes, Ray's retry succeeds.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import shutil
@@ -139,19 +140,142 @@ def evaluate_model(
     return Evaluator(data.split(), seed=eval_seed).metrics_document(checkpoint.model)
 
 
-def sequences_for_fisher(
-    num_sequences: int | None, seed: int, store_root: str, work: str
-) -> list[int]:
-    """Seeded rows of the training split that the Fisher averages over."""
-    data = load_run_data(store_root, work)
-    rows = [i for i, seq in enumerate(data.split().train) if len(seq) >= 2]
-    if num_sequences is not None and num_sequences < len(rows):
-        rng = np.random.default_rng(seed)
-        rows = sorted(rng.choice(rows, size=num_sequences, replace=False).tolist())
-    return rows
-
-
 def shard(rows: list[int], shards: int) -> list[list[int]]:
     """Contiguous slices of `rows` (users), as even as possible; never an empty one."""
     parts = np.array_split(np.asarray(rows, dtype=np.int64), max(1, min(shards, len(rows))))
     return [part.tolist() for part in parts if len(part)]
+
+
+# ---- Fisher --------------------------------------------------------------------------
+
+
+def fisher_shard(
+    context: TaskContext, name: str, model: str, ids: list[int], fisher: dict[str, Any]
+) -> dict[str, Any]:
+    """Fisher sums of one model over one shard of training sequences (global ids)."""
+    from merging.fisher import FisherConfig, compute_fisher
+    from training.trainer import load_run_checkpoint
+
+    start_task(context, f"fisher/{name}")
+    data = load_run_data(context.store_root, context.work)
+    train = data.split().train
+    checkpoint = load_run_checkpoint(local_checkpoint(context, model), context.device)
+    result = compute_fisher(
+        checkpoint.model, [train[i] for i in ids], FisherConfig(**fisher), ids=ids
+    )
+    # numpy arrays travel through Ray's object store without copies.
+    return {
+        "sums": {k: v.cpu().numpy() for k, v in result.sums.items()},
+        "count": result.count,
+        "estimator": result.estimator,
+        "batch_shortcut": result.batch_shortcut,
+        "dropped_mass": result.dropped_mass,
+    }
+
+
+def combine_fisher_shards(
+    context: TaskContext, name: str, shards: list[dict[str, Any]], provenance: dict[str, Any]
+) -> dict[str, Any]:
+    """Sum shard results, average, and save `fisher/<name>.safetensors` in the store."""
+    import torch
+
+    from merging.fisher import FisherResult, fisher_metadata, save_fisher
+
+    total = sum(
+        FisherResult(
+            {k: torch.from_numpy(v) for k, v in s["sums"].items()},
+            s["count"],
+            s["estimator"],
+            s["batch_shortcut"],
+            s["dropped_mass"],
+        )
+        for s in shards
+    )
+    local = context.scratch("fisher") / f"{name}.safetensors"
+    save_fisher(
+        local, total.mean(), fisher_metadata(total, model=name, shards=len(shards), **provenance)
+    )
+    context.store.upload_file(local, f"{context.work}/fisher/{name}.safetensors")
+    return {"sequences": total.count, "dropped_eigenvalue_mass": total.mean_dropped_mass}
+
+
+# ---- merge, export, report -------------------------------------------------------------
+
+
+def merge_models(
+    context: TaskContext, method: str, models: list[str], fishers: list[str] | None, merge: dict[str, Any]
+) -> dict[str, Any]:
+    """Merge checkpoints of the store into `merged/<method>` (evaluated on valid and test)."""
+    from merging.merge import MergeConfig, merge_checkpoints
+
+    start_task(context, f"merge/{method}")
+    data = load_run_data(context.store_root, context.work)
+    inputs = [local_checkpoint(context, m) for m in models]
+    fisher_paths = [local_file(context, f) for f in fishers] if fishers else None
+    out = context.scratch(f"merged/{method}")
+    shutil.rmtree(out, ignore_errors=True)
+    result = merge_checkpoints(inputs, out, MergeConfig(method=method, **merge), fisher_paths, data)
+    context.store.upload_folder(out, f"{context.work}/merged/{method}")
+    return {"method": method, "coefficients": result.info["merge"]["coefficients"], "metrics": result.metrics}
+
+
+def local_file(context: TaskContext, relative: str) -> Path:
+    """A local copy of one file of the store."""
+    store = context.store
+    if store.local:
+        return store.local_path(f"{context.work}/{relative}")
+    local = context.scratch("in") / relative
+    local.parent.mkdir(parents=True, exist_ok=True)
+    store.fs.get_file(store.path(f"{context.work}/{relative}"), str(local))
+    return local
+
+
+def export_model(context: TaskContext, model: str, export: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any]:
+    """Export a checkpoint of the store as the run's bundle into `bundle/` (parity-checked)."""
+    from merging.export import export_bundle
+
+    start_task(context, "export")
+    data = load_run_data(context.store_root, context.work)
+    out = context.scratch("bundle") / fields["run_id"]
+    manifest = export_bundle(local_checkpoint(context, model), out, data, manifest_fields=fields, **export)
+    context.store.upload_folder(out, f"{context.work}/bundle")
+    return {"onnx": manifest["onnx"], "quantized": manifest.get("quantized")}
+
+
+def write_run_report(context: TaskContext, info: dict[str, Any]) -> dict[str, Any]:
+    """report.md and plots/ of the run into `report/`."""
+    from merging.fisher import load_fisher
+    from merging.report import write_report
+    from training.batching import pad_left
+    from training.trainer import load_run_checkpoint
+
+    start_task(context, "report")
+    data = load_run_data(context.store_root, context.work)
+
+    def weights(relative: str) -> dict[str, Any]:
+        return load_run_checkpoint(local_checkpoint(context, relative)).model.state_dict()
+
+    histories = {}
+    for name, relative in info["trained"].items():
+        folder = local_checkpoint(context, relative)
+        histories[name] = json.loads((folder / "history.json").read_text())
+    published = load_run_checkpoint(local_checkpoint(context, info["published_model"])).model
+    test = data.split().test
+    rows = np.linspace(0, len(test) - 1, num=min(5, len(test))).astype(int)
+    out = context.scratch("report-out")
+    shutil.rmtree(out, ignore_errors=True)
+    write_report(
+        out,
+        title=f"fishrec run {info['run_id']}",
+        summary=info["summary"],
+        metrics=info["metrics"],
+        histories=histories,
+        fishers={n: load_fisher(local_file(context, f)).tensors for n, f in info["fishers"].items()},
+        recipe_weights={n: weights(f"models/{n}") for n in info["recipes"]},
+        merged_weights={n: weights(r) for n, r in info["merged"].items()},
+        published=published,
+        sample_histories=pad_left([test.histories[i] for i in rows], published.config.max_len),
+        stage_seconds=info["stage_seconds"],
+    )
+    context.store.upload_folder(out, f"{context.work}/report")
+    return {"report": "report/report.md"}
