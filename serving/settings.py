@@ -100,5 +100,11 @@ class Settings(BaseSettings):
     def _plain_run_id(cls, value: str | None) -> str | None:
         return None if value is None else check_run_id(value)
 
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _empty_key_is_none(cls, value: object) -> object:
+        # FISHREC_API_KEY= (set but empty, as compose files do) means no key, not the empty key.
+        return None if value in ("", None) else value
+
     def api_key_value(self) -> str | None:
         return None if self.api_key is None else self.api_key.get_secret_value()

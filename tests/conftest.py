@@ -31,3 +31,25 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory, small_data: SequenceDa
     run = tmp_path_factory.mktemp("runs") / "sasrec"
     train(tiny_experiment(train__epochs=4), small_data, run)
     return run
+
+
+@pytest.fixture(scope="session")
+def serving_bundle(
+    tmp_path_factory: pytest.TempPathFactory, trained_run: Path, small_data: SequenceData
+) -> Path:
+    """The trained tiny model exported as a bundle folder (tests publish copies of it)."""
+    from merging.export import export_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "b1"
+    export_bundle(trained_run, out, small_data, parity_sequences=32)
+    return out
+
+
+@pytest.fixture(scope="session")
+def ray_local():  # type: ignore[no-untyped-def]
+    """One local Ray instance for the whole test session (stopped at the end)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()

@@ -1,0 +1,245 @@
+"""Model lifecycle of the service: readiness, hot reload under load, refusals, overload, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.serving_support import (
+    AUTH,
+    LiveServer,
+    corrupt,
+    point_latest,
+    publish,
+    server_settings,
+    wait_for,
+)
+
+
+def ready_version(client: httpx.Client) -> str | None:
+    response = client.get("/readyz")
+    return response.json()["model_version"] if response.status_code == 200 else None
+
+
+def metric(client: httpx.Client, name: str) -> float:
+    """The value of one sample line of /metrics (0 when absent)."""
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_not_ready_until_a_bundle_is_published(tmp_path: Path, serving_bundle: Path) -> None:
+    with (
+        LiveServer(server_settings(tmp_path)) as live,
+        httpx.Client(base_url=live.url, headers=AUTH) as client,
+    ):
+        assert client.get("/healthz").status_code == 200
+        readiness = client.get("/readyz")
+        assert readiness.status_code == 503 and readiness.json()["ready"] is False
+        assert "LATEST" in readiness.json()["reason"]
+        early = client.post("/v1/recommendations", json={"items": []})
+        assert early.status_code == 503 and early.json()["error"] == "not_ready"
+        assert early.headers["retry-after"]
+
+        publish(tmp_path, serving_bundle, "r1")
+        wait_for(lambda: ready_version(client) == "r1", what="the first bundle")
+        assert client.post("/v1/recommendations", json={"items": []}).status_code == 200
+
+
+async def load(url: str, stop: asyncio.Event, workers: int) -> list[tuple[int, str | None]]:
+    """Requests from `workers` concurrent clients until `stop`: (status, model_version) each."""
+    outcomes: list[tuple[int, str | None]] = []
+
+    async def worker(i: int) -> None:
+        async with httpx.AsyncClient(base_url=url, headers=AUTH, timeout=10) as client:
+            while not stop.is_set():
+                if i % 2:
+                    body = {"requests": [{"items": ["i3", "i7"], "k": 5}, {"items": ["i9"]}]}
+                    response = await client.post("/v1/recommendations:batch", json=body)
+                    versions = {r["model_version"] for r in response.json().get("results", [])}
+                    if response.status_code == 200:
+                        assert versions == {response.json()["model_version"]}  # one model per batch
+                else:
+                    response = await client.post(
+                        "/v1/recommendations", json={"items": ["i3", "i7"]}
+                    )
+                outcomes.append((response.status_code, response.json().get("model_version")))
+
+    await asyncio.gather(*(worker(i) for i in range(workers)))
+    return outcomes
+
+
+def test_hot_reload_under_load_fails_no_request(tmp_path: Path, serving_bundle: Path) -> None:
+    publish(tmp_path, serving_bundle, "r1")
+    settings = server_settings(tmp_path, max_wait_ms=5.0)  # requests sit in the queue during swaps
+    with LiveServer(settings) as live, httpx.Client(base_url=live.url, headers=AUTH) as client:
+        wait_for(lambda: ready_version(client) == "r1", what="r1")
+
+        async def scenario() -> list[tuple[int, str | None]]:
+            stop = asyncio.Event()
+            traffic = asyncio.create_task(load(live.url, stop, workers=8))
+            await asyncio.sleep(0.3)
+            publish(tmp_path, serving_bundle, "r2")  # picked up by the watcher
+            await asyncio.to_thread(wait_for, lambda: ready_version(client) == "r2", 10.0, "r2")
+            await asyncio.sleep(0.3)
+            publish(tmp_path, serving_bundle, "r3", latest=False)  # loaded on request
+            reload = await asyncio.to_thread(client.post, "/v1/admin/reload", json={"run_id": "r3"})
+            assert reload.json() == {
+                "changed": True,
+                "model_version": "r3",
+                "previous_version": "r2",
+            }
+            await asyncio.sleep(0.3)
+            stop.set()
+            return await traffic
+
+        outcomes = asyncio.run(scenario())
+        failures = [outcome for outcome in outcomes if outcome[0] != 200]
+        assert not failures and len(outcomes) > 50
+        assert {version for _, version in outcomes} == {"r1", "r2", "r3"}
+        assert metric(client, 'fishrec_model_reloads_total{result="success"}') == 3
+        assert metric(client, 'fishrec_model_info{version="r3"}') == 1
+        assert 'version="r1"' not in client.get("/metrics").text
+        # The watcher is edge-triggered: LATEST still names r2, but the rollout to r3 stays.
+        time.sleep(0.3)
+        assert ready_version(client) == "r3"
+
+
+def test_bad_bundles_are_refused_and_the_old_one_keeps_serving(
+    tmp_path: Path, serving_bundle: Path
+) -> None:
+    publish(tmp_path, serving_bundle, "r1")
+    with (
+        LiveServer(server_settings(tmp_path)) as live,
+        httpx.Client(base_url=live.url, headers=AUTH) as client,
+    ):
+        wait_for(lambda: ready_version(client) == "r1", what="r1")
+        corrupt(publish(tmp_path, serving_bundle, "r2", latest=False))
+        point_latest(tmp_path, "r2")
+        failures = 'fishrec_model_reloads_total{result="failure"}'
+        wait_for(lambda: metric(client, failures) >= 1, what="the watcher to refuse r2")
+        assert ready_version(client) == "r1"
+        answer = client.post("/v1/recommendations", json={"items": ["i3"]})
+        assert answer.status_code == 200 and answer.json()["model_version"] == "r1"
+
+        refused = client.post("/v1/admin/reload")
+        assert refused.status_code == 409 and "sha256 mismatch" in refused.json()["message"]
+
+        newer = publish(tmp_path, serving_bundle, "r3", latest=False)
+        manifest = json.loads((newer / "manifest.json").read_text())
+        (newer / "manifest.json").write_text(json.dumps({**manifest, "schema": "fishrec.bundle/2"}))
+        incompatible = client.post("/v1/admin/reload", json={"run_id": "r3"})
+        assert (
+            incompatible.status_code == 409 and "major version 2" in incompatible.json()["message"]
+        )
+        assert ready_version(client) == "r1"
+
+        publish(tmp_path, serving_bundle, "r4")
+        wait_for(lambda: ready_version(client) == "r4", what="a good bundle after bad ones")
+
+
+def test_overload_gets_a_fast_503_and_recovers(tmp_path: Path, serving_bundle: Path) -> None:
+    publish(tmp_path, serving_bundle, "r1")
+    # Rows wait up to 300 ms for a batch of 64: the first 4 fill the queue, the rest overflow it.
+    settings = server_settings(tmp_path, max_queue=4, max_batch_size=64, max_wait_ms=300.0)
+    with LiveServer(settings) as live, httpx.Client(base_url=live.url, headers=AUTH) as client:
+        wait_for(lambda: ready_version(client) == "r1", what="r1")
+
+        def timed_request(_: int) -> tuple[httpx.Response, float]:
+            started = time.perf_counter()
+            response = client.post("/v1/recommendations", json={"items": ["i3"]})
+            return response, time.perf_counter() - started
+
+        with ThreadPoolExecutor(16) as pool:
+            results = list(pool.map(timed_request, range(16)))
+        accepted = [seconds for response, seconds in results if response.status_code == 200]
+        rejected = [(r, seconds) for r, seconds in results if r.status_code == 503]
+        assert len(accepted) + len(rejected) == 16 and 1 <= len(accepted) <= 4 + 4
+        assert len(rejected) >= 8
+        for response, seconds in rejected:
+            assert (
+                response.json()["error"] == "overloaded" and response.headers["retry-after"] == "1"
+            )
+            assert seconds < 0.25  # refused at once, not after waiting in the queue
+        assert metric(client, "fishrec_overload_rejections_total") == len(rejected)
+        # Recovery: the queue drained, requests are served again.
+        for _ in range(3):
+            assert client.post("/v1/recommendations", json={"items": ["i3"]}).status_code == 200
+
+
+def test_cli_server_drains_in_flight_requests_on_sigterm(
+    tmp_path: Path, serving_bundle: Path
+) -> None:
+    publish(tmp_path, serving_bundle, "r1")
+    env = {
+        **os.environ,
+        "FISHREC_API_KEY": "cli-key",
+        "FISHREC_MAX_WAIT_MS": "500",  # in-flight requests wait in the batcher when SIGTERM comes
+        "FISHREC_INTRA_OP_THREADS": "1",
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "training.cli",
+        "serve",
+        "--artifacts",
+        str(tmp_path),
+        "--port",
+        "0",
+    ]
+    process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        url = server_url(process)
+        headers = {"X-API-Key": "cli-key"}
+        wait_for(lambda: httpx.get(f"{url}/readyz").status_code == 200, what="the CLI server")
+
+        def request(_: int) -> httpx.Response:
+            return httpx.post(f"{url}/v1/recommendations", json={"items": ["i3"]}, headers=headers)
+
+        with ThreadPoolExecutor(6) as pool:
+            pending = [pool.submit(request, i) for i in range(6)]
+            time.sleep(0.2)
+            process.send_signal(signal.SIGTERM)
+            responses = [future.result(timeout=20) for future in pending]
+        assert [r.status_code for r in responses] == [200] * 6
+        # uvicorn re-raises the signal once shutdown is complete: killed by SIGTERM, after draining.
+        assert process.wait(timeout=20) in (0, -signal.SIGTERM)
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{url}/healthz")
+        logs = [
+            json.loads(line) for line in process.stderr.read().splitlines() if line.startswith("{")
+        ]
+        access = [entry for entry in logs if entry["logger"] == "fishrec.access"]
+        request_ids = {entry["request_id"] for entry in access}
+        assert {r.headers["x-request-id"] for r in responses} <= request_ids
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def server_url(process: subprocess.Popen[Any]) -> str:
+    """The address the server logs once it listens (it was started on port 0)."""
+    assert process.stderr is not None
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        line = process.stderr.readline()
+        match = re.search(r"Uvicorn running on (http://[\d.]+:\d+)", line)
+        if match:
+            return match.group(1)
+        if not line and process.poll() is not None:
+            break
+    raise AssertionError("the server did not start")
