@@ -31,8 +31,11 @@ RUN python requirements.py pyproject.toml serve > requirements.txt \
 COPY training/ training/
 COPY merging/ merging/
 COPY serving/ serving/
+# Then: refuse an environment where torch or ray slipped in, and drop the
+# installers (~25 MB the service never uses).
 RUN pip install --no-deps . \
-    && python -c "import importlib.util as u, sys; heavy = [m for m in ('torch', 'ray') if u.find_spec(m)]; sys.exit(f'serving image must not contain {heavy}' if heavy else 0)"
+    && python -c "import importlib.util as u, sys; heavy = [m for m in ('torch', 'ray') if u.find_spec(m)]; sys.exit(f'serving image must not contain {heavy}' if heavy else 0)" \
+    && python -m pip uninstall --yes --quiet pip setuptools
 
 # ---- runtime: the virtual environment only, run as an unprivileged user ----
 FROM ${PYTHON_IMAGE} AS runtime
