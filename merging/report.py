@@ -51,10 +51,14 @@ def fisher_per_layer(fisher: Mapping[str, Tensor]) -> dict[str, float]:
 
 def flat_weights(state: Mapping[str, Tensor]) -> Tensor:
     """All floating-point parameters as one vector, in name order."""
-    return torch.cat([state[k].double().flatten() for k in sorted(state) if state[k].is_floating_point()])
+    return torch.cat(
+        [state[k].double().flatten() for k in sorted(state) if state[k].is_floating_point()]
+    )
 
 
-def project_on_plane(anchors: Sequence[Tensor], points: Mapping[str, Tensor]) -> dict[str, tuple[float, float]]:
+def project_on_plane(
+    anchors: Sequence[Tensor], points: Mapping[str, Tensor]
+) -> dict[str, tuple[float, float]]:
     """2-D coordinates of `points` in the plane through three `anchors` (Gram-Schmidt basis)."""
     origin, second, third = anchors
     u = second - origin
@@ -86,8 +90,12 @@ def plot_fisher_layers(fishers: Mapping[str, Mapping[str, Tensor]], path: Path) 
     width = 0.8 / max(1, len(per_recipe))
     for i, (name, values) in enumerate(per_recipe.items()):
         xs = [j + i * width for j in range(len(layers))]
-        ax.bar(xs, [max(values.get(layer, 0.0), 1e-30) for layer in layers], width=width, label=name)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(layers))], layers, rotation=30, ha="right")
+        ax.bar(
+            xs, [max(values.get(layer, 0.0), 1e-30) for layer in layers], width=width, label=name
+        )
+    ax.set_xticks(
+        [j + 0.4 - width / 2 for j in range(len(layers))], layers, rotation=30, ha="right"
+    )
     ax.set(yscale="log", ylabel="mean diagonal Fisher", title="Fisher information per layer")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -96,7 +104,9 @@ def plot_fisher_layers(fishers: Mapping[str, Mapping[str, Tensor]], path: Path) 
 
 
 def plot_weight_plane(
-    anchors: Mapping[str, Mapping[str, Tensor]], others: Mapping[str, Mapping[str, Tensor]], path: Path
+    anchors: Mapping[str, Mapping[str, Tensor]],
+    others: Mapping[str, Mapping[str, Tensor]],
+    path: Path,
 ) -> None:
     """Thesis Fig. 4.5: recipes (anchors) and merged models on the anchors' plane."""
     names = list(anchors)
@@ -107,7 +117,11 @@ def plot_weight_plane(
         marker, color = ("o", "tab:blue") if name in anchors else ("*", "tab:red")
         ax.scatter([x], [y], marker=marker, s=90 if marker == "*" else 50, color=color)
         ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=9)
-    ax.set(title="Weights on the plane of the three best recipes", xlabel="direction 1", ylabel="direction 2")
+    ax.set(
+        title="Weights on the plane of the three best recipes",
+        xlabel="direction 1",
+        ylabel="direction 2",
+    )
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -122,8 +136,13 @@ def plot_sorted_probabilities(model: SequenceRecommender, histories: Tensor, pat
     for row, values in enumerate(probabilities):
         ranked = values.sort(descending=True).values
         ax.plot(torch.arange(1, len(ranked) + 1), ranked, label=f"sequence {row + 1}")
-    ax.set(xscale="log", yscale="log", xlabel="item rank", ylabel="p(item | sequence)",
-           title="Sorted next-item probabilities")
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="item rank",
+        ylabel="p(item | sequence)",
+        title="Sorted next-item probabilities",
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -137,8 +156,10 @@ def metrics_section(metrics: Mapping[str, Mapping[str, Any]], exclude_seen: bool
         rows = {name: doc[part] for name, doc in metrics.items()}
         lines += [f"### {part}", "", format_table(rows), ""]
     note = "excluded" if exclude_seen else "ranked"
-    lines.append(f"Settings: {', '.join(SETTINGS)}; history items {note} in `full`; "
-                 "ties counted by their expectation under a random order.")
+    lines.append(
+        f"Settings: {', '.join(SETTINGS)}; history items {note} in `full`; "
+        "ties counted by their expectation under a random order."
+    )
     return "\n".join(lines)
 
 
@@ -165,21 +186,47 @@ def write_report(
     sections += ["", "## Metrics", "", metrics_section(metrics, exclude_seen), ""]
 
     plot_validation_curves(histories, plots / "validation_curves.png")
-    sections += ["## Validation curves", "", f"![validation curves]({PLOTS}/validation_curves.png)", ""]
+    sections += [
+        "## Validation curves",
+        "",
+        f"![validation curves]({PLOTS}/validation_curves.png)",
+        "",
+    ]
     if fishers:
         plot_fisher_layers(fishers, plots / "fisher_per_layer.png")
-        sections += ["## Fisher information per layer", "", f"![Fisher per layer]({PLOTS}/fisher_per_layer.png)", ""]
+        sections += [
+            "## Fisher information per layer",
+            "",
+            f"![Fisher per layer]({PLOTS}/fisher_per_layer.png)",
+            "",
+        ]
     best = sorted(recipe_weights, key=lambda n: -metrics[n]["valid"]["full"]["ndcg@10"])[:3]
     if len(best) == 3:
-        plot_weight_plane({n: recipe_weights[n] for n in best}, merged_weights, plots / "weight_plane.png")
-        sections += ["## Weights of recipes and merged models (thesis Fig. 4.5)", "",
-                     f"Plane through the three best recipes on validation: {', '.join(best)}.", "",
-                     f"![weight plane]({PLOTS}/weight_plane.png)", ""]
+        plot_weight_plane(
+            {n: recipe_weights[n] for n in best}, merged_weights, plots / "weight_plane.png"
+        )
+        sections += [
+            "## Weights of recipes and merged models (thesis Fig. 4.5)",
+            "",
+            f"Plane through the three best recipes on validation: {', '.join(best)}.",
+            "",
+            f"![weight plane]({PLOTS}/weight_plane.png)",
+            "",
+        ]
     else:
-        sections += ["## Weights of recipes and merged models", "", "Needs three recipes; this run has fewer.", ""]
+        sections += [
+            "## Weights of recipes and merged models",
+            "",
+            "Needs three recipes; this run has fewer.",
+            "",
+        ]
     plot_sorted_probabilities(published, sample_histories, plots / "sorted_probabilities.png")
-    sections += ["## Next-item probabilities of the published model (thesis Fig. 4.6)", "",
-                 f"![sorted probabilities]({PLOTS}/sorted_probabilities.png)", ""]
+    sections += [
+        "## Next-item probabilities of the published model (thesis Fig. 4.6)",
+        "",
+        f"![sorted probabilities]({PLOTS}/sorted_probabilities.png)",
+        "",
+    ]
     sections += ["## Stage times", "", "| stage | seconds |", "|---|---|"]
     sections += [f"| {stage} | {seconds:.1f} |" for stage, seconds in stage_seconds.items()]
     report = out / "report.md"

@@ -203,7 +203,11 @@ def combine_fisher_shards(
 
 
 def merge_models(
-    context: TaskContext, method: str, models: list[str], fishers: list[str] | None, merge: dict[str, Any]
+    context: TaskContext,
+    method: str,
+    models: list[str],
+    fishers: list[str] | None,
+    merge: dict[str, Any],
 ) -> dict[str, Any]:
     """Merge checkpoints of the store into `merged/<method>` (evaluated on valid and test)."""
     from merging.merge import MergeConfig, merge_checkpoints
@@ -216,7 +220,11 @@ def merge_models(
     shutil.rmtree(out, ignore_errors=True)
     result = merge_checkpoints(inputs, out, MergeConfig(method=method, **merge), fisher_paths, data)
     context.store.upload_folder(out, f"{context.work}/merged/{method}")
-    return {"method": method, "coefficients": result.info["merge"]["coefficients"], "metrics": result.metrics}
+    return {
+        "method": method,
+        "coefficients": result.info["merge"]["coefficients"],
+        "metrics": result.metrics,
+    }
 
 
 def local_file(context: TaskContext, relative: str) -> Path:
@@ -230,14 +238,18 @@ def local_file(context: TaskContext, relative: str) -> Path:
     return local
 
 
-def export_model(context: TaskContext, model: str, export: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any]:
+def export_model(
+    context: TaskContext, model: str, export: dict[str, Any], fields: dict[str, Any]
+) -> dict[str, Any]:
     """Export a checkpoint of the store as the run's bundle into `bundle/` (parity-checked)."""
     from merging.export import export_bundle
 
     start_task(context, "export")
     data = load_run_data(context.store_root, context.work)
     out = context.scratch("bundle") / fields["run_id"]
-    manifest = export_bundle(local_checkpoint(context, model), out, data, manifest_fields=fields, **export)
+    manifest = export_bundle(
+        local_checkpoint(context, model), out, data, manifest_fields=fields, **export
+    )
     context.store.upload_folder(out, f"{context.work}/bundle")
     return {"onnx": manifest["onnx"], "quantized": manifest.get("quantized")}
 
@@ -270,7 +282,9 @@ def write_run_report(context: TaskContext, info: dict[str, Any]) -> dict[str, An
         summary=info["summary"],
         metrics=info["metrics"],
         histories=histories,
-        fishers={n: load_fisher(local_file(context, f)).tensors for n, f in info["fishers"].items()},
+        fishers={
+            n: load_fisher(local_file(context, f)).tensors for n, f in info["fishers"].items()
+        },
         recipe_weights={n: weights(f"models/{n}") for n in info["recipes"]},
         merged_weights={n: weights(r) for n, r in info["merged"].items()},
         published=published,

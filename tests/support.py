@@ -37,3 +37,26 @@ def tiny_experiment(**overrides: Any) -> ExperimentConfig:
     for key, value in overrides.items():
         set_dotted(values, key.replace("__", "."), value)
     return ExperimentConfig.model_validate(values)
+
+
+def tiny_pipeline(**overrides: Any):  # type: ignore[no-untyped-def]
+    """A merge job that runs in well under a minute on 2 cores: 3 recipes, tiny model."""
+    from merging.job_config import PipelineConfig
+
+    values: dict[str, Any] = {
+        "experiment": {
+            "data": {
+                "path": "synthetic",
+                "synthetic": {"seed": 1, "overrides": SMALL_DATA.model_dump(exclude={"seed"})},
+            },
+            "model": {"hidden_size": 16, "num_layers": 1, "num_heads": 1, "max_len": 20},
+            "train": {"epochs": 2, "batch_size": 64, "lr": 3e-3, "warmup_steps": 5, "patience": 50},
+        },
+        "recipe_epochs": 1,
+        "recipes": [{"name": "plain"}, {"name": "cl4srec"}, {"name": "duorec"}],
+        "fisher": {"num_sequences": 60, "shards": 2},
+        "export": {"parity_sequences": 32},
+    }
+    for key, value in overrides.items():
+        set_dotted(values, key.replace("__", "."), value)
+    return PipelineConfig.model_validate(values)

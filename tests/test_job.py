@@ -1,0 +1,252 @@
+"""The merge job on a real local Ray: publication, retries, resume, --address."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+from merging.bundle import verify_bundle
+from merging.job import LATEST, Pipeline, publish_bundle, run_pipeline
+from merging.stages import StageError
+from merging.store import ArtifactStore
+from merging.tasks import FAULT_DIR, FAULT_LABEL
+from tests.support import tiny_pipeline
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """One uninterrupted tiny pipeline: the reference of the tests below."""
+    root = tmp_path_factory.mktemp("artifacts")
+    result = run_pipeline(tiny_pipeline(), str(root), run_id="reference")
+    return root, result
+
+
+def test_pipeline_publishes_a_verified_bundle_and_a_report(finished_run) -> None:
+    root, result = finished_run
+    assert (root / LATEST).read_text().strip() == "reference"
+    bundle = root / "runs" / "reference"
+    manifest = verify_bundle(bundle)
+    assert {"model.onnx", "vocab.json", "popular.json", "report.md", "metrics.json"} <= set(
+        manifest["files"]
+    )
+    assert manifest["merge"]["published"] == "merged-fisher"
+    assert [r["name"] for r in manifest["recipes"]] == ["plain", "cl4srec", "duorec"]
+    report = (bundle / "report.md").read_text()
+    for plot in ("validation_curves", "fisher_per_layer", "weight_plane", "sorted_probabilities"):
+        assert (bundle / "plots" / f"{plot}.png").stat().st_size > 1000
+        assert f"plots/{plot}.png" in report
+    models = result.metrics["models"]
+    assert set(models) == {
+        "base",
+        "plain",
+        "cl4srec",
+        "duorec",
+        "merged-uniform",
+        "merged-greedy",
+        "merged-fisher",
+        "mostpop",
+    }
+    for name in ("plain", "cl4srec", "duorec"):
+        fisher = load_file(str(root / "work" / "reference" / "fisher" / f"{name}.safetensors"))
+        assert all(bool((t >= 0).all()) for t in fisher.values())
+
+
+def test_a_rerun_skips_every_verified_stage(finished_run) -> None:
+    root, _ = finished_run
+    markers = sorted((root / "work" / "reference" / "stages").rglob("*.json"))
+    before = {m: m.stat().st_mtime_ns for m in markers}
+    result = run_pipeline(tiny_pipeline(), str(root), run_id="reference")
+    assert result.stage_seconds == {}  # nothing ran again
+    assert {m: m.stat().st_mtime_ns for m in markers} == before
+
+
+def test_a_crashed_worker_is_retried(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(FAULT_LABEL, "train/cl4srec")
+    monkeypatch.setenv(FAULT_DIR, str(tmp_path / "faults"))
+    config = tiny_pipeline(
+        recipes=[{"name": "plain"}, {"name": "cl4srec"}],
+        merge__methods=["uniform"],
+        merge__publish="uniform",
+        max_retries=2,
+    )
+    result = run_pipeline(config, str(tmp_path / "artifacts"), run_id="retried")
+    assert (tmp_path / "faults" / "train_cl4srec").is_file()  # the first attempt did die
+    verify_bundle(tmp_path / "artifacts" / result.bundle)
+
+
+def test_a_stage_that_keeps_failing_stops_the_job_with_its_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(FAULT_LABEL, "train/base")
+    monkeypatch.setenv(FAULT_DIR, str(tmp_path / "faults"))
+    config = tiny_pipeline(max_retries=0)
+    with pytest.raises(StageError, match="train/base") as failure:
+        run_pipeline(config, str(tmp_path / "artifacts"), run_id="failing")
+    assert "died" in str(failure.value)
+    assert not (tmp_path / "artifacts" / LATEST).exists()
+
+
+def test_a_killed_job_resumes_and_matches_an_uninterrupted_run(
+    finished_run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reference_root, _ = finished_run
+    root = tmp_path / "artifacts"
+    monkeypatch.setenv(FAULT_LABEL, "merge/fisher")
+    monkeypatch.setenv(FAULT_DIR, str(tmp_path / "faults"))
+    config = tiny_pipeline(max_retries=0)
+    with pytest.raises(StageError, match="merge/fisher"):
+        run_pipeline(config, str(root), run_id="resumed")
+    stages = root / "work" / "resumed" / "stages"
+    finished = {m: m.stat().st_mtime_ns for m in stages.rglob("*.json")}
+    assert (
+        stages / "train" / "cl4srec.json" in finished
+        and not (stages / "merge" / "fisher.json").exists()
+    )
+
+    result = run_pipeline(config, str(root), run_id="resumed")  # the fault fired once already
+    assert {m: m.stat().st_mtime_ns for m in finished} == finished  # finished stages not recomputed
+    assert "merge/fisher" in result.stage_seconds and "train/base" not in result.stage_seconds
+    ours = json.loads((root / "runs" / "resumed" / "manifest.json").read_text())
+    reference = json.loads((reference_root / "runs" / "reference" / "manifest.json").read_text())
+    for name in ("model.onnx", "vocab.json", "popular.json"):
+        assert ours["files"][name] == reference["files"][name], name
+    assert ours["metrics"] == reference["metrics"]
+
+
+def test_latest_moves_only_after_the_bundle_verifies(
+    finished_run, tmp_path: Path, monkeypatch
+) -> None:
+    reference_root, _ = finished_run
+    store = ArtifactStore(str(tmp_path / "store"))
+    store.write_text(LATEST, "older\n")
+    work = tmp_path / "store" / "work" / "new"
+    work.mkdir(parents=True)
+    shutil.copytree(reference_root / "work" / "reference" / "bundle", work / "bundle")
+    shutil.copytree(reference_root / "work" / "reference" / "report", work / "report")
+    shutil.copy(reference_root / "work" / "reference" / "metrics.json", work / "metrics.json")
+
+    def corrupt_upload(local: Path, relative: str, original=store.upload_folder) -> None:
+        original(local, relative)
+        (tmp_path / "store" / relative / "model.onnx").write_bytes(b"truncated")
+
+    monkeypatch.setattr(store, "upload_folder", corrupt_upload)
+    with pytest.raises(ValueError, match="sha256"):
+        publish_bundle(store, "work/new", "new", tmp_path / "scratch")
+    assert store.read_text(LATEST) == "older\n"
+
+    monkeypatch.undo()
+    readers_saw: set[str] = set()
+    stop = threading.Event()
+
+    def read_latest() -> None:
+        while not stop.is_set():
+            readers_saw.add(store.read_text(LATEST))
+
+    reader = threading.Thread(target=read_latest)
+    reader.start()
+    for _ in range(5):
+        publish_bundle(store, "work/new", "new", tmp_path / "scratch")
+    stop.set()
+    reader.join()
+    assert readers_saw <= {"older\n", "new\n"}  # never empty, never half-written
+    assert store.read_text(LATEST) == "new\n"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.5)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {seconds} s")
+
+
+def test_the_job_runs_on_an_existing_cluster_through_address(tmp_path: Path) -> None:
+    port = free_port()
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    # A short temp dir: Ray's unix socket paths must stay under ~100 characters.
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    head = subprocess.Popen(
+        [
+            ray_bin,
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address=127.0.0.1",
+            f"--port={port}",
+            "--num-cpus=2",
+            "--include-dashboard=false",
+            f"--temp-dir={temp}",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        wait_for_port(port, 90)
+        config = tmp_path / "pipeline.yaml"
+        small = tiny_pipeline(
+            recipes=[{"name": "plain"}, {"name": "duorec"}],
+            merge__methods=["uniform"],
+            merge__publish="uniform",
+        )
+        config.write_text(yaml.safe_dump(small.model_dump(mode="json")))
+        fishrec = str(Path(sys.executable).parent / "fishrec")
+        done = subprocess.run(
+            [
+                fishrec,
+                "pipeline",
+                "--config",
+                str(config),
+                "--artifacts",
+                str(tmp_path / "artifacts"),
+                "--address",
+                f"127.0.0.1:{port}",
+                "--run-id",
+                "on-cluster",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "connecting to the Ray cluster" in done.stderr
+        verify_bundle(tmp_path / "artifacts" / "runs" / "on-cluster")
+    finally:
+        # Stop only the head this test started (`ray stop` would stop every Ray instance).
+        os.killpg(head.pid, signal.SIGTERM)
+        head.wait(timeout=60)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_a_run_id_is_bound_to_its_config(finished_run) -> None:
+    root, _ = finished_run
+    with pytest.raises(StageError, match="another configuration"):
+        Pipeline(
+            tiny_pipeline(recipe_epochs=3), ArtifactStore(str(root)), "reference"
+        ).save_config()
