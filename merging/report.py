@@ -20,12 +20,12 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")  # files only: no display on servers and workers
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from torch import Tensor  # noqa: E402
+import matplotlib.pyplot as plt
+import torch
+from torch import Tensor
 
-from training.evaluate import SETTINGS, format_table  # noqa: E402
-from training.model import SequenceRecommender  # noqa: E402
+from training.evaluate import SETTINGS, format_table
+from training.model import SequenceRecommender
 
 log = logging.getLogger(__name__)
 
