@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from training.cli import add_override_flags
 from training.config import ExperimentConfig, load_config, parse_override
 from training.data import SequenceData, load_data
 from training.diagnostics import error_inconsistency, representation_quality
@@ -71,14 +72,7 @@ def parse_args() -> argparse.Namespace:
         "--no-exclude-seen", action="store_true", help="rank history items in full (RecBole)"
     )
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config field, e.g. --set train.batch_size=256 (repeatable)",
-    )
+    add_override_flags(parser)
     parser.add_argument("--out", default="/tmp/fishrec-bench-recipes", help="folder of the runs")
     return parser.parse_args()
 

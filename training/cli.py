@@ -261,6 +261,16 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         Path(args.out).write_text(json.dumps(document, indent=2) + "\n")
 
 
+def add_candidate_flags(parser: argparse.ArgumentParser) -> None:
+    """How candidates are built: the flags every command that ranks items shares."""
+    parser.add_argument(
+        "--no-exclude-seen",
+        action="store_true",
+        help="rank history items too in the full setting (RecBole style)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random100 candidates")
+
+
 def register_evaluate(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
         "evaluate",
@@ -273,12 +283,7 @@ def register_evaluate(commands: argparse._SubParsersAction) -> None:
         "--data", required=True, help="the data folder (or raw file) the model was trained on"
     )
     parser.add_argument("--out", default=None, help="write metrics.json here")
-    parser.add_argument(
-        "--no-exclude-seen",
-        action="store_true",
-        help="rank history items too in the full setting (RecBole style)",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random100 candidates")
+    add_candidate_flags(parser)
     parser.set_defaults(func=cmd_evaluate)
 
 
@@ -287,7 +292,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
     from training.data import load_data
     from training.diagnostics import compare_models, representation_quality
-    from training.evaluate import Evaluator
+    from training.evaluate import Evaluator, format_table
 
     data = load_data(Path(args.data))
     a, b = (checkpoint_for_data(Path(path), data) for path in (args.a, args.b))
@@ -297,8 +302,8 @@ def cmd_compare(args: argparse.Namespace) -> None:
         name: representation_quality(checkpoint.model, getattr(evaluator.split, args.part))
         for name, checkpoint in (("A", a), ("B", b))
     }
-    print(f"A = {args.a}\nB = {args.b}")
-    print_metrics({"A": {args.part: comparison.metrics_a}, "B": {args.part: comparison.metrics_b}})
+    print(f"A = {args.a}\nB = {args.b}\n\n{args.part}")
+    print(format_table({"A": comparison.metrics_a, "B": comparison.metrics_b}))
     print(
         f"\nerror inconsistency ({args.part}, {args.setting}, NDCG@10 > 0.5): "
         f"{comparison.inconsistency:.4f}  (only A {comparison.only_a:.4f}, only B "
@@ -331,12 +336,7 @@ def register_compare(commands: argparse._SubParsersAction) -> None:
         default="full",
         help="candidate setting of the inconsistency",
     )
-    parser.add_argument(
-        "--no-exclude-seen",
-        action="store_true",
-        help="rank history items too in the full setting (RecBole style)",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random100 candidates")
+    add_candidate_flags(parser)
     parser.add_argument("--out", default=None, help="write the comparison as JSON here")
     parser.set_defaults(func=cmd_compare)
 
