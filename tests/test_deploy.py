@@ -944,15 +944,14 @@ def free_port() -> int:
 
 def serving_available() -> str | None:
     """Why the serving command cannot run yet (None: it can)."""
-    if not (REPO / "merging" / "export.py").exists():
+    if importlib.util.find_spec("merging.export") is None:
         return "merging/export.py (the bundle writer) has not landed yet"
     fishrec = Path(sys.executable).parent / "fishrec"
     if not fishrec.exists():
         return "the fishrec console script is not installed in this environment"
-    for command in ("serve", "export"):
-        probe = subprocess.run([str(fishrec), command, "--help"], capture_output=True, timeout=60)
-        if probe.returncode != 0:
-            return f"`fishrec {command}` is not registered yet"
+    probe = subprocess.run([str(fishrec), "serve", "--help"], capture_output=True, timeout=60)
+    if probe.returncode != 0:
+        return "`fishrec serve` is not registered yet"
     return None
 
 
@@ -970,26 +969,12 @@ def site_command(argv: list[str], env: dict[str, str], root: Path, port: int) ->
     return argv
 
 
-def publish_bundle(root: Path, trained_run: Path, data_dir: Path, run_id: str) -> None:
-    fishrec = str(Path(sys.executable).parent / "fishrec")
-    out = root / "runs" / run_id
-    result = subprocess.run(
-        [
-            fishrec,
-            "export",
-            "--checkpoint",
-            str(trained_run),
-            "--data",
-            str(data_dir),
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    (root / "LATEST").write_text(run_id + "\n")
+def published_root(request: pytest.FixtureRequest, root: Path) -> str:
+    """An artifact root with the session's exported bundle published in it; returns its run id."""
+    bundle: Path = request.getfixturevalue("serving_bundle")  # merging.export, tiny model
+    shutil.copytree(bundle, root / "runs" / bundle.name)
+    (root / "LATEST").write_text(bundle.name + "\n")
+    return bundle.name
 
 
 def wait_ready(url: str, process: subprocess.Popen[bytes], timeout_s: float) -> dict[str, Any]:
@@ -1006,7 +991,7 @@ def wait_ready(url: str, process: subprocess.Popen[bytes], timeout_s: float) -> 
 
 
 def test_image_serving_command_reaches_readyz(
-    tmp_path: Path, trained_run: Path, small_data_dir: Path
+    tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     reason = serving_available()
     if reason:
@@ -1016,7 +1001,7 @@ def test_image_serving_command_reaches_readyz(
     port = free_port()
     root = tmp_path / "artifacts"
     argv = site_command(image_command(instructions), image, root, port)
-    publish_bundle(root, trained_run, small_data_dir, "deploy-test")
+    run_id = published_root(request, root)
     # The image's PATH starts with its virtual environment: here, this interpreter's.
     argv[0] = str(Path(sys.executable).parent / argv[0])
     health = healthcheck_command(instructions)
@@ -1028,7 +1013,7 @@ def test_image_serving_command_reaches_readyz(
     try:
         wait_ready(f"http://127.0.0.1:{port}/readyz", process, timeout_s=60)
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/model", timeout=5) as reply:
-            assert "deploy-test" in reply.read().decode()
+            assert json.loads(reply.read())["model_version"] == run_id
         assert subprocess.run(health, env=env, capture_output=True, timeout=30).returncode == 0
     except AssertionError as err:
         raise AssertionError(f"{err}\n{(tmp_path / 'serve.log').read_text()[-3000:]}") from None
@@ -1048,7 +1033,7 @@ CONTAINER_TESTS = os.environ.get("FISHREC_CONTAINER_TESTS") == "1"
 @pytest.mark.container
 @pytest.mark.skipif(not CONTAINER_TESTS, reason="opt-in: FISHREC_CONTAINER_TESTS=1 (needs podman)")
 def test_serving_image_builds_runs_and_gets_ready(
-    tmp_path: Path, trained_run: Path, small_data_dir: Path
+    tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     """deploy/podman-smoke.sh: build the image, run it on a published bundle, curl /readyz."""
     reason = serving_available()
@@ -1057,7 +1042,7 @@ def test_serving_image_builds_runs_and_gets_ready(
     if not shutil.which("podman"):
         pytest.skip("podman is not installed (see deploy/README.md, 'Building without Docker')")
     root = tmp_path / "artifacts"
-    publish_bundle(root, trained_run, small_data_dir, "container-test")
+    run_id = published_root(request, root)
     # The image runs as uid 10001: the bind-mounted bundle must be world-readable.
     for path in [root, *root.rglob("*")]:
         path.chmod(0o755 if path.is_dir() else 0o644)
@@ -1070,4 +1055,4 @@ def test_serving_image_builds_runs_and_gets_ready(
         timeout=1500,
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    assert "container-test" in result.stdout
+    assert f'"model_version":"{run_id}"' in result.stdout
