@@ -187,7 +187,7 @@ def test_cli_server_drains_in_flight_requests_on_sigterm(
     env = {
         **os.environ,
         "FISHREC_API_KEY": "cli-key",
-        "FISHREC_MAX_WAIT_MS": "500",  # in-flight requests wait in the batcher when SIGTERM comes
+        "FISHREC_MAX_WAIT_MS": "1000",  # in-flight requests wait in the batcher when SIGTERM comes
         "FISHREC_INTRA_OP_THREADS": "1",
     }
     command = [
@@ -209,9 +209,10 @@ def test_cli_server_drains_in_flight_requests_on_sigterm(
         def request(_: int) -> httpx.Response:
             return httpx.post(f"{url}/v1/recommendations", json={"items": ["i3"]}, headers=headers)
 
-        with ThreadPoolExecutor(6) as pool:
+        with ThreadPoolExecutor(6) as pool, httpx.Client(base_url=url) as probe:
             pending = [pool.submit(request, i) for i in range(6)]
-            time.sleep(0.2)
+            queued = lambda: metric(probe, "fishrec_queue_depth") == 6  # noqa: E731
+            wait_for(queued, what="six requests in the queue")
             process.send_signal(signal.SIGTERM)
             responses = [future.result(timeout=20) for future in pending]
         assert [r.status_code for r in responses] == [200] * 6
@@ -235,11 +236,13 @@ def server_url(process: subprocess.Popen[Any]) -> str:
     """The address the server logs once it listens (it was started on port 0)."""
     assert process.stderr is not None
     deadline = time.monotonic() + 30
+    lines = []
     while time.monotonic() < deadline:
         line = process.stderr.readline()
+        lines.append(line)
         match = re.search(r"Uvicorn running on (http://[\d.]+:\d+)", line)
         if match:
             return match.group(1)
         if not line and process.poll() is not None:
             break
-    raise AssertionError("the server did not start")
+    raise AssertionError(f"the server did not start ({process.poll()}):\n" + "".join(lines[-20:]))
