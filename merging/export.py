@@ -59,7 +59,11 @@ from training.trainer import load_run_checkpoint
 
 log = logging.getLogger(__name__)
 
-OPSET = 20  # ONNX opset of the exported graph; onnxruntime >= 1.17 runs it
+# ONNX opset of the exported graph. 23 brings the Attention operator, which the
+# exporter uses for scaled_dot_product_attention: about a third faster on CPU than
+# the opset-20 decomposition (Where/Softmax/IsNaN over [B, heads, L, L]). Running it
+# needs onnxruntime >= 1.23 (its CPU Attention kernel) and writes IR version 11.
+OPSET = 23
 INPUTS = ("item_ids", "k", "exclude_seen")
 OUTPUTS = ("scores", "indices")
 FULL_SCORES_OUTPUT = "all_scores"
@@ -417,8 +421,15 @@ def quantize_int8(source: Path, target: Path) -> None:
     """Dynamic int8 quantisation of the MatMul and Gather weights (onnxruntime.quantization)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    # Named op types: the quantiser would otherwise rewrite ONNX Attention (opset 23)
+    # as com.microsoft QAttention, which rejects its attributes.
     with quiet_tools():
-        quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8)
+        quantize_dynamic(
+            str(source),
+            str(target),
+            op_types_to_quantize=["MatMul", "Gather"],
+            weight_type=QuantType.QInt8,
+        )
 
 
 def export_int8(
