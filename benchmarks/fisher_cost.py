@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from recipes import first_users  # benchmarks/recipes.py
 
 from merging.fisher import FisherConfig, compute_fisher, relative_error, select_sequences
 from training.config import ExperimentConfig
@@ -42,7 +43,7 @@ def parse_args() -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--data", required=True, help="prepared data folder or raw log file")
-    parser.add_argument("--users", type=int, default=None, help="use the first N users only")
+    parser.add_argument("--users", type=int, default=0, help="first N users only (0: all)")
     parser.add_argument("--checkpoint", default=None, help="a trained checkpoint or run folder")
     parser.add_argument("--backbone", choices=["bert4rec", "sasrec"], default="sasrec")
     parser.add_argument("--epochs", type=int, default=10, help="training epochs (no --checkpoint)")
@@ -65,13 +66,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default=None, help="also write the figures as JSON here")
     return parser.parse_args()
-
-
-def first_users(data: SequenceData, count: int | None) -> SequenceData:
-    """The first `count` users, with the whole vocabulary (so |V| is the data set's)."""
-    if count is None or count >= data.num_users:
-        return data
-    return SequenceData(data.sequences[:count], data.users[:count], data.vocab, data.meta)
 
 
 def trained_model(args: argparse.Namespace, data: SequenceData) -> SequenceRecommender:
