@@ -413,6 +413,15 @@ def test_serving_settings_in_config_maps_are_known(target: str) -> None:
     assert not unknown, f"not serving settings: {sorted(unknown)}"
     container = pod_spec(docs)["containers"][0]
     assert {e["name"] for e in container["env"]} <= fields
+    # Kubernetes must not kill a pod that is still draining its requests.
+    drain = float(
+        config_map["data"].get(
+            "FISHREC_SHUTDOWN_TIMEOUT_S",
+            settings.Settings.model_fields["shutdown_timeout_s"].default,
+        )
+    )
+    pause = float(container["lifecycle"]["preStop"]["exec"]["command"][-1])
+    assert pod_spec(docs)["terminationGracePeriodSeconds"] > drain + pause
 
 
 # ---- KubeRay --------------------------------------------------------------------------
