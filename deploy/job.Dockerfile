@@ -18,8 +18,8 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONUNBUFFERED=1
 
-# /app holds the configs and the submit helper; /artifacts is where the artifact
-# volume is mounted (owned by ray, uid 1000, so that a fresh named volume is writable).
+# /app holds the configs; /artifacts is where the artifact volume is mounted
+# (owned by the image's ray user, uid 1000, so that a fresh named volume is writable).
 USER 0
 RUN install -d -o 1000 -g 100 /app /artifacts
 USER 1000:100
@@ -40,7 +40,5 @@ COPY --chown=1000:100 serving/ src/serving/
 COPY --chown=1000:100 pyproject.toml src/
 RUN pip install --no-deps ./src && rm -rf src
 
-# The same pipeline configs as local runs (`fishrec pipeline --config /app/configs/NAME.yaml`)
-# and the submitter of the Kubernetes CronJob fallback (deploy/k8s/components/merge-cronjob).
+# The same pipeline configs as local runs (`fishrec pipeline --config /app/configs/NAME.yaml`).
 COPY --chown=1000:100 configs/ configs/
-COPY --chown=1000:100 deploy/submit_rayjob.py deploy/submit_rayjob.py
