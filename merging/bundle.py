@@ -121,12 +121,18 @@ def verify_bundle(folder: Path) -> dict[str, Any]:
     num_items = manifest.get("num_items")
     if not isinstance(num_items, int) or num_items < 1:
         raise BundleError(f"{folder / MANIFEST}: num_items must be a positive integer")
-    required = [VOCAB_FILE, POPULAR_FILE, _onnx_file(manifest, "onnx", folder)]
+    graphs = [manifest.get("onnx")]
     if manifest.get("quantized") is not None:
-        required.append(_onnx_file(manifest, "quantized", folder))
-    unlisted = [name for name in required if name not in manifest["files"]]
+        graphs.append(manifest["quantized"])
+    names = [graph.get("file") if isinstance(graph, dict) else None for graph in graphs]
+    unlisted = [
+        name for name in [VOCAB_FILE, POPULAR_FILE, *names] if name not in manifest["files"]
+    ]
     if unlisted:
-        raise BundleError(f"{folder / MANIFEST}: 'files' does not list {unlisted}")
+        raise BundleError(
+            f"{folder / MANIFEST}: 'files' does not list {unlisted} (onnx.file, quantized.file, "
+            "vocab.json and popular.json must all be there)"
+        )
     _check_vocab(folder / VOCAB_FILE, num_items)
     _check_popular(folder / POPULAR_FILE, num_items)
     return manifest
@@ -156,14 +162,6 @@ def _check_files(folder: Path, files: Any) -> None:
         raise BundleError(f"{folder}: sha256 mismatch for {changed} (corrupt or modified)")
 
 
-def _onnx_file(manifest: dict[str, Any], key: str, folder: Path) -> str:
-    section = manifest.get(key)
-    name = section.get("file") if isinstance(section, dict) else None
-    if not isinstance(name, str) or not name:
-        raise BundleError(f"{folder / MANIFEST}: '{key}.file' must name the ONNX file")
-    return name
-
-
 def _check_vocab(path: Path, num_items: int) -> None:
     try:
         vocab = Vocabulary.from_json(_read_json(path))
@@ -178,7 +176,9 @@ def _check_popular(path: Path, num_items: int) -> None:
     if not isinstance(document, dict) or document.get("schema") != POPULAR_SCHEMA:
         raise BundleError(f"{path}: expected schema {POPULAR_SCHEMA!r}")
     items, counts = document.get("items"), document.get("counts")
-    if not isinstance(items, list) or sorted(items) != list(range(1, num_items + 1)):
+    if not isinstance(items, list) or not all(isinstance(item, int) for item in items):
+        raise BundleError(f"{path}: 'items' must be a list of internal ids")
+    if sorted(items) != list(range(1, num_items + 1)):
         raise BundleError(f"{path}: 'items' must list every internal id 1..{num_items} once")
     if not isinstance(counts, list) or len(counts) != num_items:
         raise BundleError(f"{path}: 'counts' must hold {num_items} counts")

@@ -105,21 +105,29 @@ def check_k(k: int, num_items: int) -> int:
 def quiet_tools() -> Iterator[None]:
     """Keep the export log readable while the exporter and the quantiser run.
 
-    They log every graph pass at INFO (onnxscript, onnx_ir, and the quantiser on
-    the root logger) and warn about what does not concern this graph (missing
-    torchvision ops, axis names merged, pre-processing for CNN calibration).
-    Errors still surface: they raise.
+    They log every graph pass at INFO (onnxscript, onnx_ir, and the quantiser
+    straight on the root logger) and warn about what does not concern this graph
+    (missing torchvision ops, merged axis names, pre-processing for calibration).
+    Errors still surface: they raise. The root logger gets a filter, not a level,
+    so records that other loggers propagate to it pass as before.
     """
-    loggers = [logging.getLogger(name) for name in ("", "torch.onnx", "onnxscript", "onnx_ir")]
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript", "onnx_ir")]
     levels = [logger.level for logger in loggers]
+    root = logging.getLogger()
+
+    def errors_only(record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR
+
     try:
         for logger in loggers:
             logger.setLevel(logging.ERROR)
+        root.addFilter(errors_only)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.onnx")
             warnings.filterwarnings("ignore", category=FutureWarning, message=".*LeafSpec")
             yield
     finally:
+        root.removeFilter(errors_only)
         for logger, level in zip(loggers, levels, strict=True):
             logger.setLevel(level)
 

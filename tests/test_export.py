@@ -310,6 +310,10 @@ def test_verify_bundle_finds_tampering(sasrec_bundle: Path, tmp_path: Path) -> N
     write_manifest(wrong, {**fields, "num_items": 199})
     with pytest.raises(BundleError, match="199"):
         verify_bundle(wrong)
+    renamed = copy("renamed")
+    write_manifest(renamed, {**fields, "onnx": {**fields["onnx"], "file": "other.onnx"}})
+    with pytest.raises(BundleError, match=r"other\.onnx"):
+        verify_bundle(renamed)
     with pytest.raises(BundleError, match="missing"):
         write_manifest(wrong, {"run_id": "x"})
     with pytest.raises(BundleError, match="plain folder name"):
