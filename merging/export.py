@@ -200,10 +200,26 @@ def export_onnx(model: SequenceRecommender, path: Path, *, full_scores: bool = F
         raise ExportError("torch.onnx.export returned no program")
     proto = program.model_proto
     name_k_dimension(proto)
+    strip_debug_metadata(proto)
     onnx.checker.check_model(proto)
     # One self-contained file: a model past protobuf's 2 GiB limit fails here, loudly.
     onnx.save(proto, str(path))
     return graph_info(path)
+
+
+def strip_debug_metadata(proto: Any) -> None:
+    """Drop the exporter's per-node debug records (stack traces, FX names, object addresses).
+
+    They change from process to process (addresses), so without this the same
+    weights would not give the same file, and a resumed job's bundle would not
+    equal an uninterrupted one's.
+    """
+    graphs = [proto.graph, *(f for f in proto.functions)]
+    for graph in graphs:
+        for node in graph.node:
+            del node.metadata_props[:]
+            node.doc_string = ""
+    del proto.metadata_props[:]
 
 
 def name_k_dimension(proto: Any) -> None:
