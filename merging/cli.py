@@ -16,6 +16,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     register_merge(commands)
     register_export(commands)
     register_pipeline(commands)
+    register_demo(commands)
 
 
 # ---- fisher / merge -------------------------------------------------------------------
@@ -228,6 +229,22 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
     print(f"published run {result.run_id}: {args.artifacts}/{result.bundle}")
 
 
+def add_pipeline_arguments(parser: argparse.ArgumentParser, config_help: str) -> None:
+    parser.add_argument("--config", default=None, help=config_help)
+    parser.add_argument(
+        "--artifacts", default="artifacts", help="artifact root: a path or an fsspec URI (s3://...)"
+    )
+    parser.add_argument("--run-id", default=None, help="resume this run (default: a new id)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field by dotted path, e.g. --set recipe_epochs=5",
+    )
+
+
 def register_pipeline(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
         "pipeline",
@@ -237,10 +254,38 @@ def register_pipeline(commands: argparse._SubParsersAction) -> None:
         "ONNX and publish it as a bundle (then LATEST). Rerunning with the same --run-id skips the "
         "stages that finished and verify.",
     )
-    parser.add_argument("--config", default=None, help="pipeline YAML (see configs/pipeline-*.yaml)")
-    parser.add_argument("--artifacts", default="artifacts", help="artifact root: a path or an fsspec URI (s3://...)")
-    parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local instance)")
-    parser.add_argument("--run-id", default=None, help="resume this run (default: a new id)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config field by dotted path, e.g. --set recipe_epochs=5")
+    add_pipeline_arguments(parser, "pipeline YAML (see configs/pipeline-*.yaml)")
+    parser.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster address (default: RAY_ADDRESS, else a local instance)",
+    )
     parser.set_defaults(func=cmd_pipeline)
+
+
+# ---- demo -------------------------------------------------------------------------------
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from merging.demo import default_demo_config, run_demo
+    from merging.job import load_pipeline_config
+
+    path = Path(args.config) if args.config else default_demo_config()
+    config = load_pipeline_config(path, args.overrides)
+    run_demo(config, args.artifacts, args.run_id, args.host, args.port, serve=not args.no_serve)
+
+
+def register_demo(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "demo",
+        help="the merge job on the embedded synthetic data, then the HTTP service",
+        description="Run the whole merge job (configs/pipeline-demo.yaml: synthetic data, a base "
+        "model, four recipes in parallel on a local Ray, exact Fisher, merges, export, report), "
+        "publish the bundle under --artifacts, print the metrics and an example request, then serve "
+        "the bundle until Ctrl-C.",
+    )
+    add_pipeline_arguments(parser, "pipeline YAML (default: configs/pipeline-demo.yaml)")
+    parser.add_argument("--host", default="127.0.0.1", help="address the service listens on")
+    parser.add_argument("--port", type=int, default=8000, help="port of the service")
+    parser.add_argument("--no-serve", action="store_true", help="stop after publishing")
+    parser.set_defaults(func=cmd_demo)

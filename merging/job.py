@@ -125,17 +125,25 @@ class Pipeline:
         )
         self.stage_seconds: dict[str, float] = {}
         self.runner = StageRunner(store, self.work, on_event=self.report_progress)
+        recipes, merges = len(config.recipes), len(config.merge.methods)
+        # data, [base], recipes, Fishers, merges, metrics, export, report, publish
+        self.total_stages = 1 + (config.setting == "finetune") + 2 * recipes + merges + 4
+        self.stages_done = 0
 
     # ---- progress and Ray plumbing -----------------------------------------------------
 
     def report_progress(self, stage: str, event: str, info: dict[str, Any]) -> None:
+        """One line per stage event, with how many of the run's stages are done."""
+        if event in ("finished", "skipped"):
+            self.stages_done += 1
+        done = f"[{self.stages_done}/{self.total_stages}]"
         if event == "finished":
             self.stage_seconds[stage] = info["seconds"]
-            log.info("stage %-24s done in %6.1f s", stage, info["seconds"])
+            log.info("%s %-18s done in %.1f s", done, stage, info["seconds"])
         elif event == "skipped":
-            log.info("stage %-24s already done (verified), skipped", stage)
+            log.info("%s %-18s already done and verified: skipped", done, stage)
         else:
-            log.info("stage %-24s started", stage)
+            log.info("%s %-18s started", done, stage)
 
     def remote(self, function: Callable[..., Any], label: str):  # type: ignore[no-untyped-def]
         """`function` as a Ray task with the job's resources and retries."""
@@ -428,7 +436,7 @@ class Pipeline:
             "metrics": metrics["models"][label],
         }
         self.stage_export(model, fields)
-        self.stage_report(self._report_info(data, metrics, label, model, merged))
+        self.stage_report(self._report_info(data, metrics, label, model, merged, base_result))
         bundle = self.stage_publish()
         return PipelineResult(self.run_id, bundle, metrics, dict(self.stage_seconds))
 
@@ -443,11 +451,14 @@ class Pipeline:
         label: str,
         model: str,
         merged: dict[str, Any],
+        base_result: dict[str, Any] | None,
     ) -> dict[str, Any]:
         names = [entry.name for entry in self.config.recipes]
         trained = {n: f"models/{n}" for n in names}
+        offsets: dict[str, int] = {}
         if self.config.setting == "finetune":
             trained = {BASE: f"models/{BASE}", **trained}
+            offsets = dict.fromkeys(names, max(0, int((base_result or {}).get("best_epoch", 0))))
         return {
             "run_id": self.run_id,
             "summary": {
@@ -460,6 +471,7 @@ class Pipeline:
             },
             "metrics": metrics["models"],
             "trained": trained,
+            "epoch_offsets": offsets,
             "recipes": names,
             "fishers": {n: f"fisher/{n}.safetensors" for n in names},
             "merged": {f"merged-{m}": f"merged/{m}" for m in merged},

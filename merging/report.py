@@ -69,10 +69,18 @@ def project_on_plane(
     return {name: (float((p - origin) @ u), float((p - origin) @ v)) for name, p in points.items()}
 
 
-def plot_validation_curves(histories: Mapping[str, list[dict[str, Any]]], path: Path) -> None:
+def plot_validation_curves(
+    histories: Mapping[str, list[dict[str, Any]]],
+    path: Path,
+    offsets: Mapping[str, int] | None = None,
+) -> None:
+    """Validation NDCG@10 per epoch; `offsets` shift fine-tuned runs to start after their base."""
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, history in histories.items():
-        points = [(e["epoch"], e["valid"]["full"]["ndcg@10"]) for e in history if "valid" in e]
+        shift = (offsets or {}).get(name, 0)
+        points = [
+            (e["epoch"] + shift, e["valid"]["full"]["ndcg@10"]) for e in history if "valid" in e
+        ]
         if points:
             ax.plot(*zip(*points, strict=True), marker="o", markersize=3, label=name)
     ax.set(xlabel="epoch", ylabel="validation NDCG@10 (full)", title="Validation curves")
@@ -113,10 +121,17 @@ def plot_weight_plane(
     flats = {name: flat_weights(state) for name, state in {**anchors, **others}.items()}
     coords = project_on_plane([flats[n] for n in names], flats)
     fig, ax = plt.subplots(figsize=(6, 5))
-    for name, (x, y) in coords.items():
+    for position, (name, (x, y)) in enumerate(coords.items()):
         marker, color = ("o", "tab:blue") if name in anchors else ("*", "tab:red")
         ax.scatter([x], [y], marker=marker, s=90 if marker == "*" else 50, color=color)
-        ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=9)
+        # Merged models often sit on top of each other: stagger their labels.
+        ax.annotate(
+            name,
+            (x, y),
+            textcoords="offset points",
+            xytext=(6, 6 - 11 * (position % 3)),
+            fontsize=9,
+        )
     ax.set(
         title="Weights on the plane of the three best recipes",
         xlabel="direction 1",
@@ -170,6 +185,7 @@ def write_report(
     summary: Mapping[str, Any],
     metrics: Mapping[str, Mapping[str, Any]],
     histories: Mapping[str, list[dict[str, Any]]],
+    epoch_offsets: Mapping[str, int],
     fishers: Mapping[str, Mapping[str, Tensor]],
     recipe_weights: Mapping[str, Mapping[str, Tensor]],
     merged_weights: Mapping[str, Mapping[str, Tensor]],
@@ -185,7 +201,7 @@ def write_report(
     sections += [f"- **{key}**: {value}" for key, value in summary.items()]
     sections += ["", "## Metrics", "", metrics_section(metrics, exclude_seen), ""]
 
-    plot_validation_curves(histories, plots / "validation_curves.png")
+    plot_validation_curves(histories, plots / "validation_curves.png", epoch_offsets)
     sections += [
         "## Validation curves",
         "",

@@ -183,7 +183,7 @@ def combine_fisher_shards(
 
     total = sum(
         FisherResult(
-            {k: torch.from_numpy(v) for k, v in s["sums"].items()},
+            {k: torch.tensor(v) for k, v in s["sums"].items()},
             s["count"],
             s["estimator"],
             s["batch_shortcut"],
@@ -282,6 +282,7 @@ def write_run_report(context: TaskContext, info: dict[str, Any]) -> dict[str, An
         summary=info["summary"],
         metrics=info["metrics"],
         histories=histories,
+        epoch_offsets=info["epoch_offsets"],
         fishers={
             n: load_fisher(local_file(context, f)).tensors for n, f in info["fishers"].items()
         },

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -250,3 +251,55 @@ def test_a_run_id_is_bound_to_its_config(finished_run) -> None:
         Pipeline(
             tiny_pipeline(recipe_epochs=3), ArtifactStore(str(root)), "reference"
         ).save_config()
+
+
+def test_demo_prints_a_request_that_the_service_answers(finished_run, tmp_path: Path) -> None:
+    """`fishrec demo` end to end on an already finished run: every stage is skipped, then it serves."""
+    import httpx
+
+    root, _ = finished_run
+    config = tmp_path / "pipeline.yaml"
+    config.write_text(yaml.safe_dump(tiny_pipeline().model_dump(mode="json")))
+    port = free_port()
+    fishrec = str(Path(sys.executable).parent / "fishrec")
+    demo = subprocess.Popen(
+        [
+            fishrec,
+            "demo",
+            "--config",
+            str(config),
+            "--artifacts",
+            str(root),
+            "--run-id",
+            "reference",
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(demo.stdout), daemon=True)  # type: ignore[arg-type]
+    reader.start()
+    try:
+        wait_for_port(port, 120)
+        deadline = time.monotonic() + 30
+        while httpx.get(f"http://127.0.0.1:{port}/readyz").status_code != 200:
+            assert time.monotonic() < deadline, "the demo's service never became ready"
+            time.sleep(0.2)
+        curl = next(line for line in lines if line.strip().startswith("curl"))
+        body = json.loads(shlex.split(curl)[-1])
+        answer = httpx.post(f"http://127.0.0.1:{port}/v1/recommendations", json=body)
+        assert answer.status_code == 200, answer.text
+        assert len(answer.json()["items"]) == 5
+        os.killpg(demo.pid, signal.SIGINT)
+        demo.wait(timeout=60)
+    finally:
+        if demo.poll() is None:
+            os.killpg(demo.pid, signal.SIGKILL)
+    reader.join(timeout=10)
+    output = "".join(lines)
+    assert "already done and verified: skipped" in output
+    assert "merged-fisher" in output  # the metric table
