@@ -1,0 +1,109 @@
+"""Wall time of the merge job with recipes in parallel vs one after another.
+
+    python benchmarks/pipeline.py --config configs/pipeline-demo.yaml
+
+Each variant is a fresh `fishrec pipeline` process on a fresh artifact root, on
+the same machine:
+
+- parallel:   a local Ray with all the machine's CPUs, 1 CPU (and 1 thread) per task;
+- sequential: a local Ray with 1 CPU, so tasks run one at a time, 1 thread each;
+- sequential-threads: one task at a time, but each task gets every CPU as
+  torch threads (what a single process with intra-op parallelism gets).
+
+Prints the wall time of each, the time of every stage (from the stage
+markers), and the ratios against the sequential run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from merging.job import machine_cpus
+
+
+def run_variant(
+    config: str, cpus: int, threads: int, overrides: list[str], root: Path
+) -> tuple[float, dict[str, float]]:
+    """Wall seconds of one pipeline run and the seconds of each of its stages."""
+    fishrec = str(Path(sys.executable).parent / "fishrec")
+    command = [
+        fishrec,
+        "--log-level",
+        "WARNING",
+        "pipeline",
+        "--config",
+        config,
+        "--artifacts",
+        str(root),
+        "--run-id",
+        "bench",
+        "--set",
+        f"num_cpus={cpus}",
+        "--set",
+        f"resources.num_cpus={threads}",
+    ]
+    for override in overrides:
+        command += ["--set", override]
+    start = time.perf_counter()
+    with open(root / "pipeline.log", "w") as log:  # Ray workers log a lot: keep it out of the table
+        subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT)
+    wall = time.perf_counter() - start
+    stages = {}
+    for marker in sorted((root / "work" / "bench" / "stages").rglob("*.json")):
+        record = json.loads(marker.read_text())
+        stages[record["stage"]] = record["seconds"]
+    return wall, stages
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", default="configs/pipeline-demo.yaml", help="pipeline YAML")
+    parser.add_argument("--cpus", type=int, default=machine_cpus(), help="CPUs of the parallel run")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override for every variant, e.g. recipe_epochs=2",
+    )
+    args = parser.parse_args()
+    variants = {
+        "parallel": (args.cpus, 1),
+        "sequential": (1, 1),
+        "sequential-threads": (args.cpus, args.cpus),
+    }
+    results: dict[str, tuple[float, dict[str, float]]] = {}
+    for name, (cpus, threads) in variants.items():
+        root = Path(tempfile.mkdtemp(prefix=f"fishrec-bench-{name}-"))
+        try:
+            print(
+                f"running {name} (Ray CPUs {cpus}, {threads} CPU/threads per task) ...", flush=True
+            )
+            results[name] = run_variant(args.config, cpus, threads, args.overrides, root)
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+    baseline = results["sequential"][0]
+    print(f"\n## Merge job wall time ({args.config}, {args.cpus} CPUs)\n")
+    print("| variant | wall s | speed-up vs sequential |\n|---|---|---|")
+    for name, (wall, _) in results.items():
+        print(f"| {name} | {wall:.1f} | x{baseline / wall:.2f} |")
+    stages = sorted({s for _, per_stage in results.values() for s in per_stage})
+    print("\n## Seconds per stage\n")
+    print("| stage | " + " | ".join(results) + " |\n|---|" + "---|" * len(results))
+    for stage in stages:
+        cells = [f"{results[n][1].get(stage, float('nan')):.1f}" for n in results]
+        print(f"| {stage} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
