@@ -8,22 +8,22 @@ the lifespan, in the background: the server answers /healthz at once and
 
 from __future__ import annotations
 
-import hmac
+import inspect
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from fastapi.security import APIKeyHeader
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.batcher import BatcherClosed, QueueFull
 from serving.logs import request_id
 from serving.metrics import Metrics
-from serving.middleware import RequestContextMiddleware
+from serving.middleware import API_KEY_HEADER, PROTECTED_PREFIX, RequestContextMiddleware
 from serving.recommend import LimitExceeded, check_limits, recommend
 from serving.reload import ModelManager, ReloadError, ServingModel
 from serving.schemas import (
@@ -41,10 +41,6 @@ from serving.schemas import (
 from serving.settings import Settings
 
 log = logging.getLogger(__name__)
-
-API_KEY_HEADER = APIKeyHeader(
-    name="X-API-Key", auto_error=False, description="the service's API key"
-)
 
 
 class ApiError(Exception):
@@ -85,24 +81,18 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-# ---- dependencies ------------------------------------------------------------------------
+# ---- the serving model ------------------------------------------------------------------
+# Plain functions, not FastAPI dependencies: resolving dependencies costs more per request
+# than everything else FastAPI does, and the API key is checked in RequestContextMiddleware.
 
 
 def manager_of(request: Request) -> ModelManager:
     return request.app.state.manager
 
 
-def check_api_key(request: Request, key: Annotated[str | None, Depends(API_KEY_HEADER)]) -> None:
-    expected = request.app.state.settings.api_key_value()
-    if expected is None:
-        return
-    if key is None:
-        raise ApiError(401, "unauthorized", "missing X-API-Key header")
-    if not hmac.compare_digest(key.encode(), expected.encode()):
-        raise ApiError(403, "forbidden", "wrong API key")
-
-
-def serving_model(manager: Annotated[ModelManager, Depends(manager_of)]) -> ServingModel:
+def current_model(request: Request) -> ServingModel:
+    """The model serving now, or a 503 while none is loaded or the service is stopping."""
+    manager = manager_of(request)
     model = manager.current
     if model is None or manager.stopping:
         reason = "shutting down" if manager.stopping else (manager.last_error or "loading")
@@ -110,8 +100,9 @@ def serving_model(manager: Annotated[ModelManager, Depends(manager_of)]) -> Serv
     return model
 
 
-Model = Annotated[ServingModel, Depends(serving_model)]
-Manager = Annotated[ModelManager, Depends(manager_of)]
+def json_response(answer: BaseModel) -> Response:
+    # Serialised by pydantic in one step; FastAPI would validate the model again first.
+    return Response(answer.model_dump_json(), media_type="application/json")
 
 
 # ---- error handlers ----------------------------------------------------------------------
@@ -190,6 +181,7 @@ def create_app(settings: Settings) -> FastAPI:
         await manager.stop()
 
     app = FastAPI(
+        **without_telemetry(),
         title="fishrec",
         summary="Next-item recommendations from a Fisher-merged sequential recommender",
         version="1",
@@ -207,13 +199,44 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_exception_handler(BatcherClosed, on_closed)
     add_routes(app, settings)
     app.add_middleware(
-        RequestContextMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes
+        RequestContextMiddleware,
+        metrics=metrics,
+        max_body_bytes=settings.max_body_bytes,
+        api_key=settings.api_key_value(),
+        log_requests=settings.log_requests,
     )
+    document_api_key(app)
     return app
 
 
+def document_api_key(app: FastAPI) -> None:
+    """Declare the X-API-Key scheme on /v1/* in the OpenAPI schema (the middleware enforces it)."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = generate()
+            schemes = schema.setdefault("components", {}).setdefault("securitySchemes", {})
+            schemes["APIKeyHeader"] = {"type": "apiKey", "in": "header", "name": API_KEY_HEADER}
+            for path, operations in schema["paths"].items():
+                if path.startswith(PROTECTED_PREFIX):
+                    for operation in operations.values():
+                        operation["security"] = [{"APIKeyHeader": []}]
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def without_telemetry() -> dict[str, Any]:
+    """FastAPI's built-in OpenTelemetry hooks off: they look up the global providers on
+    every request (a visible share of the CPU per request); /metrics is the service's telemetry.
+    Only FastAPI versions that have the hooks take the argument."""
+    if "telemetry" not in inspect.signature(FastAPI.__init__).parameters:
+        return {}
+    return {"telemetry": {"tracing": False, "metrics": False, "logs": False}}
+
+
 def add_routes(app: FastAPI, settings: Settings) -> None:
-    v1 = [Depends(check_api_key)]
 
     @app.get("/healthz", response_model=Health, tags=["operations"])
     async def healthz() -> Health:
@@ -226,8 +249,9 @@ def add_routes(app: FastAPI, settings: Settings) -> None:
         responses={503: {"model": Readiness}},
         tags=["operations"],
     )
-    async def readyz(manager: Manager) -> JSONResponse:
+    async def readyz(request: Request) -> JSONResponse:
         """Ready once a verified bundle is loaded and warm, until shutdown starts."""
+        manager = manager_of(request)
         model = manager.current
         if model is None or manager.stopping:
             reason = "shutting down" if manager.stopping else (manager.last_error or "loading")
@@ -240,11 +264,10 @@ def add_routes(app: FastAPI, settings: Settings) -> None:
         body, content_type = request.app.state.metrics.render()
         return Response(body, media_type=content_type)
 
-    @app.get(
-        "/v1/model", response_model=ModelInfo, dependencies=v1, responses=ERRORS, tags=["model"]
-    )
-    async def model_info(model: Model) -> ModelInfo:
+    @app.get("/v1/model", response_model=ModelInfo, responses=ERRORS, tags=["model"])
+    async def model_info(request: Request) -> ModelInfo:
         """The serving bundle: run id, provenance, metrics, parity of its export."""
+        model = current_model(request)
         return ModelInfo(
             model_version=model.version,
             loaded_at=model.loaded_at.isoformat(),
@@ -255,29 +278,25 @@ def add_routes(app: FastAPI, settings: Settings) -> None:
     @app.post(
         "/v1/recommendations",
         response_model=RecommendationResponse,
-        dependencies=v1,
         responses=ERRORS,
         tags=["recommendations"],
     )
-    async def recommendations(
-        body: RecommendationRequest, model: Model, request: Request
-    ) -> RecommendationResponse:
+    async def recommendations(body: RecommendationRequest, request: Request) -> Response:
         """Top-k next items for one history."""
+        model = current_model(request)
         check_limits(body, settings, model.bundle.num_items, [])
         (answer,) = await recommend(model, [body], request.app.state.metrics)
-        return answer
+        return json_response(answer)
 
     @app.post(
         "/v1/recommendations:batch",
         response_model=BatchResponse,
-        dependencies=v1,
         responses=ERRORS,
         tags=["recommendations"],
     )
-    async def recommendations_batch(
-        body: BatchRequest, model: Model, request: Request
-    ) -> BatchResponse:
+    async def recommendations_batch(body: BatchRequest, request: Request) -> Response:
         """Top-k next items for many histories, all from the same model version."""
+        model = current_model(request)
         if len(body.requests) > settings.max_batch_requests:
             raise LimitExceeded(
                 ["requests"],
@@ -286,23 +305,22 @@ def add_routes(app: FastAPI, settings: Settings) -> None:
         for i, entry in enumerate(body.requests):
             check_limits(entry, settings, model.bundle.num_items, ["requests", i])
         answers = await recommend(model, body.requests, request.app.state.metrics)
-        return BatchResponse(results=answers, model_version=model.version)
+        return json_response(BatchResponse(results=answers, model_version=model.version))
 
     @app.post(
         "/v1/admin/reload",
         response_model=ReloadResponse,
-        dependencies=v1,
         responses={**ERRORS, 409: {"model": ErrorResponse, "description": "bundle refused"}},
         tags=["model"],
     )
-    async def reload(manager: Manager, body: ReloadRequest | None = None) -> ReloadResponse:
+    async def reload(request: Request, body: ReloadRequest | None = None) -> ReloadResponse:
         """Load LATEST (or `run_id`) now: verified and warmed before it replaces the current model."""
+        manager = manager_of(request)
         try:
             changed, previous = await manager.reload(body.run_id if body else None)
         except ReloadError as err:
             raise ApiError(409, "bundle_refused", str(err)) from err
-        current = manager.current
-        assert current is not None  # a successful reload leaves a model serving
+        current = current_model(request)
         return ReloadResponse(
             changed=changed, model_version=current.version, previous_version=previous
         )

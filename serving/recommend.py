@@ -66,11 +66,12 @@ def popular(bundle: Bundle, k: int) -> Ranked:
 
 
 def respond(bundle: Bundle, ranked: Ranked, plan: Plan) -> RecommendationResponse:
+    # model_construct: the values are built here from a verified bundle, not read from a client.
     items = [
-        ScoredItem(item_id=bundle.vocab.external(int(i)), score=float(s))
-        for i, s in zip(ranked.ids, ranked.scores, strict=True)
+        ScoredItem.model_construct(item_id=bundle.vocab.external(i), score=s)
+        for i, s in zip(ranked.ids.tolist(), ranked.scores.tolist(), strict=True)
     ]
-    return RecommendationResponse(
+    return RecommendationResponse.model_construct(
         items=items,
         model_version=bundle.run_id,
         unknown_items=plan.unknown,

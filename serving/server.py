@@ -26,7 +26,7 @@ def server_config(settings: Settings, log_level: str = "INFO") -> uvicorn.Config
         port=settings.port,
         log_config=None,  # logging is configured by configure_logging
         log_level=log_level.lower(),
-        access_log=False,  # the app logs each request with its id
+        access_log=False,  # the app logs requests with their id
         timeout_graceful_shutdown=max(1, round(settings.shutdown_timeout_s)),
         server_header=False,
     )

@@ -94,6 +94,11 @@ class Settings(BaseSettings):
         30.0, gt=0.0, description="longest a graceful shutdown waits for in-flight requests"
     )
     log_json: bool = Field(True, description="log one JSON object per line (else plain text)")
+    log_requests: bool = Field(
+        False,
+        description="log every request; by default only those answered 4xx/5xx are logged "
+        "(each log line costs about as much CPU as the rest of a request; /metrics counts all)",
+    )
 
     @field_validator("bundle")
     @classmethod

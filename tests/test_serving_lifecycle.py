@@ -205,6 +205,7 @@ def test_cli_server_drains_in_flight_requests_on_sigterm(
         url = server_url(process)
         headers = {"X-API-Key": "cli-key"}
         wait_for(lambda: httpx.get(f"{url}/readyz").status_code == 200, what="the CLI server")
+        refused = httpx.post(f"{url}/v1/recommendations", json={"items": []})  # no key: 401
 
         def request(_: int) -> httpx.Response:
             return httpx.post(f"{url}/v1/recommendations", json={"items": ["i3"]}, headers=headers)
@@ -223,9 +224,15 @@ def test_cli_server_drains_in_flight_requests_on_sigterm(
         logs = [
             json.loads(line) for line in process.stderr.read().splitlines() if line.startswith("{")
         ]
-        access = [entry for entry in logs if entry["logger"] == "fishrec.access"]
-        request_ids = {entry["request_id"] for entry in access}
-        assert {r.headers["x-request-id"] for r in responses} <= request_ids
+        # Structured logs: by default only failed requests, each with the id sent back to the client.
+        access = [
+            entry
+            for entry in logs
+            if entry["logger"] == "fishrec.access" and entry["route"] == "/v1/recommendations"
+        ]
+        assert [(e["status"], e["request_id"]) for e in access] == [
+            (401, refused.headers["x-request-id"])
+        ]
     finally:
         if process.poll() is None:
             process.kill()

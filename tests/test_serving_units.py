@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import shutil
 import subprocess
 import sys
@@ -330,3 +331,21 @@ def test_fishrec_serve_command_needs_neither_torch_nor_ray() -> None:
     assert "--artifacts" in help_text.getvalue()
     """
     run_blocked(code, {"torch", "ray", "merging"}, allowed={"merging", "merging.cli"})
+
+
+@pytest.mark.parametrize("log_requests", [False, True])
+def test_request_logging(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, log_requests: bool
+) -> None:
+    from fastapi.testclient import TestClient
+
+    from serving.app import create_app
+
+    app = create_app(Settings(artifacts=tmp_path, log_requests=log_requests, reload_interval_s=0))
+    with TestClient(app) as client, caplog.at_level(logging.INFO, logger="fishrec.access"):
+        ok = client.get("/healthz", headers={"X-Request-ID": "caller-id-1"})
+        missing = client.get("/nowhere")
+    logged = [(r.status, r.request_id) for r in caplog.records if r.name == "fishrec.access"]
+    assert ok.headers["x-request-id"] == "caller-id-1"  # a caller's id is kept
+    expected = [(404, missing.headers["x-request-id"])]
+    assert logged == ([(200, "caller-id-1"), *expected] if log_requests else expected)
