@@ -319,12 +319,33 @@ def compute_fisher(
     )
 
 
-def _engine(spec: EstimatorSpec, config: FisherConfig) -> str:
+def _engine(spec: EstimatorSpec, config: FisherConfig, model: SequenceRecommender) -> str:
+    if model.config.modality:
+        return _text_model_engine(spec, config, model)
     if spec.kind.engine == "exact":
         if config.engine == "autograd":
             raise ValueError("the exact estimator has its own engine; use engine=auto")
         return "exact"
     return spec.kind.engine if config.engine == "auto" else config.engine
+
+
+def _text_model_engine(
+    spec: EstimatorSpec, config: FisherConfig, model: SequenceRecommender
+) -> str:
+    """Models with text run on the autograd engine; `exact` and `structured` refuse them.
+
+    Both treat the output matrix W as free parameters whose rows are also the input
+    embeddings (DESIGN §5). With text, W = E + adaptor(features): the adaptor's
+    gradient through W is outside that identity. Brute force is exact for any model.
+    """
+    if spec.kind.engine == "exact" or config.engine == "structured":
+        raise ValueError(
+            f"Fisher estimator {spec} (engine {config.engine}) assumes ID-only items; this model "
+            f"represents items through text (item_representation "
+            f"{model.config.item_representation!r}): use full, random:n, topk:n, sample:n, "
+            "target or empirical (autograd engine), or the batch shortcut"
+        )
+    return "autograd"
 
 
 def _selector(spec: EstimatorSpec, target: int, generator: torch.Generator) -> ItemSelector:
@@ -359,7 +380,7 @@ def _run_per_sequence(
     config: FisherConfig,
     accumulator: FisherAccumulator,
 ) -> None:
-    engine = _engine(spec, config)
+    engine = _engine(spec, config, model)
     run = structured_items if engine == "structured" else autograd_items
     device = next(model.parameters()).device
     step = max(1, len(sequences) // 10)

@@ -56,7 +56,11 @@ class FisherAccumulator:
         self.sums = {
             name: torch.zeros_like(p, dtype=torch.float64) for name, p in model.named_parameters()
         }
-        self.embedding = _parameter_name(model, model.item_embedding.weight)
+        # The closed-form parts (exact, structured) need W to be the ID table; models
+        # with text only run the dense engines (merging/fisher.py refuses the others).
+        self.embedding = (
+            "" if model.config.modality else _parameter_name(model, model.item_embedding.weight)
+        )
         self.bias = _parameter_name(model, model.output_bias)
         self.num_items = model.config.num_items
         self.dropped_mass = 0.0
@@ -107,6 +111,8 @@ class Linearisation:
     """
 
     def __init__(self, model: SequenceRecommender, history: Tensor) -> None:
+        if model.config.modality:
+            raise ValueError("the linearisation assumes ID-only items (W = the ID table)")
         self.model = model
         wrapper = _HiddenState(model)
         embedding_name = _parameter_name(model, model.item_embedding.weight)

@@ -90,6 +90,72 @@ def cmd_data_synthetic(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_data_features(args: argparse.Namespace) -> None:
+    from training.data import load_data
+    from training.features import DEFAULT_CACHE, FEATURES_FILE, write_item_features
+
+    data_path = Path(args.data)
+    if args.out is None and not data_path.is_dir():
+        raise CommandError(f"{data_path} is not a prepared data folder: pass --out FILE")
+    out = Path(args.out) if args.out else data_path / FEATURES_FILE
+    features = write_item_features(
+        load_data(data_path),
+        Path(args.input),
+        out,
+        fmt=args.format,
+        encoding=args.encoding,
+        encoder=args.encoder,
+        id_map=Path(args.id_map) if args.id_map else None,
+        cache_dir=None if args.no_cache else Path(args.cache_dir or DEFAULT_CACHE),
+        progress=not args.no_progress,
+    )
+    print(
+        f"{out}: {features.num_items} items, {int(features.mask.sum())} with text "
+        f"({features.coverage:.1%}), encoder {features.encoder} ({features.dim} dimensions)"
+    )
+
+
+def register_features(sub: argparse._SubParsersAction) -> None:
+    from training.features import DEFAULT_ENCODER, ENCODERS, TEXT_FORMATS
+
+    features = sub.add_parser(
+        "features",
+        help="encode item text into a feature matrix aligned with a data folder",
+        description="Read item text (MovieLens movies.dat, RecBole .item, item_id<TAB>text), "
+        "encode it with a local sentence encoder and write features.safetensors (items "
+        "without text get zeros and mask 0). Encodings are cached by the sha256 of each text.",
+    )
+    features.add_argument("--data", required=True, help="the prepared data folder (or raw log)")
+    features.add_argument("--input", required=True, help="the item text file")
+    features.add_argument(
+        "--format", default="auto", choices=["auto", *TEXT_FORMATS], help="item text format"
+    )
+    features.add_argument(
+        "--encoding",
+        default=None,
+        help="text encoding (default: iso-8859-1 for movielens, else utf-8)",
+    )
+    features.add_argument(
+        "--encoder", default=DEFAULT_ENCODER, choices=list(ENCODERS), help="sentence encoder"
+    )
+    features.add_argument(
+        "--id-map",
+        default=None,
+        help="TSV data item id -> text file item id, when they differ (e.g. ml-1m_5core_item_map.tsv)",
+    )
+    features.add_argument(
+        "--out", default=None, help="feature file (default: DATA/features.safetensors)"
+    )
+    features.add_argument(
+        "--cache-dir", default=None, help="encoding cache (default: ~/.cache/fishrec/features)"
+    )
+    features.add_argument(
+        "--no-cache", action="store_true", help="neither read nor write the cache"
+    )
+    features.add_argument("--no-progress", action="store_true", help="no progress bar")
+    features.set_defaults(func=cmd_data_features)
+
+
 def register_data(commands: argparse._SubParsersAction) -> None:
     data = commands.add_parser(
         "data",
@@ -149,6 +215,7 @@ def register_data(commands: argparse._SubParsersAction) -> None:
     synthetic.add_argument("--seed", type=int, default=0, help="generator seed")
     add_override_flags(synthetic)
     synthetic.set_defaults(func=cmd_data_synthetic)
+    register_features(sub)
 
 
 # ---- train / evaluate ---------------------------------------------------------------
@@ -160,6 +227,8 @@ TRAIN_FLAGS = {
     "epochs": "train.epochs",
     "seed": "train.seed",
     "device": "train.device",
+    "features": "data.features",
+    "item_representation": "model.item_representation",
 }
 
 
@@ -167,6 +236,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from training.config import ExperimentConfig, load_config
     from training.sources import load_source
     from training.trainer import train
+    from training.transfer import Transfer
 
     overrides = collect_overrides(args, TRAIN_FLAGS)
     if args.no_progress:
@@ -179,6 +249,9 @@ def cmd_train(args: argparse.Namespace) -> None:
         Path(args.out),
         init=Path(args.init) if args.init else None,
         resume=args.resume,
+        transfer=Transfer(Path(args.transfer_from), args.adaptation)
+        if args.transfer_from
+        else None,
     )
     print_metrics({"model": result.metrics["model"], "mostpop": result.metrics["mostpop"]})
     print(f"best epoch {result.best_epoch}; run folder {result.run_dir}")
@@ -206,6 +279,27 @@ def register_train(commands: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--init", default=None, help="start from this checkpoint or run folder (fine-tune setting)"
+    )
+    parser.add_argument(
+        "--transfer-from",
+        default=None,
+        help="start from a model of another catalogue (its items must have text; see --adaptation)",
+    )
+    parser.add_argument(
+        "--adaptation",
+        choices=["finetune", "relearn"],
+        default="relearn",
+        help="with --transfer-from: finetune every weight, or relearn (freeze the transformer "
+        "blocks, re-initialise positions and the text adaptor)",
+    )
+    parser.add_argument(
+        "--item-representation",
+        choices=["id", "id+text", "text"],
+        default=None,
+        help="how items are represented (id+text and text need item features)",
+    )
+    parser.add_argument(
+        "--features", default=None, help="item feature file (default: DATA/features.safetensors)"
     )
     parser.add_argument("--epochs", type=int, default=None, help="maximum epochs")
     parser.add_argument("--seed", type=int, default=None, help="random seed")

@@ -38,6 +38,17 @@ class ModelSpec(StrictModel):
     attn_dropout: float = Field(0.2, ge=0.0, lt=1.0, description="dropout on attention weights")
     ffn_mult: int = Field(4, ge=1, description="feed-forward width as a multiple of D")
     init_std: float = Field(0.02, gt=0.0, description="std of the normal initialisation")
+    item_representation: Literal["id", "id+text", "text"] = Field(
+        "id",
+        description="id: ID embedding (plain); id+text: ID embedding + adaptor(text features); "
+        "text: adaptor(text features) only, transferable to another catalogue (needs data.features)",
+    )
+    adaptor_experts: int = Field(
+        4, ge=1, description="whitening experts of the text adaptor (id+text, text)"
+    )
+    feature_dim: int | None = Field(
+        None, ge=1, description="width of the item features (None: the feature file's; checked)"
+    )
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> ModelSpec:
@@ -61,6 +72,11 @@ class DataSpec(StrictModel):
         description="'synthetic' for the embedded data set, a prepared data folder, or a raw file",
     )
     synthetic: SyntheticSpec = Field(default_factory=SyntheticSpec)
+    features: str | None = Field(
+        None,
+        description="item feature file of `fishrec data features` (None: features.safetensors "
+        "in the data folder); read when the model has text or the recipe needs it",
+    )
 
 
 class RecipeSpec(StrictModel):

@@ -7,6 +7,14 @@ item at every position. Both score items with the shared item embedding:
 
     z = W h + b        W = item embedding rows of the real items, b = output bias
 
+Items are represented by one table (`item_representations`), read by both the
+input and the output layer. By default it is the ID embedding. Optionally (off
+by default, and then nothing of it exists in the model) it adds a text part:
+frozen item features (a buffer, saved with the weights and exported as a
+constant) mapped by the adaptor of training/modality.py, either on top of the
+ID embedding ("id+text") or alone ("text", which scores any catalogue whose
+items have text, including one the model never saw).
+
 Read top to bottom: config, attention, feed-forward, block, the model.
 
 Conventions used everywhere in fishrec:
@@ -27,8 +35,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from training.modality import WhiteningMixture
+
 Backbone = Literal["bert4rec", "sasrec"]
+ItemRepresentation = Literal["id", "id+text", "text"]
 PAD_ID = 0
+# Config fields that exist only with modality; a plain config is written without them.
+MODALITY_FIELDS = ("item_representation", "feature_dim", "adaptor_experts")
 
 
 @dataclass(frozen=True)
@@ -43,6 +56,9 @@ class ModelConfig:
     attn_dropout: float = 0.2  # on attention probabilities
     ffn_mult: int = 4  # feed-forward width = ffn_mult * hidden_size
     init_std: float = 0.02
+    item_representation: ItemRepresentation = "id"  # id, id+text or text (see the header)
+    feature_dim: int = 0  # width F of the item features; 0 with "id"
+    adaptor_experts: int = 4  # whitening experts of the modality adaptor
 
     def __post_init__(self) -> None:
         if self.num_items < 1:
@@ -55,6 +71,18 @@ class ModelConfig:
             )
         if self.max_len < 2:
             raise ValueError(f"max_len must be >= 2, got {self.max_len}")
+        if self.item_representation not in ("id", "id+text", "text"):
+            raise ValueError(
+                f"item_representation must be 'id', 'id+text' or 'text', got {self.item_representation!r}"
+            )
+        if self.modality and (self.feature_dim < 1 or self.adaptor_experts < 1):
+            raise ValueError(
+                f"item_representation {self.item_representation!r} needs feature_dim >= 1 (the "
+                f"width of the item features) and adaptor_experts >= 1, got {self.feature_dim} "
+                f"and {self.adaptor_experts}"
+            )
+        if not self.modality and self.feature_dim:
+            raise ValueError("feature_dim is for item_representation 'id+text' or 'text'")
 
     @property
     def mask_id(self) -> int:
@@ -64,8 +92,23 @@ class ModelConfig:
     def causal(self) -> bool:
         return self.backbone == "sasrec"
 
+    @property
+    def modality(self) -> bool:
+        """Whether items have a text part (features + adaptor)."""
+        return self.item_representation != "id"
+
+    @property
+    def uses_ids(self) -> bool:
+        """Whether items have an ID embedding (not so for text-only models)."""
+        return self.item_representation != "text"
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        values = asdict(self)
+        if not self.modality:
+            # Written exactly as before modality existed: plain checkpoints stay byte-identical.
+            for name in MODALITY_FIELDS:
+                del values[name]
+        return values
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
@@ -130,7 +173,8 @@ class SequenceRecommender(nn.Module):
         super().__init__()
         self.config = config
         d = config.hidden_size
-        self.item_embedding = nn.Embedding(config.num_items + 2, d, padding_idx=PAD_ID)
+        if config.uses_ids:
+            self.item_embedding = nn.Embedding(config.num_items + 2, d, padding_idx=PAD_ID)
         self.position_embedding = nn.Embedding(config.max_len, d)
         self.embed_norm = nn.LayerNorm(d)
         self.embed_dropout = nn.Dropout(config.dropout)
@@ -139,7 +183,22 @@ class SequenceRecommender(nn.Module):
         # BERT4Rec's prediction head: a non-linear transform before the tied output layer.
         self.head = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.LayerNorm(d))
         self.output_bias = nn.Parameter(torch.zeros(config.num_items))
+        if config.modality:
+            self._add_modality(config)
         self.apply(self._init_weights)
+
+    def _add_modality(self, config: ModelConfig) -> None:
+        """The text part: frozen features and mask as buffers, the adaptor as parameters."""
+        d = config.hidden_size
+        self.item_adaptor = WhiteningMixture(
+            config.feature_dim, d, config.adaptor_experts, config.dropout, config.init_std
+        )
+        # Zeros until `set_item_features` (or a checkpoint) fills them.
+        self.register_buffer("item_features", torch.zeros(config.num_items, config.feature_dim))
+        self.register_buffer("feature_mask", torch.zeros(config.num_items))
+        if not config.uses_ids:
+            # Text-only models have no ID table, but [MASK] still needs a learned vector.
+            self.mask_embedding = nn.Parameter(torch.randn(1, d) * config.init_std)
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, nn.Linear | nn.Embedding):
@@ -149,6 +208,48 @@ class SequenceRecommender(nn.Module):
         if isinstance(module, nn.Embedding) and module.padding_idx is not None:
             with torch.no_grad():
                 module.weight[module.padding_idx].zero_()
+
+    def set_item_features(self, features: Tensor, mask: Tensor) -> None:
+        """Load the item features (N, F) and their mask (N,) (1: the item has text)."""
+        if not self.config.modality:
+            raise ValueError("this model has no text part (item_representation 'id')")
+        if features.shape != self.item_features.shape or mask.shape != self.feature_mask.shape:
+            raise ValueError(
+                f"features {tuple(features.shape)} / mask {tuple(mask.shape)} do not fit the "
+                f"model's {tuple(self.item_features.shape)} / {tuple(self.feature_mask.shape)}"
+            )
+        with torch.no_grad():
+            self.item_features.copy_(features)
+            self.feature_mask.copy_(mask)
+
+    # ---- items ---------------------------------------------------------------------
+
+    def item_representations(self) -> Tensor:
+        """The vector of every id, (N + 2, D): 0 padding, 1..N the items, N + 1 [MASK].
+
+        The one place items are represented: the input (`embed`) and the output
+        layer (`output_weight`) both read it. Plain: the ID embedding table.
+        With modality: ID embedding + adaptor(features) ("id+text") or the
+        adaptor alone ("text"); an item without text gets no text part.
+        """
+        if not self.config.modality:
+            return self.item_embedding.weight
+        text = self.item_adaptor(self.item_features) * self.feature_mask[:, None]  # (N, D)
+        none = text.new_zeros(1, text.shape[1])
+        if self.config.uses_ids:
+            return self.item_embedding.weight + torch.cat([none, text, none])
+        return torch.cat([none, text, self.mask_embedding])
+
+    def embed(self, item_ids: Tensor) -> Tensor:
+        """Input vectors of ids: (B, L) -> (B, L, D), rows of `item_representations()`."""
+        if not self.config.modality:
+            # Through the module, not its table: merging/fisher_exact.py hooks this call.
+            return self.item_embedding(item_ids)
+        return F.embedding(item_ids, self.item_representations(), padding_idx=PAD_ID)
+
+    def output_weight(self) -> Tensor:
+        """W: the representations of the real items, (N, D); shared with the input."""
+        return self.item_representations()[1 : self.config.num_items + 1]
 
     # ---- training path -------------------------------------------------------------
 
@@ -171,16 +272,12 @@ class SequenceRecommender(nn.Module):
         length = item_ids.shape[1]
         # Right-aligned positions: the newest item always gets position max_len - 1.
         positions = torch.arange(length, device=item_ids.device) + (self.config.max_len - length)
-        x = self.item_embedding(item_ids) + self.position_embedding(positions)  # (B, L, D)
+        x = self.embed(item_ids) + self.position_embedding(positions)  # (B, L, D)
         x = self.embed_dropout(self.embed_norm(x))
         allowed = self.attention_mask(item_ids)
         for block in self.blocks:
             x = block(x, allowed)
         return self.head(self.final_norm(x))
-
-    def output_weight(self) -> Tensor:
-        """W: the embedding rows of the real items, (N, D); shared with the input."""
-        return self.item_embedding.weight[1 : self.config.num_items + 1]
 
     def score(self, states: Tensor) -> Tensor:
         """Logits z = W h + b for states (..., D) -> (..., N); column j is item j + 1."""

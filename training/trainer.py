@@ -47,8 +47,11 @@ from training.checkpoint import (
 from training.config import ExperimentConfig, TrainConfig
 from training.data import SequenceData
 from training.evaluate import Evaluator
+from training.features import ItemFeatures, load_item_features
+from training.modality import load_features_into
 from training.model import ModelConfig, SequenceRecommender, build_model
-from training.recipes import Recipe, build_recipe
+from training.recipes import FeatureRecipe, Recipe, build_recipe, needs_features
+from training.transfer import Transfer, frozen_parameters, transfer_model
 
 log = logging.getLogger(__name__)
 
@@ -93,19 +96,38 @@ def learning_rate_factor(step: int, total: int, cfg: TrainConfig) -> float:
     return 1.0
 
 
-def build_optimizer(modules: list[nn.Module], cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; weight decay on weight matrices only (not on biases, norms or embeddings)."""
+def build_optimizer(
+    modules: list[nn.Module], cfg: TrainConfig, lr_scales: dict[str, float] | None = None
+) -> torch.optim.AdamW:
+    """AdamW; weight decay on weight matrices only (not on biases, norms or embeddings).
+
+    Frozen parameters (requires_grad False) get no group. `lr_scales` maps names of
+    the first module's parameters to a learning-rate factor (KDSR's slower
+    adaptor): they get groups of their own with an `lr_scale` key.
+    """
+    scales = lr_scales or {}
+    unknown = sorted(set(scales) - {name for name, _ in modules[0].named_parameters()})
+    if unknown:
+        raise ValueError(f"lr_scales names parameters the model does not have: {unknown}")
     decay, no_decay = [], []
-    for module in modules:
+    scaled: dict[tuple[bool, float], list[nn.Parameter]] = {}
+    for index, module in enumerate(modules):
         for name, param in module.named_parameters():
             if not param.requires_grad:
                 continue
             is_matrix = param.ndim >= 2 and "embedding" not in name
+            scale = scales.get(name, 1.0) if index == 0 else 1.0
+            if scale != 1.0:
+                scaled.setdefault((is_matrix, scale), []).append(param)
+                continue
             (decay if is_matrix else no_decay).append(param)
     groups = [
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    for (is_matrix, scale), params in scaled.items():
+        decay_rate = cfg.weight_decay if is_matrix else 0.0
+        groups.append({"params": params, "weight_decay": decay_rate, "lr_scale": scale})
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
 
 
@@ -144,7 +166,10 @@ class Trainer:
         run_dir: Path,
         init: Path | None = None,
         on_epoch: EpochCallback | None = None,
+        transfer: Transfer | None = None,
     ) -> None:
+        if init is not None and transfer is not None:
+            raise ValueError("start from --init or from --transfer-from, not both")
         self.config = config
         self.cfg = config.train
         self.data = data
@@ -161,23 +186,65 @@ class Trainer:
         self.evaluator = Evaluator(
             self.split, seed=self.cfg.eval_seed, batch_size=self.cfg.eval_batch_size
         )
-        self.init = init
+        self.init, self.transfer = init, transfer
+        self.features = self._item_features()
         self.model = self._initial_model(init).to(self.device)
         self.model_config = self.model.config
         self.recipe: Recipe = build_recipe(
-            config.recipe.name, config.recipe.params, self.model_config, self.train_sequences
+            config.recipe.name,
+            config.recipe.params,
+            self.model_config,
+            self.train_sequences,
+            self.features,
         ).to(self.device)
-        self.optimizer = build_optimizer([self.model, self.recipe], self.cfg)
+        scales = (
+            self.recipe.lr_scales(self.model) if isinstance(self.recipe, FeatureRecipe) else None
+        )
+        self.optimizer = build_optimizer([self.model, self.recipe], self.cfg, scales)
         steps_per_epoch = math.ceil(len(self.train_sequences) / self.cfg.batch_size)
         self.total_steps = max(1, steps_per_epoch * self.cfg.epochs)
         self.state = TrainState(history=[])
 
-    def _initial_model(self, init: Path | None) -> SequenceRecommender:
+    def _item_features(self) -> ItemFeatures | None:
+        """The data's item features, read when the recipe or a new model with text needs them."""
+        new_text_model = self.init is None and (
+            self.transfer is not None or self.config.model.item_representation != "id"
+        )
+        if not (new_text_model or needs_features(self.config.recipe.name)):
+            return None
+        data = self.config.data
+        return load_item_features(data.path, data.features, self.data)
+
+    def _new_model(self) -> SequenceRecommender:
         spec = self.config.model.model_dump()
-        if init is None:
+        if spec["item_representation"] == "id":
+            spec.update(feature_dim=0)
             return build_model(
                 ModelConfig(num_items=self.data.num_items, **spec), seed=self.cfg.seed
             )
+        assert self.features is not None
+        if spec["feature_dim"] not in (None, self.features.dim):
+            raise ValueError(
+                f"model.feature_dim is {spec['feature_dim']}, the features have {self.features.dim}"
+            )
+        spec.update(feature_dim=self.features.dim)
+        model = build_model(ModelConfig(num_items=self.data.num_items, **spec), seed=self.cfg.seed)
+        load_features_into(model, self.features)
+        return model
+
+    def _initial_model(self, init: Path | None) -> SequenceRecommender:
+        if self.transfer is not None:
+            assert self.features is not None
+            source = load_run_checkpoint(self.transfer.source)
+            log.info("transferring %s (%s)", source.path, self.transfer.adaptation)
+            model = transfer_model(
+                source.model, self.features, self.transfer.adaptation, self.cfg.seed
+            )
+            if frozen_parameters(model):
+                log.info("frozen: %s", ", ".join(frozen_parameters(model)))
+            return model.train()
+        if init is None:
+            return self._new_model()
         checkpoint = load_run_checkpoint(init)
         fingerprint = checkpoint.info.get("data_fingerprint")
         if fingerprint and fingerprint != self.data.fingerprint:
@@ -198,6 +265,17 @@ class Trainer:
             "seed": self.cfg.seed,
             "data_fingerprint": self.data.fingerprint,
             "init": str(self.init) if self.init else None,
+            # Only with modality or transfer, so plain checkpoints keep their exact info.
+            **({"transfer": self.transfer.to_json()} if self.transfer else {}),
+            **({"features": self.features_info()} if self.features is not None else {}),
+        }
+
+    def features_info(self) -> dict[str, Any]:
+        assert self.features is not None
+        return {
+            "encoder": self.features.encoder,
+            "dim": self.features.dim,
+            "vocab_sha256": self.features.vocab_sha256,
         }
 
     def save_last(self) -> None:
@@ -371,6 +449,12 @@ def train(
     init: Path | None = None,
     resume: bool = False,
     on_epoch: EpochCallback | None = None,
+    transfer: Transfer | None = None,
 ) -> TrainResult:
-    """Train `config` on `data` into `run_dir`; the one entry point of the CLI and the job."""
-    return Trainer(config, data, run_dir, init=init, on_epoch=on_epoch).fit(resume=resume)
+    """Train `config` on `data` into `run_dir`; the one entry point of the CLI and the job.
+
+    `init` continues a checkpoint of the same data; `transfer` starts from a model
+    of another catalogue (training/transfer.py).
+    """
+    trainer = Trainer(config, data, run_dir, init=init, on_epoch=on_epoch, transfer=transfer)
+    return trainer.fit(resume=resume)
