@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from training.checkpoint import sha256_file
 from training.data import DataError, Vocabulary
+from training.files import sha256_file
 
 SCHEMA = "fishrec.bundle/1"
 POPULAR_SCHEMA = "fishrec.popular/1"

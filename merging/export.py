@@ -51,9 +51,10 @@ from merging.bundle import (
     write_manifest,
 )
 from training.batching import pad_left
-from training.checkpoint import atomic_directory, write_json
+from training.checkpoint import write_json
 from training.data import SequenceData, Split
 from training.evaluate import Evaluator
+from training.files import atomic_directory
 from training.model import ModelConfig, SequenceRecommender
 from training.trainer import load_run_checkpoint
 

@@ -18,10 +18,11 @@ from merging.merge import (
     run_merge,
     search_coefficients,
 )
-from training.checkpoint import sha256_file, write_checkpoint
+from training.checkpoint import write_checkpoint
 from training.cli import main
 from training.data import SequenceData
 from training.evaluate import Evaluator
+from training.files import sha256_file
 from training.model import ModelConfig, build_model
 from training.trainer import load_run_checkpoint
 

@@ -32,10 +32,7 @@ import hashlib
 import io
 import json
 import logging
-import os
 import re
-import shutil
-import uuid
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -44,6 +41,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from training.files import replace_directory, sha256_file, staging_dir
 
 logger = logging.getLogger(__name__)
 
@@ -693,7 +692,7 @@ class SequenceData:
         (folder / SEQUENCES_FILE).write_bytes(blob)
         self.vocab.save(folder / VOCAB_FILE)
         _write_json(folder / USERS_FILE, {"schema": USERS_SCHEMA, "users": list(self.users)})
-        files = {name: _sha256_file(folder / name) for name in _CONTENT_FILES}
+        files = {name: sha256_file(folder / name) for name in _CONTENT_FILES}
         meta = {
             **self.meta,
             "schema": DATA_SCHEMA,
@@ -893,14 +892,6 @@ def _read_json(path: Path) -> Any:
         raise DataError(f"{path}: expected JSON: {error}") from None
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _verify_files(directory: Path, files: Any) -> None:
     if not isinstance(files, dict) or set(_CONTENT_FILES) - set(files):
         raise DataError(f"{directory / META_FILE}: expected the sha256 of {list(_CONTENT_FILES)}")
@@ -908,7 +899,7 @@ def _verify_files(directory: Path, files: Any) -> None:
         path = directory / name
         if not path.is_file():
             raise DataError(f"{path}: missing")
-        if _sha256_file(path) != files[name]:
+        if sha256_file(path) != files[name]:
             raise DataError(
                 f"{path}: sha256 differs from meta.json: the file is corrupt or changed"
             )
@@ -946,41 +937,3 @@ def _check_layout(
         problems.append(f"item ids must lie in 1..{num_items}")
     if problems:
         raise DataError(f"{directory / SEQUENCES_FILE}: {'; '.join(problems)}")
-
-
-@contextlib.contextmanager
-def staging_dir(target: Path) -> Iterator[Path]:
-    """A fresh folder beside `target` (same file system, so a rename is atomic), removed on exit.
-
-    Build the content in it, then `replace_directory(staging, target)`.
-    """
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # mkdir (not mkdtemp, which makes the folder private) so the result has the umask's modes.
-    path = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:12]}")
-    path.mkdir()
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def replace_directory(source: Path, target: Path) -> None:
-    """Move the folder `source` to `target`, replacing any old `target`; never half-written.
-
-    rename() cannot replace a non-empty folder, so an old target is first
-    renamed aside and deleted after the new one is in place.
-    """
-    source, target = Path(source), Path(target)
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(target, old)
-    try:
-        os.replace(source, target)
-    except OSError:
-        if old is not None:
-            os.replace(old, target)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

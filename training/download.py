@@ -24,14 +24,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from training.data import (
-    DataError,
-    SequenceData,
-    build_sequences,
-    read_interactions,
-    replace_directory,
-    staging_dir,
-)
+from training.data import DataError, SequenceData, build_sequences, read_interactions
+from training.files import replace_directory, staging_dir
 
 logger = logging.getLogger(__name__)
 
