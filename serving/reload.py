@@ -171,6 +171,7 @@ class ModelManager:
             bundle.num_items,
             self.threads,
             self.settings.inter_op_threads,
+            bundle.max_history,
         )
         onnx.warm_up(
             self.settings.max_batch_size, min(bundle.max_history, self.settings.max_history)

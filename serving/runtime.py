@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,6 +114,30 @@ def default_threads(quota: float | None = None, cpus: int | None = None) -> int:
 
 # ---- the session ----------------------------------------------------------------------
 
+# Padding a run to its longest row may add this share of the rows' real positions, plus a few
+# positions per row (runs of very short rows are cheap either way).
+PADDING_SLACK = 0.25
+PADDING_PER_ROW = 4
+
+
+def length_groups(lengths: list[int]) -> list[list[int]]:
+    """Indices of `lengths` in groups of similar length (shortest first), padding bounded."""
+    groups: list[list[int]] = []
+    current: list[int] = []
+    real = 0
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
+        length = lengths[i]  # the longest so far in `current`: lengths come in order
+        padded = (len(current) + 1) * length
+        allowed = (1 + PADDING_SLACK) * (real + length) + PADDING_PER_ROW * (len(current) + 1)
+        if current and padded > allowed:
+            groups.append(current)
+            current, real = [], 0
+        current.append(i)
+        real += length
+    if current:
+        groups.append(current)
+    return groups
+
 
 @dataclass(frozen=True)
 class Row:
@@ -134,7 +159,15 @@ class Ranked:
 class OnnxModel:
     """An onnxruntime session of a bundle's model with explicit threads."""
 
-    def __init__(self, path: Path, num_items: int, intra_op_threads: int, inter_op_threads: int):
+    def __init__(
+        self,
+        path: Path,
+        num_items: int,
+        intra_op_threads: int,
+        inter_op_threads: int,
+        max_history: int | None = None,
+    ) -> None:
+        """`max_history`: how many newest items the graph reads (the bundle's max_history)."""
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
         options.inter_op_num_threads = inter_op_threads
@@ -149,6 +182,7 @@ class OnnxModel:
         options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         self.path = Path(path)
         self.num_items = num_items
+        self.max_history = max_history or sys.maxsize
         try:
             self.session = ort.InferenceSession(
                 str(path), options, providers=["CPUExecutionProvider"]
@@ -172,7 +206,21 @@ class OnnxModel:
                 )
 
     def run(self, rows: list[Row]) -> list[Ranked]:
-        """Score a batch of rows in one session run; each row gets its own k."""
+        """Score a batch of rows; rows of similar length share a session run, each keeps its k.
+
+        Rows are padded to the longest row of their run, and the transformer's cost
+        grows with the padded length while batching saves little on a CPU, so one
+        run over rows of 10 and 200 items would cost nearly 200 + 200.
+        """
+        lengths = [min(len(row.history), self.max_history) for row in rows]
+        ranked: list[Ranked | None] = [None] * len(rows)
+        for group in length_groups(lengths):
+            for i, answer in zip(group, self.run_padded([rows[i] for i in group]), strict=True):
+                ranked[i] = answer
+        return ranked  # type: ignore[return-value]  # every index belongs to one group
+
+    def run_padded(self, rows: list[Row]) -> list[Ranked]:
+        """One session run over `rows`, left-padded to the longest."""
         width = max(len(row.history) for row in rows)
         item_ids = np.zeros((len(rows), width), dtype=np.int64)  # (B, L) left-padded
         for i, row in enumerate(rows):

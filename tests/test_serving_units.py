@@ -20,7 +20,7 @@ from onnx import TensorProto, helper
 
 from serving.batcher import BatchObserver, MicroBatcher, QueueFull
 from serving.bundle import BundleError, load_bundle, read_latest
-from serving.runtime import OnnxModel, Row, cpu_quota, default_threads
+from serving.runtime import OnnxModel, Row, cpu_quota, default_threads, length_groups
 from serving.settings import Settings
 from tests.serving_support import corrupt
 
@@ -143,7 +143,7 @@ def test_onnx_model_checks_the_interface(tmp_path: Path) -> None:
 
 
 def test_onnx_model_batches_rows_of_different_length_and_k(serving_bundle: Path) -> None:
-    model = OnnxModel(serving_bundle / "model.onnx", 200, 1, 1)
+    model = OnnxModel(serving_bundle / "model.onnx", 200, 1, 1, max_history=20)
     rows = [
         Row(np.array([5, 6, 7]), 3, True),
         Row(np.array([9]), 10, False),
@@ -157,6 +157,20 @@ def test_onnx_model_batches_rows_of_different_length_and_k(serving_bundle: Path)
         np.testing.assert_allclose(a.scores, b.scores, atol=1e-5)
     assert not set(together[0].ids) & {5, 6, 7}
     model.warm_up(batch_size=4, history=20)
+
+
+def test_length_groups_bound_the_padding() -> None:
+    lengths = [200, 10, 190, 12, 100, 11, 3]
+    groups = length_groups(lengths)
+    assert [[lengths[i] for i in group] for group in groups] == [[3, 10, 11, 12], [100], [190, 200]]
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 300, size=500).tolist()
+    groups = length_groups(lengths)
+    assert sorted(i for group in groups for i in group) == list(range(500))
+    for group in groups:
+        real = sum(lengths[i] for i in group)
+        padded = len(group) * max(lengths[i] for i in group)
+        assert padded <= 1.25 * real + 4 * len(group)
 
 
 # ---- CPU quota -----------------------------------------------------------------------------
