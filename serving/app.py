@@ -204,6 +204,7 @@ def create_app(settings: Settings) -> FastAPI:
         max_body_bytes=settings.max_body_bytes,
         api_key=settings.api_key_value(),
         log_requests=settings.log_requests,
+        paths=frozenset(getattr(route, "path", "") for route in app.routes),
     )
     document_api_key(app)
     return app

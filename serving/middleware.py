@@ -51,12 +51,14 @@ class RequestContextMiddleware:
         max_body_bytes: int,
         api_key: str | None = None,
         log_requests: bool = False,
+        paths: frozenset[str] = frozenset(),
     ) -> None:
         self.app = app
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
         self.api_key = None if api_key is None else api_key.encode()
         self.log_requests = log_requests
+        self.paths = paths  # the app's route paths: labels for requests refused before routing
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -143,9 +145,10 @@ class RequestContextMiddleware:
         await send({"type": "http.response.body", "body": body})
 
     def record(self, scope: Scope, status: int, seconds: float) -> None:
-        route = scope.get("route")
         # Route templates, never raw paths: unknown paths would grow the label set without bound.
-        template = getattr(route, "path", None) or "unmatched"
+        template = getattr(scope.get("route"), "path", None)
+        if template is None:  # refused here (key, size) before routing, or no route matched
+            template = scope["path"] if scope["path"] in self.paths else "unmatched"
         self.metrics.observe_request(template, scope["method"], status, seconds)
         if self.log_requests or status >= 400:
             log.info(

@@ -274,6 +274,8 @@ def test_api_key(server: LiveServer) -> None:
         assert_error(wrong, 403)
         assert anonymous.get("/healthz").status_code == 200
         assert anonymous.get("/readyz").status_code == 200
+        metrics = anonymous.get("/metrics").text  # refusals are counted under their route
+        assert 'route="/v1/recommendations",status="401"' in metrics
 
 
 def test_unknown_routes_and_methods(client: httpx.Client) -> None:
