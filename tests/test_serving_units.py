@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import shutil
@@ -34,6 +35,11 @@ def test_a_published_bundle_loads(serving_bundle: Path) -> None:
     assert sorted(bundle.popular.tolist()) == list(range(1, 201))
     assert bundle.popular_scores[0] >= bundle.popular_scores[-1]
     assert bundle.model_file(quantized=True).name == "model.onnx"  # none in this bundle
+    with_int8 = dataclasses.replace(
+        bundle, manifest={**bundle.manifest, "quantized": {"file": "model.int8.onnx"}}
+    )
+    assert with_int8.model_file(quantized=True).name == "model.int8.onnx"
+    assert with_int8.model_file(quantized=False).name == "model.onnx"
     known, unknown = bundle.vocab.encode([bundle.vocab.items[4], "zzz"])
     assert known == [5] and unknown == ["zzz"]
 
