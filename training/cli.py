@@ -283,7 +283,8 @@ def register_train(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--transfer-from",
         default=None,
-        help="start from a model of another catalogue (its items must have text; see --adaptation)",
+        help="start from a model of another catalogue whose items have text (id+text or text); "
+        "the architecture is the source's, the items and features this data's (see --adaptation)",
     )
     parser.add_argument(
         "--adaptation",

@@ -493,7 +493,12 @@ class ItemFeatures:
                 tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
         except (SafetensorError, OSError) as err:
             raise DataError(f"{path}: not a safetensors file ({err})") from None
-        if meta.get("schema") != SCHEMA or set(tensors) != {"features", "mask"}:
+        required = {"schema", "encoder", "vocab_sha256", "content_sha256", "info"}
+        if (
+            meta.get("schema") != SCHEMA
+            or set(tensors) != {"features", "mask"}
+            or required - set(meta)
+        ):
             raise DataError(f"{path}: not a fishrec feature file (schema {meta.get('schema')!r})")
         vectors, mask = tensors["features"].astype(np.float32), tensors["mask"].astype(bool)
         if _content_digest(vectors, mask) != meta.get("content_sha256"):

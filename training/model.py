@@ -105,7 +105,7 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         values = asdict(self)
         if not self.modality:
-            # Written exactly as before modality existed: plain checkpoints stay byte-identical.
+            # Written exactly as before modality existed: plain checkpoint.json stays the same.
             for name in MODALITY_FIELDS:
                 del values[name]
         return values
