@@ -210,7 +210,7 @@ def test_run_features_are_found_next_to_the_data(
 
 
 def test_cli_writes_features_next_to_the_data(
-    tmp_path: Path, small_data: SequenceData, small_data_dir: Path, capsys
+    tmp_path: Path, small_data: SequenceData, capsys
 ) -> None:
     data = tmp_path / "data"
     small_data.save(data)
