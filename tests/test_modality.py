@@ -60,7 +60,7 @@ def text_model(representation: str, num_items: int = 30, seed: int = 0) -> Seque
 
 
 @pytest.mark.parametrize("backbone", BACKBONES)
-def test_plain_models_are_bit_identical_to_the_pre_modality_code(
+def test_plain_models_match_the_pre_modality_code(
     backbone: str, tmp_path: Path
 ) -> None:
     """Same names, same initial draws, same training steps as a checkpoint of the old code.
@@ -103,7 +103,14 @@ def test_plain_models_are_bit_identical_to_the_pre_modality_code(
             loss.backward()
             optimizer.step()
         trained = load_file(str(REFERENCE / backbone / "trained.safetensors"))
-        assert all(torch.equal(model.state_dict()[name], trained[name]) for name in trained)
+        # The initial weights above are bit-equal on every machine. Training is not:
+        # CPUs with other vector units round matmuls differently, and Adam turns a
+        # rounding difference on a near-zero gradient into a visible step (seen between
+        # two x86 machines: 1.3e-6). So the trained weights are compared to 1e-4, two
+        # orders below one AdamW step (lr 1e-2), which any change of the computation
+        # (an extra dropout draw, another mask) moves most weights by.
+        for name, expected in trained.items():
+            torch.testing.assert_close(model.state_dict()[name], expected, rtol=0, atol=1e-4)
     finally:
         torch.set_num_threads(threads)
 

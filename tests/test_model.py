@@ -12,9 +12,8 @@ BACKBONES = ["bert4rec", "sasrec"]
 
 
 def tiny(backbone: str, **kw) -> torch.nn.Module:
-    config = ModelConfig(
-        num_items=40, backbone=backbone, hidden_size=16, num_layers=2, num_heads=2, max_len=8, **kw
-    )
+    settings = dict(hidden_size=16, num_layers=2, num_heads=2, max_len=8) | kw
+    config = ModelConfig(num_items=40, backbone=backbone, **settings)
     return build_model(config, seed=0).eval()
 
 
@@ -27,6 +26,17 @@ def test_left_padding_does_not_change_prediction(backbone: str) -> None:
     # ... also when the padding comes from a longer neighbour in the same batch
     batch = torch.tensor([[0, 0, 5, 9, 3], [1, 2, 3, 4, 5]])
     assert torch.allclose(model.logits(history)[0], model.logits(batch)[0], atol=1e-6)
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+@pytest.mark.parametrize("num_layers", [1, 3])
+def test_inference_state_equals_the_training_path(backbone: str, num_layers: int) -> None:
+    """hidden() runs the last block for the prediction position only; same state as encode()."""
+    model = tiny(backbone, num_layers=num_layers)
+    batch = torch.tensor([[0, 0, 5, 9, 3], [1, 2, 3, 4, 5], [0, 0, 0, 0, 7]])
+    full = model.encode(model.prediction_input(batch))[:, -1]
+    assert model.hidden(batch).shape == full.shape
+    torch.testing.assert_close(model.hidden(batch), full, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("backbone", BACKBONES)
