@@ -219,16 +219,40 @@ class Pipeline:
             data = load_source(self.config.experiment.data)
             local = self.context.scratch("data-staging")
             data.save(local / "data")
-            self.store.upload_folder(local / "data", f"{self.work}/data")
             result = {
                 "fingerprint": data.fingerprint,
                 "num_users": data.num_users,
                 "num_items": data.num_items,
                 "num_interactions": data.num_interactions,
             }
+            if self.needs_features():
+                result["features"] = self.stage_features(data, local / "data")
+            self.store.upload_folder(local / "data", f"{self.work}/data")
             return StageOutput(["data"], result)
 
         return self.runner.run("data", work)
+
+    def needs_features(self) -> bool:
+        """Whether a model of the pool reads item features (text models, KDSR)."""
+        from training.recipes import needs_features
+
+        text_model = self.config.experiment.model.item_representation != "id"
+        return text_model or any(needs_features(entry.recipe_name) for entry in self.config.recipes)
+
+    def stage_features(self, data: Any, folder: Path) -> dict[str, Any]:
+        """Copy the item features into the run's data folder, checked against its vocabulary.
+
+        Workers on other nodes cannot read the submitter's files: they read the
+        features from the store, beside the data (see tasks.train_model).
+        """
+        import shutil
+
+        from training.features import FEATURES_FILE, features_path, load_item_features
+
+        spec = self.config.experiment.data
+        features = load_item_features(spec.path, spec.features, data)
+        shutil.copy2(features_path(spec.path, spec.features), folder / FEATURES_FILE)
+        return {"encoder": features.encoder, "dim": features.dim, "coverage": features.coverage}
 
     def experiment_for(
         self, recipe: str, params: dict[str, Any], epochs: int, seed: int

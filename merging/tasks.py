@@ -75,14 +75,29 @@ def start_task(context: TaskContext, label: str) -> None:
             os._exit(17)
 
 
+@functools.cache
+def run_data_folder(store_root: str, work: str) -> Path:
+    """A local copy of the run's data folder (one download per worker process)."""
+    context = TaskContext(store_root, work)
+    return context.store.download_folder(f"{work}/data", context.scratch("data"))
+
+
 @functools.lru_cache(maxsize=4)
 def load_run_data(store_root: str, work: str):  # type: ignore[no-untyped-def]
-    """The run's data folder (cached per worker process: several tasks reuse it)."""
+    """The run's data (cached per worker process: several tasks reuse it)."""
     from training.data import SequenceData
 
-    context = TaskContext(store_root, work)
-    local = context.store.download_folder(f"{work}/data", context.scratch("data"))
-    return SequenceData.load(local)
+    return SequenceData.load(run_data_folder(store_root, work))
+
+
+def with_staged_features(context: TaskContext, experiment: dict[str, Any]) -> dict[str, Any]:
+    """The experiment reading the item features the data stage put beside the data."""
+    from training.features import FEATURES_FILE
+
+    staged = run_data_folder(context.store_root, context.work) / FEATURES_FILE
+    if not staged.exists():
+        return experiment
+    return {**experiment, "data": {**experiment["data"], "features": str(staged)}}
 
 
 def local_checkpoint(context: TaskContext, relative: str) -> Path:
@@ -103,7 +118,7 @@ def train_model(
     from training.trainer import train
 
     start_task(context, f"train/{name}")
-    config = ExperimentConfig.model_validate(experiment)
+    config = ExperimentConfig.model_validate(with_staged_features(context, experiment))
     data = load_run_data(context.store_root, context.work)
     scratch = context.scratch(f"train/{name}")
     init_path = local_checkpoint(context, init) if init else None

@@ -303,3 +303,26 @@ def test_demo_prints_a_request_that_the_service_answers(finished_run, tmp_path: 
     output = "".join(lines)
     assert "already done and verified: skipped" in output
     assert "merged-fisher" in output  # the metric table
+
+
+def test_item_features_travel_with_the_run_data(tmp_path: Path) -> None:
+    """KDSR's features reach workers through the store, not the submitter's disk."""
+    from merging import tasks
+    from tests.modality_support import FEATURE_DIM, write_features
+    from training.features import FEATURES_FILE
+    from training.sources import load_source
+
+    recipes = [{"name": "plain"}, {"name": "kdsr"}]
+    data = load_source(tiny_pipeline().experiment.data)
+    features = write_features(data, tmp_path / "submitter" / "features.safetensors")
+    config = tiny_pipeline(recipes=recipes, experiment__data__features=str(features))
+    pipeline = Pipeline(config, ArtifactStore(str(tmp_path / "artifacts")), "features")
+    info = pipeline.stage_data()
+    assert info["features"]["dim"] == FEATURE_DIM
+    work = tmp_path / "artifacts" / "work" / "features"
+    assert (work / "data" / FEATURES_FILE).read_bytes() == features.read_bytes()
+    shutil.rmtree(tmp_path / "submitter")  # a worker on another node has none of it
+    experiment = pipeline.experiment_for("kdsr", {}, 1, 0)
+    result = tasks.train_model(pipeline.context, "kdsr", experiment, None)
+    assert result["name"] == "kdsr" and result["best_epoch"] >= 1
+    assert (work / "models" / "kdsr" / "best" / "model.safetensors").exists()

@@ -60,9 +60,7 @@ def text_model(representation: str, num_items: int = 30, seed: int = 0) -> Seque
 
 
 @pytest.mark.parametrize("backbone", BACKBONES)
-def test_plain_models_match_the_pre_modality_code(
-    backbone: str, tmp_path: Path
-) -> None:
+def test_plain_models_match_the_pre_modality_code(backbone: str, tmp_path: Path) -> None:
     """Same names, same initial draws, same training steps as a checkpoint of the old code.
 
     tests/data/plain-reference was written by the code of commit d6568d2 (before

@@ -126,7 +126,7 @@ class SelfAttention(nn.Module):
     def forward(self, x: Tensor, allowed: Tensor, queries: int | None = None) -> Tensor:
         # x: (B, L, D); allowed: (B, 1, Q, L) bool, True where a query may attend a key.
         # queries: only the last Q positions ask (all L by default); every position is a key.
-        batch, length, dim = x.shape
+        batch, _, dim = x.shape
         q, k, v = self.qkv(x).split(dim, dim=-1)
         if queries is not None:
             q = q[:, -queries:]
