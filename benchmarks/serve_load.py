@@ -54,6 +54,7 @@ SCRIPT = Path(__file__).resolve()
 ROUTE = "/v1/recommendations"
 WARMUP_S = 1.0
 K = 10
+TRANSPORT_ERROR = 599  # the status recorded when a connection fails (refused, reset)
 
 # ---- the load generator (runs in its own process: --role client) ---------------------------
 
@@ -63,6 +64,7 @@ class Connection:
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader, self.writer = reader, writer
+        self.closed = False
 
     @classmethod
     async def open(cls, host: str, port: int) -> Connection:
@@ -70,9 +72,19 @@ class Connection:
         return cls(reader, writer)
 
     async def request(self, raw: bytes) -> int:
+        """The status of one request; TRANSPORT_ERROR when the connection fails (then closed)."""
+        try:
+            return await self._request(raw)
+        except (ConnectionError, asyncio.IncompleteReadError, ValueError):
+            self.closed = True
+            return TRANSPORT_ERROR
+
+    async def _request(self, raw: bytes) -> int:
         self.writer.write(raw)
         head = await self.reader.readuntil(b"\r\n\r\n")
         status = int(head[9:12])
+        if re.search(rb"(?i)\r\nconnection:\s*close", head):
+            self.closed = True  # the server ends this connection after the response
         length = re.search(rb"(?i)\r\ncontent-length:\s*(\d+)", head)
         if length:
             await self.reader.readexactly(int(length.group(1)))
@@ -128,6 +140,9 @@ async def closed_loop(
         connection = await Connection.open(host, port)
         j = i
         while (now := time.perf_counter()) < end:
+            if connection.closed:
+                connection.close()
+                connection = await Connection.open(host, port)
             status = await connection.request(raw[j % len(raw)])
             if now >= measure_from:
                 latencies.append(time.perf_counter() - now)
@@ -150,12 +165,21 @@ async def open_loop(
     total = int(rate * (WARMUP_S + duration))
 
     async def one(i: int, scheduled: float) -> None:
-        connection = idle.pop() if idle else await Connection.open(host, port)
+        try:
+            connection = idle.pop() if idle else await Connection.open(host, port)
+        except OSError:
+            if scheduled >= start + WARMUP_S:
+                latencies.append(time.perf_counter() - scheduled)
+                statuses.append(TRANSPORT_ERROR)
+            return
         status = await connection.request(raw[i % len(raw)])
         if scheduled >= start + WARMUP_S:
             latencies.append(time.perf_counter() - scheduled)
             statuses.append(status)
-        idle.append(connection)
+        if connection.closed:
+            connection.close()
+        else:
+            idle.append(connection)
 
     tasks = []
     for i in range(total):
@@ -410,9 +434,10 @@ def load(
         [sys.executable, str(SCRIPT), "--role", "client", "--spec", json.dumps(spec)],
         capture_output=True,
         text=True,
-        check=True,
         timeout=duration + 120,
     )
+    if result.returncode != 0:
+        raise RuntimeError(f"load client failed ({mode}):\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
