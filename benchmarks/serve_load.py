@@ -582,7 +582,7 @@ def parse_args() -> argparse.Namespace:
         "--max-batch-size", type=int, default=64, help="micro-batch size (fishrec and Ray Serve)"
     )
     parser.add_argument(
-        "--max-wait-ms", type=float, default=1.0, help="micro-batch wait (fishrec and Ray Serve)"
+        "--max-wait-ms", type=float, default=0.0, help="micro-batch wait (fishrec and Ray Serve)"
     )
     parser.add_argument(
         "--server-log-level", default="INFO", help="fishrec's log level (INFO logs every request)"
