@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -21,9 +21,11 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.batcher import BatcherClosed, QueueFull
+from serving.lean_route import Endpoint, LeanJsonRoute
 from serving.logs import request_id
 from serving.metrics import Metrics
 from serving.middleware import API_KEY_HEADER, PROTECTED_PREFIX, RequestContextMiddleware
+from serving.model_process import ModelProcessError
 from serving.recommend import LimitExceeded, check_limits, recommend
 from serving.reload import ModelManager, ReloadError, ServingModel
 from serving.schemas import (
@@ -76,7 +78,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         413: "body over the size limit",
         415: "Content-Type is not application/json",
         422: "the request breaks the schema or a configured limit",
-        503: "no model loaded yet, overloaded (see Retry-After) or shutting down",
+        503: "no model yet, overloaded, model process failed (see Retry-After) or shutting down",
     }.items()
 }
 
@@ -163,6 +165,12 @@ async def on_queue_full(request: Request, exc: Exception) -> JSONResponse:
     return error_response(ApiError(503, "overloaded", message, {"Retry-After": retry}))
 
 
+async def on_model_failure(request: Request, exc: Exception) -> JSONResponse:
+    # The model process died under this batch; the next batch starts a new one.
+    message = f"the model failed this request, retry: {exc}"
+    return error_response(ApiError(503, "model_unavailable", message, {"Retry-After": "1"}))
+
+
 async def on_closed(request: Request, exc: Exception) -> JSONResponse:
     return error_response(ApiError(503, "shutting_down", str(exc), {"Retry-After": "1"}))
 
@@ -197,6 +205,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_exception_handler(LimitExceeded, on_limit)
     app.add_exception_handler(QueueFull, on_queue_full)
     app.add_exception_handler(BatcherClosed, on_closed)
+    app.add_exception_handler(ModelProcessError, on_model_failure)
     add_routes(app, settings)
     app.add_middleware(
         RequestContextMiddleware,
@@ -237,6 +246,18 @@ def without_telemetry() -> dict[str, Any]:
     return {"telemetry": {"tracing": False, "metrics": False, "logs": False}}
 
 
+def lean_post(app: FastAPI, path: str, **kwargs: Any) -> Callable[[Endpoint], Endpoint]:
+    """`app.post` for the hot routes: the same docs, FastAPI's per-request layers skipped."""
+
+    def register(endpoint: Endpoint) -> Endpoint:
+        app.router.add_api_route(
+            path, endpoint, methods=["POST"], route_class_override=LeanJsonRoute, **kwargs
+        )
+        return endpoint
+
+    return register
+
+
 def add_routes(app: FastAPI, settings: Settings) -> None:
 
     @app.get("/healthz", response_model=Health, tags=["operations"])
@@ -272,11 +293,12 @@ def add_routes(app: FastAPI, settings: Settings) -> None:
         return ModelInfo(
             model_version=model.version,
             loaded_at=model.loaded_at.isoformat(),
-            model_file=model.onnx.path.name,
+            model_file=model.runner.path.name,
             bundle=model.bundle.summary(),
         )
 
-    @app.post(
+    @lean_post(
+        app,
         "/v1/recommendations",
         response_model=RecommendationResponse,
         responses=ERRORS,
@@ -289,7 +311,8 @@ def add_routes(app: FastAPI, settings: Settings) -> None:
         (answer,) = await recommend(model, [body], request.app.state.metrics)
         return json_response(answer)
 
-    @app.post(
+    @lean_post(
+        app,
         "/v1/recommendations:batch",
         response_model=BatchResponse,
         responses=ERRORS,

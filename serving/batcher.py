@@ -2,8 +2,8 @@
 
 Rows wait in a bounded queue. A worker task takes the oldest row, lets others
 join until the batch is full or the oldest row has waited `max_wait_s`, and
-runs the batch in a worker thread (onnxruntime releases the GIL, so the event
-loop keeps accepting requests meanwhile). Rows that arrive during a run are
+awaits `run(batch)` (the model process or a thread: the event loop keeps
+accepting requests meanwhile). Rows that arrive during a run are
 already past their wait when it ends, so under load batches form without any
 added delay. A full queue is refused at once (`QueueFull`, answered with 503 and
 Retry-After) instead of growing without bound.
@@ -15,8 +15,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -50,11 +49,14 @@ class _Pending(Generic[In, Out]):
 
 
 class MicroBatcher(Generic[In, Out]):
-    """Coalesce rows submitted from the event loop into calls of `run(rows) -> answers`."""
+    """Coalesce rows submitted from the event loop into calls of `await run(rows) -> answers`.
+
+    One run at a time: the model already spreads one run over its threads.
+    """
 
     def __init__(
         self,
-        run: Callable[[list[In]], Sequence[Out]],
+        run: Callable[[list[In]], Awaitable[Sequence[Out]]],
         max_batch_size: int,
         max_wait_s: float,
         max_queue: int,
@@ -70,8 +72,6 @@ class MicroBatcher(Generic[In, Out]):
         self._pending: deque[_Pending[In, Out]] = deque()
         self._wakeup = asyncio.Event()
         self._closing = False
-        # One run at a time: onnxruntime already spreads one run over its intra-op threads.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -106,10 +106,8 @@ class MicroBatcher(Generic[In, Out]):
         self._wakeup.set()
         if self._task is not None:
             await self._task
-        self._executor.shutdown(wait=True)
 
     async def _work(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             while not self._pending:
                 if self._closing:
@@ -123,9 +121,7 @@ class MicroBatcher(Generic[In, Out]):
                 continue
             started = time.perf_counter()
             try:
-                answers = await loop.run_in_executor(
-                    self._executor, self._run, [p.row for p in batch]
-                )
+                answers = await self._run([p.row for p in batch])
             except Exception as err:  # the batch's requests get the error, the worker goes on
                 log.exception("%s: batch of %d failed", self.name, len(batch))
                 for pending in batch:

@@ -23,7 +23,8 @@ from datetime import UTC, datetime
 from serving.batcher import MicroBatcher
 from serving.bundle import Bundle, BundleError, bundle_folder, load_bundle, read_latest
 from serving.metrics import Metrics
-from serving.runtime import OnnxModel, Ranked, Row, cpu_quota, default_threads
+from serving.model_process import ModelProcess, ModelRunner, ModelSpec, ModelThread
+from serving.runtime import Ranked, Row, cpu_quota, default_threads
 from serving.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -38,19 +39,13 @@ class ServingModel:
     """A verified, warm bundle with its own batcher."""
 
     bundle: Bundle
-    onnx: OnnxModel
+    runner: ModelRunner
     batcher: MicroBatcher[Row, Ranked]
     loaded_at: datetime = field(default_factory=lambda: datetime.now(UTC))
 
     @property
     def version(self) -> str:
         return self.bundle.run_id
-
-
-@dataclass(frozen=True)
-class Prepared:
-    bundle: Bundle
-    onnx: OnnxModel
 
 
 class ModelManager:
@@ -85,6 +80,7 @@ class ModelManager:
         async with self._lock:
             if self.current is not None:
                 await self.current.batcher.close()
+                await self.current.runner.close()
 
     async def _watch(self) -> None:
         interval = self.settings.reload_interval_s
@@ -145,18 +141,19 @@ class ModelManager:
             if self.current is not None and self.current.version == run_id:
                 return False
             try:
-                prepared = await asyncio.to_thread(self._prepare, run_id)
+                bundle = await asyncio.to_thread(self._verified, run_id)
+                runner = await self._started(bundle)
             except BundleError as err:
                 self._failed(run_id, err)
                 raise
             except Exception as err:  # anything unexpected in a bundle is a refusal, not a crash
                 self._failed(run_id, err)
                 raise BundleError(f"{type(err).__name__}: {err}") from err
-            await self._swap(prepared)
+            await self._swap(bundle, runner)
             return True
 
-    def _prepare(self, run_id: str) -> Prepared:
-        """Everything that may fail, off the event loop: read, verify, open, warm up."""
+    def _verified(self, run_id: str) -> Bundle:
+        """The bundle read and checked against its manifest (off the event loop)."""
         try:
             folder = bundle_folder(self.settings.artifacts, run_id)
         except ValueError as err:
@@ -166,42 +163,49 @@ class ModelManager:
             raise BundleError(
                 f"{folder}: manifest run_id is {bundle.run_id!r}, expected {run_id!r}"
             )
-        onnx = OnnxModel(
-            bundle.model_file(self.settings.quantized),
-            bundle.num_items,
-            self.threads,
-            self.settings.inter_op_threads,
-            bundle.max_history,
-        )
-        onnx.warm_up(
-            self.settings.max_batch_size, min(bundle.max_history, self.settings.max_history)
-        )
-        return Prepared(bundle, onnx)
+        return bundle
 
-    async def _swap(self, prepared: Prepared) -> None:
+    async def _started(self, bundle: Bundle) -> ModelRunner:
+        """The bundle's model opened and warmed up (a bundle answering nonsense is refused)."""
+        settings = self.settings
+        spec = ModelSpec(
+            path=str(bundle.model_file(settings.quantized)),
+            num_items=bundle.num_items,
+            intra_op_threads=self.threads,
+            inter_op_threads=settings.inter_op_threads,
+            max_history=bundle.max_history,
+            warm_batch=settings.max_batch_size,
+            warm_history=min(bundle.max_history, settings.max_history),
+        )
+        runner = ModelProcess(spec) if settings.model_process else ModelThread(spec)
+        await runner.start()
+        return runner
+
+    async def _swap(self, bundle: Bundle, runner: ModelRunner) -> None:
         settings = self.settings
         batcher: MicroBatcher[Row, Ranked] = MicroBatcher(
-            prepared.onnx.run,
+            runner.run,
             max_batch_size=settings.max_batch_size,
             max_wait_s=settings.max_wait_ms / 1000,
             max_queue=settings.max_queue,
             observer=self.metrics.observer(),
-            name=f"batcher-{prepared.bundle.run_id}",
+            name=f"batcher-{bundle.run_id}",
         )
         batcher.start()
         previous = self.current
-        self.current = ServingModel(prepared.bundle, prepared.onnx, batcher)
+        self.current = ServingModel(bundle, runner, batcher)
         self.last_error = None
         self.metrics.reloads.labels("success").inc()
-        self.metrics.set_model(prepared.bundle.run_id, previous.version if previous else None)
+        self.metrics.set_model(bundle.run_id, previous.version if previous else None)
         log.info(
             "serving bundle %s (%s)",
-            prepared.bundle.run_id,
-            prepared.onnx.path.name,
-            extra={"model_version": prepared.bundle.run_id},
+            bundle.run_id,
+            runner.path.name,
+            extra={"model_version": bundle.run_id},
         )
         if previous is not None:
             await previous.batcher.close()  # in-flight rows of the old model finish on it
+            await previous.runner.close()
 
     def _failed(self, run_id: str | None, err: Exception) -> None:
         self.metrics.reloads.labels("failure").inc()

@@ -53,6 +53,11 @@ class Settings(BaseSettings):
     quantized: bool = Field(
         False, description="serve model.int8.onnx when the bundle has one (else model.onnx)"
     )
+    model_process: bool = Field(
+        True,
+        description="run onnxruntime in a child process (else on a thread of the server): "
+        "the model then never waits for the GIL while the event loop handles requests",
+    )
 
     max_batch_size: int = Field(
         64, ge=1, le=4096, description="most histories coalesced into one onnxruntime run"

@@ -253,3 +253,45 @@ def server_url(process: subprocess.Popen[Any]) -> str:
         if not line and process.poll() is not None:
             break
     raise AssertionError(f"the server did not start ({process.poll()}):\n" + "".join(lines[-20:]))
+
+
+def test_a_killed_model_process_is_replaced_and_no_request_fails(
+    tmp_path: Path, serving_bundle: Path
+) -> None:
+    publish(tmp_path, serving_bundle, "r1")
+    with (
+        LiveServer(server_settings(tmp_path)) as live,
+        httpx.Client(base_url=live.url, headers=AUTH) as client,
+    ):
+        wait_for(lambda: ready_version(client) == "r1", what="r1")
+        runner = live.app.state.manager.current.runner
+        before = client.post("/v1/recommendations", json={"items": ["i3", "i5"]}).json()
+        killed = runner.pid
+        os.kill(killed, signal.SIGKILL)  # e.g. the kernel's OOM killer
+        wait_for(lambda: runner.exited, what="the model process to be reaped")
+        statuses = [
+            client.post("/v1/recommendations", json={"items": ["i3", "i5"]}).status_code
+            for _ in range(5)
+        ]
+        assert statuses == [200] * 5
+        assert runner.pid != killed
+        after = client.post("/v1/recommendations", json={"items": ["i3", "i5"]}).json()
+        assert after == before
+
+
+def test_the_model_on_a_thread_answers_like_the_model_process(
+    tmp_path: Path, serving_bundle: Path
+) -> None:
+    publish(tmp_path, serving_bundle, "r1")
+    histories = [["i3", "i5"], ["i7"], ["i1", "i2", "i9", "i4"], ["unknown"]]
+    answers = []
+    for model_process in (True, False):
+        settings = server_settings(tmp_path, model_process=model_process)
+        with LiveServer(settings) as live, httpx.Client(base_url=live.url, headers=AUTH) as client:
+            wait_for(lambda c=client: ready_version(c) == "r1", what="r1")
+            responses = [
+                client.post("/v1/recommendations", json={"items": h, "k": 5}) for h in histories
+            ]
+            assert all(r.status_code == 200 for r in responses)
+            answers.append([r.json() for r in responses])
+    assert answers[0] == answers[1]

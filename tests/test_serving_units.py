@@ -226,8 +226,11 @@ def test_batcher_coalesces_concurrent_rows() -> None:
     sizes: list[int] = []
 
     async def scenario() -> list[int]:
+        async def times_ten(rows: list[int]) -> list[int]:
+            return [row * 10 for row in rows]
+
         batcher: MicroBatcher[int, int] = MicroBatcher(
-            lambda rows: [row * 10 for row in rows],
+            times_ten,
             max_batch_size=8,
             max_wait_s=0.05,
             max_queue=100,
@@ -242,10 +245,14 @@ def test_batcher_coalesces_concurrent_rows() -> None:
     assert sizes == [8, 8, 4]
 
 
+async def echo(rows: list[int]) -> list[int]:
+    return rows
+
+
 def test_batcher_refuses_rows_beyond_the_queue_and_drains_on_close() -> None:
     async def scenario() -> None:
         batcher: MicroBatcher[int, int] = MicroBatcher(
-            lambda rows: rows, max_batch_size=100, max_wait_s=10.0, max_queue=3
+            echo, max_batch_size=100, max_wait_s=10.0, max_queue=3
         )
         batcher.start()
         waiting = asyncio.gather(batcher.submit([1, 2]), batcher.submit([3]))
@@ -259,7 +266,7 @@ def test_batcher_refuses_rows_beyond_the_queue_and_drains_on_close() -> None:
 
 
 def test_batcher_passes_errors_to_the_batch_and_goes_on() -> None:
-    def run(rows: list[int]) -> list[int]:
+    async def run(rows: list[int]) -> list[int]:
         if 0 in rows:
             raise RuntimeError("boom")
         return rows

@@ -1,0 +1,324 @@
+"""onnxruntime in a child process, so that the event loop's Python never holds up the model.
+
+In one process the event loop and the thread that runs onnxruntime share the
+GIL: after every onnxruntime run the thread waits for the GIL while the loop is
+busy parsing and answering requests, and the loop waits while the thread
+prepares the next run. Under load the two took turns instead of working side by
+side (about one of two cores busy). In a child process the model has a GIL of
+its own, and the server's loop only writes a batch to a socket and reads the
+answer when it is there.
+
+The child (`python -m serving.model_process --fd N --spec JSON`) opens the
+model, warms it up (a bundle that answers nonsense is refused before it
+serves), says it is ready and then answers batches until its socket closes.
+Frames are a kind byte, a payload length and the payload: JSON for ready and
+errors, raw little-endian arrays for batches and answers (no pickle). The child
+ignores SIGINT and SIGTERM: it lives exactly as long as its socket, so a
+signal to the whole process group lets the server drain before the model goes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import socket
+import struct
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from serving.bundle import BundleError
+from serving.runtime import OnnxModel, Ranked, Row
+
+log = logging.getLogger(__name__)
+
+HEADER = struct.Struct("<cQ")  # kind, payload length
+READY, ANSWER, ERROR, BATCH = b"R", b"A", b"E", b"B"
+INT, FLOAT = np.dtype("<i8"), np.dtype("<f4")
+
+
+class ModelProcessError(RuntimeError):
+    """The model process failed a batch or exited; the batch's requests get the error."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the child needs to open and warm up a bundle's model."""
+
+    path: str
+    num_items: int
+    intra_op_threads: int
+    inter_op_threads: int
+    max_history: int
+    warm_batch: int
+    warm_history: int
+
+    def open(self) -> OnnxModel:
+        model = OnnxModel(
+            Path(self.path),
+            self.num_items,
+            self.intra_op_threads,
+            self.inter_op_threads,
+            self.max_history,
+        )
+        model.warm_up(self.warm_batch, self.warm_history)
+        return model
+
+
+# ---- frames ---------------------------------------------------------------------------------
+
+
+def frame(kind: bytes, payload: bytes) -> bytes:
+    return HEADER.pack(kind, len(payload)) + payload
+
+
+def json_frame(kind: bytes, content: dict[str, Any]) -> bytes:
+    return frame(kind, json.dumps(content).encode())
+
+
+def encode_rows(rows: list[Row]) -> bytes:
+    """[n, lengths.., ks.., exclude_seen..] then every history, all int64."""
+    head = [len(rows)]
+    head += [len(row.history) for row in rows]
+    head += [row.k for row in rows]
+    head += [int(row.exclude_seen) for row in rows]
+    histories = [np.asarray(row.history, dtype=INT) for row in rows]
+    return np.concatenate([np.asarray(head, dtype=INT), *histories]).tobytes()
+
+
+def decode_rows(payload: bytes) -> list[Row]:
+    values = np.frombuffer(payload, dtype=INT)
+    n = int(values[0])
+    lengths, ks, exclude = (
+        values[1 : 1 + n],
+        values[1 + n : 1 + 2 * n],
+        values[1 + 2 * n : 1 + 3 * n],
+    )
+    ids = values[1 + 3 * n :]
+    if n < 1 or len(exclude) != n or int(lengths.sum()) != len(ids):
+        raise ValueError(f"malformed batch frame ({len(payload)} bytes for {n} rows)")
+    histories = np.split(ids, np.cumsum(lengths)[:-1])
+    return [
+        Row(history, int(k), bool(e)) for history, k, e in zip(histories, ks, exclude, strict=True)
+    ]
+
+
+def encode_answers(answers: list[Ranked]) -> bytes:
+    """[n, counts.., ids..] as int64, then every score as float32."""
+    counts = [len(answer.ids) for answer in answers]
+    ints = np.concatenate(
+        [np.asarray([len(answers), *counts], dtype=INT), *(a.ids.astype(INT) for a in answers)]
+    )
+    floats = np.concatenate([np.zeros(0, FLOAT), *(a.scores.astype(FLOAT) for a in answers)])
+    return ints.tobytes() + floats.tobytes()
+
+
+def decode_answers(payload: bytes) -> list[Ranked]:
+    n = int(np.frombuffer(payload, dtype=INT, count=1)[0])
+    counts = np.frombuffer(payload, dtype=INT, count=n, offset=INT.itemsize)
+    total = int(counts.sum())
+    ids = np.frombuffer(payload, dtype=INT, count=total, offset=INT.itemsize * (1 + n))
+    scores = np.frombuffer(payload, dtype=FLOAT, offset=INT.itemsize * (1 + n + total))
+    if len(scores) != total:
+        raise ModelProcessError(f"malformed answer frame ({len(payload)} bytes for {n} rows)")
+    bounds = np.cumsum(counts)[:-1]
+    return [
+        Ranked(ids=i, scores=s)
+        for i, s in zip(np.split(ids, bounds), np.split(scores, bounds), strict=True)
+    ]
+
+
+# ---- the parent's side ----------------------------------------------------------------------
+
+
+class ModelProcess:
+    """The server's handle on one child: `await run(rows)`, one batch at a time."""
+
+    def __init__(self, spec: ModelSpec, start_timeout_s: float = 120.0) -> None:
+        self.spec = spec
+        self.path = Path(spec.path)
+        self.start_timeout_s = start_timeout_s
+        self._process: asyncio.subprocess.Process | None = None
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._lock = asyncio.Lock()
+
+    async def start(self) -> None:
+        """Start the child and wait until the model is warm; BundleError when it refuses."""
+        ours, theirs = socket.socketpair()
+        try:
+            self._process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "serving.model_process",
+                "--fd",
+                str(theirs.fileno()),
+                "--spec",
+                json.dumps(asdict(self.spec)),
+                pass_fds=(theirs.fileno(),),
+                stdin=asyncio.subprocess.DEVNULL,
+            )
+        finally:
+            theirs.close()
+        self._reader, self._writer = await asyncio.open_connection(sock=ours)
+        try:
+            kind, payload = await asyncio.wait_for(self._read(), self.start_timeout_s)
+        except (TimeoutError, ModelProcessError) as err:
+            await self.close()
+            raise BundleError(f"{self.path}: the model process did not start ({err})") from err
+        if kind != READY:
+            await self.close()
+            raise BundleError(json.loads(payload)["error"])
+        log.info("model process %d serves %s", self._process.pid, self.path.name)
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._process is None else self._process.pid
+
+    async def run(self, rows: list[Row]) -> list[Ranked]:
+        async with self._lock:
+            if self._writer is None or self._writer.is_closing() or self.exited:
+                await self._restart()  # a child that died between batches costs no request
+            assert self._writer is not None
+            self._writer.write(frame(BATCH, encode_rows(rows)))
+            try:
+                await self._writer.drain()
+                kind, payload = await self._read()
+            except (ConnectionError, ModelProcessError) as err:
+                self._writer.close()  # the next batch starts a new child
+                raise ModelProcessError(f"the model process failed: {err}") from err
+            if kind == ERROR:
+                raise ModelProcessError(json.loads(payload)["error"])
+            return decode_answers(payload)
+
+    @property
+    def exited(self) -> bool:
+        return self._process is not None and self._process.returncode is not None
+
+    async def _restart(self) -> None:
+        code = self._process.returncode if self._process else None
+        log.error("model process gone (exit code %s); starting a new one", code)
+        await self.close()
+        try:
+            await self.start()
+        except BundleError as err:
+            raise ModelProcessError(f"the model process cannot be restarted: {err}") from err
+
+    async def _read(self) -> tuple[bytes, bytes]:
+        assert self._reader is not None
+        try:
+            kind, size = HEADER.unpack(await self._reader.readexactly(HEADER.size))
+            return kind, await self._reader.readexactly(size)
+        except asyncio.IncompleteReadError as err:
+            raise ModelProcessError("the model process exited") from err
+
+    async def close(self) -> None:
+        """Close the socket (the child exits on its end) and reap the child."""
+        if self._writer is not None:
+            self._writer.close()
+        if self._process is not None and self._process.returncode is None:
+            try:
+                await asyncio.wait_for(self._process.wait(), 10)
+            except TimeoutError:
+                self._process.kill()
+                await self._process.wait()
+
+
+class ModelThread:
+    """The model on a worker thread of the server process (FISHREC_MODEL_PROCESS=false).
+
+    Lighter (no second process, one copy of the model) but the model shares the
+    server's GIL: fine at low load, about half the throughput under load.
+    """
+
+    def __init__(self, spec: ModelSpec) -> None:
+        self.spec = spec
+        self.path = Path(spec.path)
+        self._model: OnnxModel | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnxruntime")
+
+    async def start(self) -> None:
+        self._model = await asyncio.to_thread(self.spec.open)
+
+    async def run(self, rows: list[Row]) -> list[Ranked]:
+        assert self._model is not None, "start() first"
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._model.run, rows)
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self._executor.shutdown, wait=True)
+
+
+ModelRunner = ModelProcess | ModelThread
+
+
+# ---- the child ------------------------------------------------------------------------------
+
+
+def send(sock: socket.socket, data: bytes) -> None:
+    sock.sendall(data)
+
+
+def receive(sock: socket.socket) -> tuple[bytes, bytes] | None:
+    """One frame, or None when the server closed the socket."""
+    header = receive_exactly(sock, HEADER.size)
+    if header is None:
+        return None
+    kind, size = HEADER.unpack(header)
+    payload = receive_exactly(sock, size)
+    return None if payload is None else (kind, payload)
+
+
+def receive_exactly(sock: socket.socket, size: int) -> bytes | None:
+    buffer = bytearray()
+    while len(buffer) < size:
+        chunk = sock.recv(min(size - len(buffer), 1 << 20))
+        if not chunk:
+            return None
+        buffer += chunk
+    return bytes(buffer)
+
+
+def serve(sock: socket.socket, spec: ModelSpec) -> int:
+    try:
+        model = spec.open()
+    except Exception as err:  # a refusal the server reports; onnxruntime raises its own types
+        message = str(err) if isinstance(err, BundleError) else f"{type(err).__name__}: {err}"
+        send(sock, json_frame(ERROR, {"error": message}))
+        return 1
+    send(sock, json_frame(READY, {}))
+    while (received := receive(sock)) is not None:
+        _, payload = received
+        try:
+            answer = frame(ANSWER, encode_answers(model.run(decode_rows(payload))))
+        except Exception as err:  # the batch fails, the model keeps serving
+            log.exception("batch failed")
+            answer = json_frame(ERROR, {"error": f"{type(err).__name__}: {err}"})
+        send(sock, answer)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="fishrec's model process (started by the server)")
+    parser.add_argument(
+        "--fd", type=int, required=True, help="the socket inherited from the server"
+    )
+    parser.add_argument("--spec", required=True, help="ModelSpec as JSON")
+    args = parser.parse_args(argv)
+    # The server decides when the model stops: by closing the socket, after draining.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    logging.basicConfig(level=logging.WARNING, format="model process: %(levelname)s %(message)s")
+    with socket.socket(fileno=args.fd) as sock:
+        return serve(sock, ModelSpec(**json.loads(args.spec)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
