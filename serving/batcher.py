@@ -51,7 +51,9 @@ class _Pending(Generic[In, Out]):
 class MicroBatcher(Generic[In, Out]):
     """Coalesce rows submitted from the event loop into calls of `await run(rows) -> answers`.
 
-    One run at a time: the model already spreads one run over its threads.
+    Up to `max_in_flight` runs at once. The model process answers batches in
+    turn; a second batch sent while the first computes saves the model the
+    round trip through the busy event loop between two batches.
     """
 
     def __init__(
@@ -62,6 +64,7 @@ class MicroBatcher(Generic[In, Out]):
         max_queue: int,
         observer: BatchObserver | None = None,
         name: str = "batcher",
+        max_in_flight: int = 1,
     ) -> None:
         self._run = run
         self.max_batch_size = max_batch_size
@@ -73,6 +76,8 @@ class MicroBatcher(Generic[In, Out]):
         self._wakeup = asyncio.Event()
         self._closing = False
         self._task: asyncio.Task[None] | None = None
+        self._slots = asyncio.Semaphore(max_in_flight)
+        self._in_flight: set[asyncio.Task[None]] = set()
 
     @property
     def depth(self) -> int:
@@ -106,6 +111,7 @@ class MicroBatcher(Generic[In, Out]):
         self._wakeup.set()
         if self._task is not None:
             await self._task
+        await asyncio.gather(*self._in_flight)
 
     async def _work(self) -> None:
         while True:
@@ -115,23 +121,32 @@ class MicroBatcher(Generic[In, Out]):
                 self._wakeup.clear()
                 await self._wakeup.wait()
             await self._gather()
+            await self._slots.acquire()  # rows keep joining the batch while every slot is busy
             batch = self._take()
             self.observer.queue_depth(len(self._pending))
             if not batch:
+                self._slots.release()
                 continue
-            started = time.perf_counter()
-            try:
-                answers = await self._run([p.row for p in batch])
-            except Exception as err:  # the batch's requests get the error, the worker goes on
-                log.exception("%s: batch of %d failed", self.name, len(batch))
-                for pending in batch:
-                    if not pending.future.done():
-                        pending.future.set_exception(err)
-                continue
-            self.observer.batch(len(batch), time.perf_counter() - started)
-            for pending, answer in zip(batch, answers, strict=True):
+            task = asyncio.get_running_loop().create_task(self._answer(batch))
+            self._in_flight.add(task)
+            task.add_done_callback(self._in_flight.discard)
+
+    async def _answer(self, batch: list[_Pending[In, Out]]) -> None:
+        started = time.perf_counter()
+        try:
+            answers = await self._run([p.row for p in batch])
+        except Exception as err:  # the batch's requests get the error, the worker goes on
+            log.exception("%s: batch of %d failed", self.name, len(batch))
+            for pending in batch:
                 if not pending.future.done():
-                    pending.future.set_result(answer)
+                    pending.future.set_exception(err)
+            return
+        finally:
+            self._slots.release()
+        self.observer.batch(len(batch), time.perf_counter() - started)
+        for pending, answer in zip(batch, answers, strict=True):
+            if not pending.future.done():
+                pending.future.set_result(answer)
 
     async def _gather(self) -> None:
         """Wait until the batch is full or the oldest row has waited max_wait_s."""

@@ -27,6 +27,7 @@ import signal
 import socket
 import struct
 import sys
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -139,7 +140,12 @@ def decode_answers(payload: bytes) -> list[Ranked]:
 
 
 class ModelProcess:
-    """The server's handle on one child: `await run(rows)`, one batch at a time."""
+    """The server's handle on one child: `await run(rows)`; batches may be sent while one computes.
+
+    The child answers batches in the order they were sent, so answers are matched
+    to waiting batches first in, first out. When the child dies, every batch it
+    holds fails with ModelProcessError and the next batch starts a new child.
+    """
 
     def __init__(self, spec: ModelSpec, start_timeout_s: float = 120.0) -> None:
         self.spec = spec
@@ -148,7 +154,21 @@ class ModelProcess:
         self._process: asyncio.subprocess.Process | None = None
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
-        self._lock = asyncio.Lock()
+        self._answers: asyncio.Task[None] | None = None
+        self._waiting: deque[asyncio.Future[tuple[bytes, bytes]]] = deque()
+        self._restarting = asyncio.Lock()
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._process is None else self._process.pid
+
+    @property
+    def exited(self) -> bool:
+        return self._process is not None and self._process.returncode is not None
+
+    @property
+    def usable(self) -> bool:
+        return self._answers is not None and not self._answers.done() and not self.exited
 
     async def start(self) -> None:
         """Start the child and wait until the model is warm; BundleError when it refuses."""
@@ -176,31 +196,39 @@ class ModelProcess:
         if kind != READY:
             await self.close()
             raise BundleError(json.loads(payload)["error"])
+        self._answers = asyncio.get_running_loop().create_task(self._read_answers())
         log.info("model process %d serves %s", self._process.pid, self.path.name)
 
-    @property
-    def pid(self) -> int | None:
-        return None if self._process is None else self._process.pid
-
     async def run(self, rows: list[Row]) -> list[Ranked]:
-        async with self._lock:
-            if self._writer is None or self._writer.is_closing() or self.exited:
-                await self._restart()  # a child that died between batches costs no request
-            assert self._writer is not None
-            self._writer.write(frame(BATCH, encode_rows(rows)))
-            try:
-                await self._writer.drain()
-                kind, payload = await self._read()
-            except (ConnectionError, ModelProcessError) as err:
-                self._writer.close()  # the next batch starts a new child
-                raise ModelProcessError(f"the model process failed: {err}") from err
-            if kind == ERROR:
-                raise ModelProcessError(json.loads(payload)["error"])
-            return decode_answers(payload)
+        if not self.usable:
+            async with self._restarting:
+                if not self.usable:  # a child that died between batches costs no request
+                    await self._restart()
+        assert self._writer is not None
+        answer: asyncio.Future[tuple[bytes, bytes]] = asyncio.get_running_loop().create_future()
+        self._waiting.append(answer)  # no await since `usable`: the reader cannot miss it
+        self._writer.write(frame(BATCH, encode_rows(rows)))
+        kind, payload = await answer
+        if kind == ERROR:
+            raise ModelProcessError(json.loads(payload)["error"])
+        return decode_answers(payload)
 
-    @property
-    def exited(self) -> bool:
-        return self._process is not None and self._process.returncode is not None
+    async def _read_answers(self) -> None:
+        """Hand each answer to the oldest waiting batch; fail them all when the child is gone."""
+        try:
+            while True:
+                received = await self._read()
+                waiting = self._waiting.popleft()
+                if not waiting.done():
+                    waiting.set_result(received)
+        except (ModelProcessError, ConnectionError, IndexError) as err:
+            failure = ModelProcessError(f"the model process failed: {err}")
+            while self._waiting:
+                waiting = self._waiting.popleft()
+                if not waiting.done():
+                    waiting.set_exception(failure)
+            if self._writer is not None:
+                self._writer.close()
 
     async def _restart(self) -> None:
         code = self._process.returncode if self._process else None
@@ -220,7 +248,7 @@ class ModelProcess:
             raise ModelProcessError("the model process exited") from err
 
     async def close(self) -> None:
-        """Close the socket (the child exits on its end) and reap the child."""
+        """Close the socket (the child exits on its end of it) and reap the child."""
         if self._writer is not None:
             self._writer.close()
         if self._process is not None and self._process.returncode is None:
@@ -229,6 +257,8 @@ class ModelProcess:
             except TimeoutError:
                 self._process.kill()
                 await self._process.wait()
+        if self._answers is not None:
+            await asyncio.gather(self._answers, return_exceptions=True)
 
 
 class ModelThread:

@@ -190,6 +190,7 @@ class ModelManager:
             max_queue=settings.max_queue,
             observer=self.metrics.observer(),
             name=f"batcher-{bundle.run_id}",
+            max_in_flight=settings.batches_in_flight,
         )
         batcher.start()
         previous = self.current

@@ -71,6 +71,13 @@ class Settings(BaseSettings):
         le=1000.0,
         description="longest a history waits for others to join its batch (0: run what is queued)",
     )
+    batches_in_flight: int = Field(
+        2,
+        ge=1,
+        le=8,
+        description="batches handed to the model before the previous one is answered "
+        "(2: the model does not wait for the busy event loop between batches)",
+    )
     max_queue: int = Field(
         1024, ge=1, description="most histories waiting for a batch; beyond it requests get 503"
     )

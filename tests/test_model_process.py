@@ -79,6 +79,10 @@ def test_process_and_thread_answer_like_the_model_in_process(serving_bundle: Pat
             await runner.start()
             try:
                 assert_same_answers(await runner.run(ROWS), expected)
+                # Batches sent while others compute are answered in order, each its own.
+                answers = await asyncio.gather(*(runner.run(ROWS[i:]) for i in range(3)))
+                for i, answer in enumerate(answers):
+                    assert_same_answers(answer, expected[i:])
             finally:
                 await runner.close()
         assert child.exited  # closing the socket ends the child

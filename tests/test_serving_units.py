@@ -282,6 +282,30 @@ def test_batcher_passes_errors_to_the_batch_and_goes_on() -> None:
     asyncio.run(scenario())
 
 
+def test_batcher_keeps_up_to_max_in_flight_runs_going() -> None:
+    running, most = 0, 0
+
+    async def slow(rows: list[int]) -> list[int]:
+        nonlocal running, most
+        running += 1
+        most = max(most, running)
+        await asyncio.sleep(0.05)
+        running -= 1
+        return rows
+
+    async def scenario() -> list[list[int]]:
+        batcher: MicroBatcher[int, int] = MicroBatcher(slow, 2, 0.0, 100, max_in_flight=2)
+        batcher.start()
+        answers = asyncio.gather(*(batcher.submit([i]) for i in range(10)))
+        await asyncio.sleep(0)
+        await batcher.close()  # answers every queued row and waits for the runs in flight
+        assert running == 0
+        return await answers
+
+    assert asyncio.run(asyncio.wait_for(scenario(), 5)) == [[i] for i in range(10)]
+    assert most == 2
+
+
 # ---- settings and imports ------------------------------------------------------------------
 
 
