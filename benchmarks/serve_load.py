@@ -9,7 +9,9 @@ cost of a forward pass does not depend on the weights). It is exported once
 with merging.export.export_bundle; then, in the same run:
 
 - in-process limit: OnnxModel.run on full batches (max batch size), no HTTP;
-- fishrec: `fishrec serve` (FastAPI + onnxruntime + micro-batching), a process;
+- fishrec: `fishrec serve` (FastAPI + onnxruntime in its model process + micro-batching);
+- fishrec-thread: the same with FISHREC_MODEL_PROCESS=false (onnxruntime on a thread of
+  the server process, sharing its GIL): what the model process buys;
 - torch: a naive FastAPI endpoint running the torch model eagerly, one request at a time;
 - ray: Ray Serve (`ray[serve]`, the `bench` extra) with the same onnxruntime model,
   `@serve.batch` with the same batch size and wait, the same request handling.
@@ -445,7 +447,7 @@ def start_server(name: str, args: argparse.Namespace, root: Path, checkpoint: Pa
     port = free_port()
     bundle = str(root / "runs" / "bench")
     common = {"port": port, "threads": args.threads, "bundle": bundle}
-    if name == "fishrec":
+    if name.startswith("fishrec"):
         command = [
             sys.executable,
             "-m",
@@ -465,6 +467,7 @@ def start_server(name: str, args: argparse.Namespace, root: Path, checkpoint: Pa
             "FISHREC_MAX_QUEUE": "4096",
             "FISHREC_RELOAD_INTERVAL_S": "0",
             "FISHREC_API_KEY": "bench",
+            "FISHREC_MODEL_PROCESS": str(name == "fishrec").lower(),
         }
         return Server(name, command, port, env)
     spec = {
@@ -480,7 +483,7 @@ def start_server(name: str, args: argparse.Namespace, root: Path, checkpoint: Pa
 def measure_system(
     name: str, args: argparse.Namespace, root: Path, checkpoint: Path, payloads: Path
 ) -> dict[str, Any]:
-    headers = {"X-API-Key": "bench"} if name == "fishrec" else {}
+    headers = {"X-API-Key": "bench"} if name.startswith("fishrec") else {}
     server = start_server(name, args, root, checkpoint)
     try:
         server.wait_ready(payloads.read_text().splitlines()[0].encode(), headers)
@@ -510,12 +513,12 @@ def fmt(result: dict[str, Any]) -> str:
 def report(results: dict[str, Any], args: argparse.Namespace) -> None:
     print(f"\nin-process onnxruntime limit: {results['in_process']}")
     print(
-        f"\n{'system':8s} {'c':>4s} {'req/s':>9s} {'p50 ms':>8s} {'p95 ms':>8s} {'p99 ms':>8s} {'errors':>7s}"
+        f"\n{'system':14s} {'c':>4s} {'req/s':>9s} {'p50 ms':>8s} {'p95 ms':>8s} {'p99 ms':>8s} {'errors':>7s}"
     )
     for name, system in results["systems"].items():
         for concurrency, r in system["closed_loop"].items():
             print(
-                f"{name:8s} {concurrency:>4s} {r['rps']:9.0f} {r['p50_ms']:8.2f} {r['p95_ms']:8.2f} {r['p99_ms']:8.2f} {r['errors']:7d}"
+                f"{name:14s} {concurrency:>4s} {r['rps']:9.0f} {r['p50_ms']:8.2f} {r['p95_ms']:8.2f} {r['p99_ms']:8.2f} {r['errors']:7d}"
             )
     systems, at = results["systems"], str(32 if 32 in args.concurrency else max(args.concurrency))
     if "fishrec" not in systems:
@@ -527,6 +530,9 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> None:
         ratios["fishrec / naive torch"] = (ours / systems["torch"]["closed_loop"][at]["rps"], 3.0)
     if "ray" in systems:
         ratios["fishrec / Ray Serve"] = (ours / systems["ray"]["closed_loop"][at]["rps"], 2.0)
+    if "fishrec-thread" in systems:
+        thread = systems["fishrec-thread"]["closed_loop"][at]["rps"]
+        print(f"\nmodel on a thread instead of its process: {thread / limit:.2f} of the limit")
     print(f"\nrequests/s ratios at concurrency {at} (target):")
     for label, (value, target) in ratios.items():
         print(
@@ -569,8 +575,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--systems",
         type=lambda s: s.split(","),
-        default=["fishrec", "torch", "ray"],
-        help="comma-separated: fishrec, torch, ray",
+        default=["fishrec", "fishrec-thread", "torch", "ray"],
+        help="comma-separated: fishrec, fishrec-thread, torch, ray",
     )
     parser.add_argument(
         "--threads",
