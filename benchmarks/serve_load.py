@@ -231,8 +231,8 @@ def run_torch_server(spec: dict[str, Any]) -> None:
     lock = threading.Lock()
     app = FastAPI()
 
-    @app.post(ROUTE)
-    def recommend(body: RecommendationRequest) -> RecommendationResponse:
+    @app.post(ROUTE, response_model=RecommendationResponse)
+    def recommend(body: RecommendationRequest) -> dict[str, Any]:
         p = plan(body, bundle)
         if p.row is None:
             return respond(bundle, popular(bundle, body.k), p)
@@ -283,7 +283,7 @@ def run_ray_server(spec: dict[str, Any]) -> None:
             body = RecommendationRequest.model_validate_json(await request.body())
             p = plan(body, self.bundle)
             ranked = popular(self.bundle, body.k) if p.row is None else await self.rank(p.row)
-            return respond(self.bundle, ranked, p).model_dump()
+            return respond(self.bundle, ranked, p)
 
     serve.run(Recommender.bind(spec["bundle"], spec["threads"]), route_prefix=ROUTE, name="fishrec")
 

@@ -14,10 +14,10 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
+import pydantic_core
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.batcher import BatcherClosed, QueueFull
@@ -102,9 +102,9 @@ def current_model(request: Request) -> ServingModel:
     return model
 
 
-def json_response(answer: BaseModel) -> Response:
-    # Serialised by pydantic in one step; FastAPI would validate the model again first.
-    return Response(answer.model_dump_json(), media_type="application/json")
+def json_response(content: Any) -> Response:
+    # Serialised by pydantic-core in one step; FastAPI would validate it against the model first.
+    return Response(pydantic_core.to_json(content), media_type="application/json")
 
 
 # ---- error handlers ----------------------------------------------------------------------
@@ -329,7 +329,7 @@ def add_routes(app: FastAPI, settings: Settings) -> None:
         for i, entry in enumerate(body.requests):
             check_limits(entry, settings, model.bundle.num_items, ["requests", i])
         answers = await recommend(model, body.requests, request.app.state.metrics)
-        return json_response(BatchResponse(results=answers, model_version=model.version))
+        return json_response({"results": answers, "model_version": model.version})
 
     @app.post(
         "/v1/admin/reload",

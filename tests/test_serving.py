@@ -15,6 +15,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from serving.schemas import BatchResponse, RecommendationResponse
 from serving.settings import SCHEMA_MAX_HISTORY
 from tests.serving_support import AUTH, LiveServer, publish, server_settings
 from training.trainer import load_run_checkpoint
@@ -88,6 +89,7 @@ def test_answers_are_the_models_top_k(
     assert response.headers["x-request-id"]
     body = response.json()
     assert set(body) == {"items", "model_version", "unknown_items", "fallback"}
+    RecommendationResponse.model_validate(body)  # the documented response schema
     assert body["model_version"] == "r1"
     assert body["unknown_items"] == [] and body["fallback"] is None
     expected_ids, expected_scores = torch_topk(reference, history, 10, exclude_seen=True)
@@ -157,6 +159,7 @@ def test_batch_endpoint_matches_single_requests(client: httpx.Client, vocab: lis
     response = client.post("/v1/recommendations:batch", json={"requests": requests})
     assert response.status_code == 200, response.text
     body = response.json()
+    BatchResponse.model_validate(body)  # the documented response schema
     assert body["model_version"] == "r1" and len(body["results"]) == 3
     for request, result in zip(requests, body["results"], strict=True):
         assert result == recommend(client, **request)
