@@ -8,7 +8,10 @@ One model for everything: --checkpoint (a run or checkpoint folder trained on
 cost of a forward pass does not depend on the weights). It is exported once
 with merging.export.export_bundle; then, in the same run:
 
-- in-process limit: OnnxModel.run on full batches (max batch size), no HTTP;
+- in-process limit: OnnxModel.run without HTTP on batches of 1 and of the max batch size,
+  with 1 and --threads threads; measured before the servers and again right after
+  fishrec (this machine's speed drifts by up to 40% over minutes), the best
+  configuration's mean is the limit;
 - fishrec: `fishrec serve` (FastAPI + onnxruntime in its model process + micro-batching);
 - fishrec-thread: the same with FISHREC_MODEL_PROCESS=false (onnxruntime on a thread of
   the server process, sharing its GIL): what the model process buys;
@@ -57,6 +60,7 @@ ROUTE = "/v1/recommendations"
 WARMUP_S = 1.0
 K = 10
 TRANSPORT_ERROR = 599  # the status recorded when a connection fails (refused, reset)
+LIMIT_SECONDS = 10.0  # per configuration of the in-process limit
 
 # ---- the load generator (runs in its own process: --role client) ---------------------------
 
@@ -348,25 +352,34 @@ def write_payloads(data: Any, max_history: int, path: Path, count: int = 2000) -
 
 def in_process_limit(
     bundle_folder: Path, histories: list[list[str]], args: argparse.Namespace
-) -> dict[str, Any]:
-    """Rows/s of OnnxModel.run on full batches: the ceiling of any server around it."""
+) -> dict[str, float]:
+    """Rows/s of OnnxModel.run without HTTP, per thread count and batch size (1 and full)."""
     bundle = load_bundle(bundle_folder)
-    model = OnnxModel(
-        bundle.model_file(False), bundle.num_items, args.threads, 1, bundle.max_history
-    )
     rows = [Row(np.asarray(bundle.vocab.encode(h)[0], dtype=np.int64), K, True) for h in histories]
+    seconds = min(args.duration, LIMIT_SECONDS)
     result = {}
-    for batch_size in (1, args.max_batch_size):
-        batches = [
-            rows[i : i + batch_size] for i in range(0, len(rows) - batch_size + 1, batch_size)
-        ]
-        done, started, i = 0, time.perf_counter(), 0
-        while time.perf_counter() - started < args.duration:
-            model.run(batches[i % len(batches)])
-            done += batch_size
-            i += 1
-        result[f"batch_{batch_size}_rows_per_s"] = done / (time.perf_counter() - started)
+    for threads in sorted({1, args.threads}):
+        model = OnnxModel(
+            bundle.model_file(False), bundle.num_items, threads, 1, bundle.max_history
+        )
+        for batch_size in (1, args.max_batch_size):
+            batches = [
+                rows[i : i + batch_size] for i in range(0, len(rows) - batch_size + 1, batch_size)
+            ]
+            done, started, i = 0, time.perf_counter(), 0
+            while time.perf_counter() - started < seconds:
+                model.run(batches[i % len(batches)])
+                done += batch_size
+                i += 1
+            rate = done / (time.perf_counter() - started)
+            result[f"threads_{threads}_batch_{batch_size}_rows_per_s"] = rate
     return result
+
+
+def best_limit(in_process: dict[str, dict[str, float]]) -> float:
+    """The best configuration, its rows/s averaged over the measurements before and after fishrec."""
+    runs = list(in_process.values())
+    return max(float(np.mean([run[key] for run in runs])) for key in runs[0])
 
 
 class Server:
@@ -447,6 +460,10 @@ def start_server(name: str, args: argparse.Namespace, root: Path, checkpoint: Pa
     port = free_port()
     bundle = str(root / "runs" / "bench")
     common = {"port": port, "threads": args.threads, "bundle": bundle}
+    # fishrec's own thread rule (its CPU budget less a core for the event loop) unless --threads.
+    threads = (
+        {"FISHREC_INTRA_OP_THREADS": str(args.fishrec_threads)} if args.fishrec_threads else {}
+    )
     if name.startswith("fishrec"):
         command = [
             sys.executable,
@@ -461,13 +478,13 @@ def start_server(name: str, args: argparse.Namespace, root: Path, checkpoint: Pa
             str(port),
         ]
         env = {
-            "FISHREC_INTRA_OP_THREADS": str(args.threads),
             "FISHREC_MAX_BATCH_SIZE": str(args.max_batch_size),
             "FISHREC_MAX_WAIT_MS": str(args.max_wait_ms),
             "FISHREC_MAX_QUEUE": "4096",
             "FISHREC_RELOAD_INTERVAL_S": "0",
             "FISHREC_API_KEY": "bench",
             "FISHREC_MODEL_PROCESS": str(name == "fishrec").lower(),
+            **threads,
         }
         return Server(name, command, port, env)
     spec = {
@@ -503,6 +520,10 @@ def measure_system(
         server.stop()
 
 
+def fmt_limit(limit: dict[str, float]) -> str:
+    return ", ".join(f"{key.removesuffix('_rows_per_s')} {rate:.0f}" for key, rate in limit.items())
+
+
 def fmt(result: dict[str, Any]) -> str:
     return (
         f"{result['rps']:8.0f} req/s  p50 {result['p50_ms']:6.2f}  p95 {result['p95_ms']:6.2f}  "
@@ -511,7 +532,8 @@ def fmt(result: dict[str, Any]) -> str:
 
 
 def report(results: dict[str, Any], args: argparse.Namespace) -> None:
-    print(f"\nin-process onnxruntime limit: {results['in_process']}")
+    for when, limit in results["in_process"].items():
+        print(f"\nin-process onnxruntime limit, {when}: {fmt_limit(limit)}")
     print(
         f"\n{'system':14s} {'c':>4s} {'req/s':>9s} {'p50 ms':>8s} {'p95 ms':>8s} {'p99 ms':>8s} {'errors':>7s}"
     )
@@ -524,7 +546,8 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> None:
     if "fishrec" not in systems:
         return
     ours = systems["fishrec"]["closed_loop"][at]["rps"]
-    limit = max(results["in_process"].values())  # the better of batch 1 and full batches
+    limit = best_limit(results["in_process"])
+    print(f"\nthe limit (best configuration, mean of the measurements): {limit:.0f} rows/s")
     ratios = {"fishrec / in-process limit": (ours / limit, 0.5)}
     if "torch" in systems:
         ratios["fishrec / naive torch"] = (ours / systems["torch"]["closed_loop"][at]["rps"], 3.0)
@@ -582,7 +605,9 @@ def parse_args() -> argparse.Namespace:
         "--threads",
         type=int,
         default=None,
-        help="onnxruntime/torch threads (default: serving's CPU-quota rule)",
+        help="onnxruntime/torch threads of every system (default: the CPU quota; fishrec: "
+        "its own rule, the quota less a core for the event loop; the in-process limit tries "
+        "1 and the quota)",
     )
     parser.add_argument(
         "--max-batch-size", type=int, default=64, help="micro-batch size (fishrec and Ray Serve)"
@@ -609,6 +634,7 @@ def main() -> None:
         )
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    args.fishrec_threads = args.threads
     args.threads = args.threads or default_threads(cpu_quota())
     with tempfile.TemporaryDirectory(prefix="fishrec-serve-load-") as folder:
         work = Path(folder)
@@ -619,14 +645,22 @@ def main() -> None:
         histories = write_payloads(data, max_history, work / "payloads.jsonl")
         results: dict[str, Any] = {
             "settings": {k: v for k, v in vars(args).items() if k not in ("role", "spec")},
-            "in_process": in_process_limit(root / "runs" / "bench", histories, args),
+            "in_process": {},
             "systems": {},
         }
-        log.info("in-process limit: %s", results["in_process"])
+
+        def measure_limit(when: str) -> None:
+            limit = in_process_limit(root / "runs" / "bench", histories, args)
+            results["in_process"][when] = limit
+            log.info("in-process limit (%s): %s", when, fmt_limit(limit))
+
+        measure_limit("before")
         for name in args.systems:
             results["systems"][name] = measure_system(
                 name, args, root, checkpoint, work / "payloads.jsonl"
             )
+            if name == "fishrec":
+                measure_limit("after fishrec")
     report(results, args)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")

@@ -7,9 +7,10 @@
 #
 # The command is `fishrec serve`; its settings are FISHREC_* environment variables
 # (serving/settings.py, deploy/README.md): FISHREC_ARTIFACTS, FISHREC_HOST and
-# FISHREC_PORT are set below. onnxruntime's thread count is FISHREC_INTRA_OP_THREADS;
-# unset, the service derives it from the container's CPU quota (cgroup), not from
-# the host's core count. Kubernetes sets it from limits.cpu.
+# FISHREC_PORT are set below. The CPU budget is FISHREC_CPUS; unset, the service
+# derives it from the container's CPU quota (cgroup), not from the host's core
+# count. Kubernetes sets it from limits.cpu. onnxruntime gets the budget less one
+# core for the event loop (FISHREC_INTRA_OP_THREADS overrides).
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 

@@ -26,7 +26,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         help="serve recommendations over HTTP from a published bundle",
         description="Serve the bundle that <artifacts>/LATEST names (or --bundle) with FastAPI and "
         "onnxruntime; newer bundles are picked up while serving. Every setting can also be given as "
-        "a FISHREC_* environment variable (FISHREC_API_KEY, FISHREC_INTRA_OP_THREADS, "
+        "a FISHREC_* environment variable (FISHREC_API_KEY, FISHREC_CPUS, FISHREC_INTRA_OP_THREADS, "
         "FISHREC_MAX_BATCH_SIZE, FISHREC_MAX_WAIT_MS, FISHREC_MAX_QUEUE, FISHREC_MAX_BODY_BYTES, "
         "FISHREC_MAX_HISTORY, FISHREC_MAX_K, FISHREC_RELOAD_INTERVAL_S, ...; see serving/settings.py).",
     )

@@ -24,7 +24,7 @@ from serving.batcher import MicroBatcher
 from serving.bundle import Bundle, BundleError, bundle_folder, load_bundle, read_latest
 from serving.metrics import Metrics
 from serving.model_process import ModelProcess, ModelRunner, ModelSpec, ModelThread
-from serving.runtime import Ranked, Row, cpu_quota, default_threads
+from serving.runtime import Ranked, Row, cpu_quota, serving_threads
 from serving.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ class ModelManager:
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self.settings = settings
         self.metrics = metrics
-        self.threads = settings.intra_op_threads or default_threads(cpu_quota())
+        self.threads = settings.intra_op_threads or serving_threads(settings.cpus or cpu_quota())
         self.current: ServingModel | None = None
         self.last_error: str | None = None
         self.stopping = False

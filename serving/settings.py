@@ -41,11 +41,19 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="port to listen on (0: any free port)")
 
+    cpus: float | None = Field(
+        None,
+        gt=0,
+        le=1024,
+        description="CPUs this service may use (Kubernetes: limits.cpu); default: the "
+        "container's CPU quota (cgroup), else the CPUs the process may run on",
+    )
     intra_op_threads: int | None = Field(
         None,
         ge=1,
         le=256,
-        description="onnxruntime threads inside one operator; default: the container's CPU quota",
+        description="onnxruntime threads inside one operator; default: cpus less one core for "
+        "the event loop (at least 1)",
     )
     inter_op_threads: int = Field(
         1, ge=1, le=64, description="onnxruntime threads across operators (1: sequential graph)"

@@ -368,11 +368,11 @@ def test_serving_deployment_probes_threads_and_storage(target: str) -> None:
     assert probes["startup"]["path"] == "/healthz", "no bundle yet must not crash-loop the pod"
     assert all(p["port"] in (http["name"], port) for p in probes.values())
 
-    # onnxruntime threads follow the CPU limit, which is a whole number of cores.
+    # The service's CPU budget follows the CPU limit, which is a whole number of cores.
     env = {e["name"]: e for e in container["env"]}
-    threads = env["FISHREC_INTRA_OP_THREADS"]["valueFrom"]["resourceFieldRef"]
-    assert threads["resource"] == "limits.cpu" and threads["containerName"] == container["name"]
-    assert str(threads["divisor"]) == "1"
+    cpus = env["FISHREC_CPUS"]["valueFrom"]["resourceFieldRef"]
+    assert cpus["resource"] == "limits.cpu" and cpus["containerName"] == container["name"]
+    assert str(cpus["divisor"]) == "1"
     limits = container["resources"]["limits"]
     assert re.fullmatch(r"[1-9]\d*", str(limits["cpu"])), "limits.cpu must be whole cores"
     assert {"cpu", "memory"} <= set(container["resources"]["requests"]) and "memory" in limits
@@ -900,7 +900,7 @@ def test_compose_services_share_the_artifact_volume() -> None:
     assert "command" not in serve and "entrypoint" not in serve, "serve runs the image's command"
     assert "artifacts:/artifacts:ro" in serve["volumes"]
     assert "artifacts:/artifacts" in services["ray-head"]["volumes"]
-    assert str(serve["cpus"]) in serve["environment"]["FISHREC_INTRA_OP_THREADS"]
+    assert str(serve["cpus"]) in serve["environment"]["FISHREC_CPUS"]
     assert services["merge"]["profiles"] == ["merge"]
     assert services["merge-schedule"]["profiles"] == ["schedule"]
     assert "artifacts" in compose()["volumes"]

@@ -21,7 +21,16 @@ from onnx import TensorProto, helper
 
 from serving.batcher import BatchObserver, MicroBatcher, QueueFull
 from serving.bundle import BundleError, load_bundle, read_latest
-from serving.runtime import OnnxModel, Row, cpu_quota, default_threads, length_groups
+from serving.metrics import Metrics
+from serving.reload import ModelManager
+from serving.runtime import (
+    OnnxModel,
+    Row,
+    cpu_quota,
+    default_threads,
+    length_groups,
+    serving_threads,
+)
 from serving.settings import Settings
 from tests.serving_support import corrupt
 
@@ -217,6 +226,16 @@ def test_default_threads() -> None:
     assert default_threads(quota=1.5, cpus=64) == 1  # never more threads than whole CPUs
     assert default_threads(quota=0.5, cpus=64) == 1
     assert default_threads(quota=8.0, cpus=4) == 4  # the affinity mask is a limit too
+
+
+def test_the_service_leaves_a_core_to_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert serving_threads(budget=4.0, cpus=64) == 3
+    assert serving_threads(budget=2.0, cpus=64) == 1
+    assert serving_threads(budget=1.0, cpus=64) == 1  # never fewer than one thread
+    assert serving_threads(budget=None, cpus=8) == 7  # no quota: the CPUs it may run on
+    monkeypatch.setattr("serving.runtime.available_cpus", lambda: 64)
+    assert ModelManager(Settings(cpus=6), Metrics()).threads == 5
+    assert ModelManager(Settings(cpus=6, intra_op_threads=2), Metrics()).threads == 2
 
 
 # ---- batcher -------------------------------------------------------------------------------
