@@ -43,6 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -123,9 +124,11 @@ def encode_requests(
 def summarise(latencies: list[float], statuses: list[int], seconds: float) -> dict[str, Any]:
     ok = [lat for lat, status in zip(latencies, statuses, strict=True) if status == 200]
     ms = np.array(ok) * 1000 if ok else np.array([np.nan])
+    failed = Counter(str(status) for status in statuses if status != 200)
     return {
         "requests": len(statuses),
         "errors": len(statuses) - len(ok),
+        "errors_by_status": dict(failed),  # 599: the connection failed
         "rps": len(ok) / seconds,
         "p50_ms": float(np.percentile(ms, 50)),
         "p95_ms": float(np.percentile(ms, 95)),
@@ -170,9 +173,19 @@ async def open_loop(
     start = time.perf_counter() + 0.05
     total = int(rate * (WARMUP_S + duration))
 
+    def reusable() -> Connection | None:
+        # As HTTP client pools do: skip connections the server closed while they sat idle
+        # (uvicorn ends keep-alive connections after 5 s without a request).
+        while idle:
+            connection = idle.pop()
+            if not connection.reader.at_eof():
+                return connection
+            connection.close()
+        return None
+
     async def one(i: int, scheduled: float) -> None:
         try:
-            connection = idle.pop() if idle else await Connection.open(host, port)
+            connection = reusable() or await Connection.open(host, port)
         except OSError:
             if scheduled >= start + WARMUP_S:
                 latencies.append(time.perf_counter() - scheduled)
