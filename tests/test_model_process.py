@@ -8,9 +8,7 @@ import signal
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper
 
 from serving.bundle import BundleError
 from serving.model_process import (
@@ -24,6 +22,7 @@ from serving.model_process import (
     encode_rows,
 )
 from serving.runtime import OnnxModel, Ranked, Row
+from tests.serving_support import write_foreign_model
 
 ROWS = [
     Row(np.array([5, 6, 7]), 3, True),
@@ -91,20 +90,10 @@ def test_process_and_thread_answer_like_the_model_in_process(serving_bundle: Pat
 
 
 def test_a_model_the_child_refuses_is_a_bundle_error(tmp_path: Path) -> None:
-    node = helper.make_node("Identity", ["x"], ["y"])  # a valid graph, not the bundle contract
-    graph = helper.make_graph(
-        [node],
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
-    )
-    onnx.save(
-        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9),
-        tmp_path / "other.onnx",
-    )
+    other = write_foreign_model(tmp_path / "other.onnx")
 
     async def scenario() -> ModelProcess:
-        runner = ModelProcess(spec_for(tmp_path / "other.onnx"))
+        runner = ModelProcess(spec_for(other))
         with pytest.raises(BundleError, match="do not match the bundle contract"):
             await runner.start()
         return runner

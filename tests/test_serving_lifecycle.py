@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -10,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,20 @@ from tests.serving_support import (
 def ready_version(client: httpx.Client) -> str | None:
     response = client.get("/readyz")
     return response.json()["model_version"] if response.status_code == 200 else None
+
+
+@contextlib.contextmanager
+def serving_r1(
+    root: Path, bundle: Path, **settings: Any
+) -> Iterator[tuple[LiveServer, httpx.Client]]:
+    """A server on `bundle` published as r1, ready, and a client with the API key."""
+    publish(root, bundle, "r1")
+    with (
+        LiveServer(server_settings(root, **settings)) as live,
+        httpx.Client(base_url=live.url, headers=AUTH) as client,
+    ):
+        wait_for(lambda: ready_version(client) == "r1", what="r1")
+        yield live, client
 
 
 def metric(client: httpx.Client, name: str) -> float:
@@ -121,12 +137,7 @@ def test_hot_reload_under_load_fails_no_request(tmp_path: Path, serving_bundle: 
 def test_bad_bundles_are_refused_and_the_old_one_keeps_serving(
     tmp_path: Path, serving_bundle: Path
 ) -> None:
-    publish(tmp_path, serving_bundle, "r1")
-    with (
-        LiveServer(server_settings(tmp_path)) as live,
-        httpx.Client(base_url=live.url, headers=AUTH) as client,
-    ):
-        wait_for(lambda: ready_version(client) == "r1", what="r1")
+    with serving_r1(tmp_path, serving_bundle) as (_, client):
         corrupt(publish(tmp_path, serving_bundle, "r2", latest=False))
         point_latest(tmp_path, "r2")
         failures = 'fishrec_model_reloads_total{result="failure"}'
@@ -152,11 +163,9 @@ def test_bad_bundles_are_refused_and_the_old_one_keeps_serving(
 
 
 def test_overload_gets_a_fast_503_and_recovers(tmp_path: Path, serving_bundle: Path) -> None:
-    publish(tmp_path, serving_bundle, "r1")
     # Rows wait up to 300 ms for a batch of 64: the first 4 fill the queue, the rest overflow it.
-    settings = server_settings(tmp_path, max_queue=4, max_batch_size=64, max_wait_ms=300.0)
-    with LiveServer(settings) as live, httpx.Client(base_url=live.url, headers=AUTH) as client:
-        wait_for(lambda: ready_version(client) == "r1", what="r1")
+    overload = {"max_queue": 4, "max_batch_size": 64, "max_wait_ms": 300.0}
+    with serving_r1(tmp_path, serving_bundle, **overload) as (_, client):
 
         def timed_request(_: int) -> tuple[httpx.Response, float]:
             started = time.perf_counter()
@@ -258,12 +267,7 @@ def server_url(process: subprocess.Popen[Any]) -> str:
 def test_a_killed_model_process_is_replaced_and_no_request_fails(
     tmp_path: Path, serving_bundle: Path
 ) -> None:
-    publish(tmp_path, serving_bundle, "r1")
-    with (
-        LiveServer(server_settings(tmp_path)) as live,
-        httpx.Client(base_url=live.url, headers=AUTH) as client,
-    ):
-        wait_for(lambda: ready_version(client) == "r1", what="r1")
+    with serving_r1(tmp_path, serving_bundle) as (live, client):
         runner = live.app.state.manager.current.runner
         before = client.post("/v1/recommendations", json={"items": ["i3", "i5"]}).json()
         killed = runner.pid
@@ -282,13 +286,10 @@ def test_a_killed_model_process_is_replaced_and_no_request_fails(
 def test_the_model_on_a_thread_answers_like_the_model_process(
     tmp_path: Path, serving_bundle: Path
 ) -> None:
-    publish(tmp_path, serving_bundle, "r1")
     histories = [["i3", "i5"], ["i7"], ["i1", "i2", "i9", "i4"], ["unknown"]]
     answers = []
     for model_process in (True, False):
-        settings = server_settings(tmp_path, model_process=model_process)
-        with LiveServer(settings) as live, httpx.Client(base_url=live.url, headers=AUTH) as client:
-            wait_for(lambda c=client: ready_version(c) == "r1", what="r1")
+        with serving_r1(tmp_path, serving_bundle, model_process=model_process) as (_, client):
             responses = [
                 client.post("/v1/recommendations", json={"items": h, "k": 5}) for h in histories
             ]

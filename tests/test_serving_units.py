@@ -15,9 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper
 
 from serving.batcher import BatchObserver, MicroBatcher, QueueFull
 from serving.bundle import BundleError, load_bundle, read_latest
@@ -32,7 +30,7 @@ from serving.runtime import (
     serving_threads,
 )
 from serving.settings import Settings
-from tests.serving_support import corrupt
+from tests.serving_support import corrupt, write_foreign_model
 
 # ---- bundles -------------------------------------------------------------------------------
 
@@ -141,20 +139,9 @@ def test_onnx_model_checks_the_interface(tmp_path: Path) -> None:
     (tmp_path / "junk.onnx").write_bytes(b"not a model")
     with pytest.raises(BundleError, match="onnxruntime cannot load"):
         OnnxModel(tmp_path / "junk.onnx", 10, 1, 1)
-    # A valid graph with the wrong interface: one float input, no top-k outputs.
-    node = helper.make_node("Identity", ["x"], ["y"])
-    graph = helper.make_graph(
-        [node],
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
-    )
-    onnx.save(
-        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9),
-        tmp_path / "other.onnx",
-    )
+    other = write_foreign_model(tmp_path / "other.onnx")
     with pytest.raises(BundleError, match="do not match the bundle contract"):
-        OnnxModel(tmp_path / "other.onnx", 10, 1, 1)
+        OnnxModel(other, 10, 1, 1)
 
 
 def test_onnx_model_batches_rows_of_different_length_and_k(serving_bundle: Path) -> None:
