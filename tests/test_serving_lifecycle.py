@@ -289,7 +289,8 @@ def test_the_model_on_a_thread_answers_like_the_model_process(
     histories = [["i3", "i5"], ["i7"], ["i1", "i2", "i9", "i4"], ["unknown"]]
     answers = []
     for model_process in (True, False):
-        with serving_r1(tmp_path, serving_bundle, model_process=model_process) as (_, client):
+        root = tmp_path / f"model-process-{model_process}"
+        with serving_r1(root, serving_bundle, model_process=model_process) as (_, client):
             responses = [
                 client.post("/v1/recommendations", json={"items": h, "k": 5}) for h in histories
             ]
