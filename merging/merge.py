@@ -523,6 +523,8 @@ def finetune_config(source: Checkpoint, config: MergeConfig) -> ExperimentConfig
     values["model"] = model
     values["recipe"] = {"name": source.config.backbone}
     values.setdefault("train", {})["epochs"] = config.finetune_epochs
+    # The merged model is a candidate too: kept when fine-tuning does not improve validation.
+    values["train"]["validate_initial"] = True
     for key, value in config.finetune_overrides.items():
         set_dotted(values, key, value)
     return ExperimentConfig.model_validate(values)

@@ -85,6 +85,36 @@ def test_full_setting_excludes_history_but_not_the_target() -> None:
     assert ranked["ndcg@10"][0] == pytest.approx(1 / math.log2(5))
 
 
+def test_items_older_than_the_model_input_stay_excluded() -> None:
+    # History 9, 8, 7, 6 (oldest first) with a model input of 2 items: the model sees
+    # 7, 6 only, but 9 and 8 are still the user's and must never be ranked above 3.
+    inputs: list[list[int]] = []
+
+    def scorer(histories: torch.Tensor) -> torch.Tensor:
+        inputs.extend(histories.tolist())
+        return torch.arange(1, 11, dtype=torch.float32).expand(histories.shape[0], -1)
+
+    split = split_of([[9, 8, 7, 6]], [3])
+    result = evaluate_scorer(scorer, split, no_candidates(1), max_history=2).per_user["full"]
+    assert inputs == [[7, 6]]  # truncation applies to the model input
+    # above 3: only 10, 5 and 4 (9, 8, 7, 6 excluded)
+    assert result["ndcg@10"][0] == pytest.approx(1 / math.log2(5))
+
+
+def test_mostpop_and_model_exclude_the_same_items() -> None:
+    # A model scoring exactly like MostPop, but reading a truncated input, gets
+    # MostPop's metrics: both exclude the whole history.
+    rng = np.random.default_rng(0)
+    popularity = np.array([0, *rng.integers(1, 1000, size=50)])
+    histories = [list(rng.choice(np.arange(1, 51), size=30, replace=False)) for _ in range(20)]
+    targets = [int(rng.integers(1, 51)) for _ in histories]
+    split = split_of(histories, targets)
+    mostpop = popularity_scorer(popularity)
+    reference = evaluate_scorer(mostpop, split, no_candidates(20)).per_user["full"]
+    truncated = evaluate_scorer(mostpop, split, no_candidates(20), max_history=5).per_user["full"]
+    np.testing.assert_allclose(truncated["ndcg@10"], reference["ndcg@10"])
+
+
 def test_sampled_settings_rank_only_their_candidates() -> None:
     scorer = fixed_scorer([float(i) for i in range(1, 201)])  # item i scores i
     split = split_of([[1]], [150], seen=[[1, 150]])

@@ -12,6 +12,7 @@ from training.losses import (
     distinct_target_pairs,
     info_nce,
     info_nce_from_similarity,
+    linear_cross_entropy,
     negative_pairs,
     similarity_matrix,
 )
@@ -119,3 +120,52 @@ def test_bad_shapes_are_refused() -> None:
         info_nce(torch.randn(3, 4), torch.randn(3, 4), similarity="l2")
     with pytest.raises(ValueError, match="2B, 2B"):
         info_nce_from_similarity(torch.randn(3, 3))
+
+
+# ---- the chunked linear cross-entropy --------------------------------------------------
+
+
+@pytest.mark.parametrize("chunk", [7 * 30, 1 << 20], ids=["many-chunks", "one-chunk"])
+def test_linear_cross_entropy_equals_the_materialised_loss_and_gradients(
+    monkeypatch: pytest.MonkeyPatch, chunk: int
+) -> None:
+    import training.losses
+
+    monkeypatch.setattr(training.losses, "LOGIT_CHUNK_ELEMENTS", chunk)
+    torch.manual_seed(0)
+    h = torch.randn(100, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(30, 8, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(30, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 30, (100,))
+    reference = F.cross_entropy(h @ w.T + b, y)
+    expected = torch.autograd.grad(2.5 * reference, (h, w, b))
+    loss = linear_cross_entropy(h, w, b, y)
+    got = torch.autograd.grad(2.5 * loss, (h, w, b))
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-12)
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
+
+
+def test_linear_cross_entropy_under_bf16_autocast_is_close() -> None:
+    torch.manual_seed(1)
+    h = torch.randn(64, 16, requires_grad=True)
+    w = (0.3 * torch.randn(50, 16)).requires_grad_()
+    b = torch.zeros(50, requires_grad=True)
+    y = torch.randint(0, 50, (64,))
+    reference = F.cross_entropy(h @ w.T + b, y)
+    expected = torch.autograd.grad(reference, (h, w))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = linear_cross_entropy(h, w, b, y)
+    got = torch.autograd.grad(loss, (h, w))
+    assert loss.dtype == torch.float32 and got[0].dtype == torch.float32
+    assert loss.item() == pytest.approx(reference.item(), rel=2e-2)
+    for g, e in zip(got, expected, strict=True):
+        assert (g - e).norm() / e.norm() < 3e-2  # bf16 has 8 mantissa bits
+
+
+def test_linear_cross_entropy_without_gradients() -> None:
+    h, w, b = torch.randn(5, 4), torch.randn(6, 4), torch.randn(6)
+    y = torch.tensor([0, 5, 2, 2, 1])
+    loss = linear_cross_entropy(h, w, b, y)
+    assert not loss.requires_grad
+    assert loss.item() == pytest.approx(F.cross_entropy(h @ w.T + b, y).item(), rel=1e-6)

@@ -114,3 +114,45 @@ def test_corrupt_checkpoint_is_refused(tmp_path) -> None:
         load_checkpoint(tmp_path / "ckpt")
     with pytest.raises(CheckpointError, match="not a checkpoint"):
         load_checkpoint(tmp_path / "nothing")
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {},
+        {"embedding_input": "layernorm", "prediction_head": True, "activation": "gelu"},
+    ],
+    ids=["sasrec-style", "bert4rec-style"],
+)
+def test_architecture_variants_keep_padding_invariance(backbone: str, variant: dict) -> None:
+    model = tiny(backbone, **variant)
+    assert (model.embed_norm is None) == (model.config.embedding_input == "scaled")
+    assert isinstance(model.head, torch.nn.Identity) != model.config.prediction_head
+    history = torch.tensor([[5, 9, 3]])
+    padded = torch.tensor([[0, 0, 0, 5, 9, 3]])
+    assert torch.allclose(model.logits(history), model.logits(padded), atol=1e-6)
+
+
+def test_scaled_input_multiplies_item_vectors_by_sqrt_width() -> None:
+    model = tiny("sasrec", num_layers=1)
+    captured = {}
+    model.embed_dropout.register_forward_hook(lambda m, i, o: captured.setdefault("x", i[0]))
+    items = torch.tensor([[3, 4]])
+    model.encode(items)
+    positions = model.position_embedding.weight[-2:]
+    expected = model.item_embedding(items) * 16**0.5 + positions
+    torch.testing.assert_close(captured["x"], expected)
+
+
+def test_checkpoints_without_the_new_fields_load_as_the_old_architecture(tmp_path) -> None:
+    # checkpoint.json written before embedding_input/prediction_head/activation existed
+    old = {"num_items": 40, "backbone": "sasrec", "hidden_size": 16, "num_heads": 2, "max_len": 8}
+    config = ModelConfig.from_dict(old)
+    assert config.embedding_input == "layernorm" and config.prediction_head
+    assert config.activation == "gelu"
+    model = build_model(config, seed=0)
+    write_checkpoint(tmp_path / "c", model, config, {})
+    loaded = load_checkpoint(tmp_path / "c")
+    assert loaded.config == config
+    assert set(loaded.model.state_dict()) == set(model.state_dict())

@@ -140,6 +140,29 @@ def test_over_long_history_keeps_the_newest_items(
     assert f"at most {MAX_HISTORY}" in too_long.json()["message"]
 
 
+def test_items_older_than_the_model_input_are_never_recommended(
+    client: httpx.Client, serving_bundle: Path, vocab: list[str]
+) -> None:
+    # The model reads the newest `window` items; the older ones are still the user's.
+    window = json.loads((serving_bundle / "manifest.json").read_text())["max_history"]
+    rng = np.random.default_rng(1)
+    count = min(window + 40, MAX_HISTORY, len(vocab) - 10)
+    history = [vocab[i] for i in rng.choice(len(vocab), size=count, replace=False)]
+    everything = len(vocab)
+    for route in ("single", "batch"):
+        if route == "single":
+            body = recommend(client, history, k=everything)
+        else:
+            batch = {"requests": [{"items": history, "k": everything}]}
+            response = client.post("/v1/recommendations:batch", json=batch)
+            assert response.status_code == 200, response.text
+            body = response.json()["results"][0]
+        ids = {i["item_id"] for i in body["items"]}
+        assert not ids & set(history[:-window])  # none cut from the model input
+        assert not ids & set(history)
+        assert len(ids) == everything - len(history)
+
+
 def test_exclude_seen_on_and_off(client: httpx.Client, vocab: list[str]) -> None:
     history = [vocab[i] for i in (1, 4, 9, 16, 25, 36, 49)]
     everything = len(vocab)

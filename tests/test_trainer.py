@@ -89,6 +89,30 @@ def test_finetune_starts_from_the_exact_weights(
     assert all(torch.equal(start[k], copied[k]) for k in start)
 
 
+def test_validated_start_is_kept_when_training_makes_it_worse(
+    small_data, trained_run: Path, tmp_path: Path
+) -> None:
+    # A learning rate far too high for a fine-tune: epoch 1 is worse than the start.
+    config = tiny_experiment(
+        train__epochs=2, train__lr=0.3, train__warmup_steps=0, train__validate_initial=True
+    )
+    result = train(config, small_data, tmp_path / "ft", init=trained_run)
+    scores = [e["valid"]["full"]["ndcg@10"] for e in result.history]
+    assert [e["epoch"] for e in result.history] == [0, 1, 2]
+    assert scores[0] > max(scores[1:])
+    assert result.best_epoch == 0
+    start = load_file(str(trained_run / "best" / "model.safetensors"))
+    kept = load_file(str(result.run_dir / "best" / "model.safetensors"))
+    assert all(torch.equal(start[k], kept[k]) for k in start)
+    without = train(
+        tiny_experiment(train__epochs=2, train__lr=0.3, train__warmup_steps=0),
+        small_data,
+        tmp_path / "plain",
+        init=trained_run,
+    )
+    assert without.best_epoch >= 1  # without it, the start is never a candidate
+
+
 def test_init_from_other_data_is_refused(trained_run: Path, tmp_path: Path) -> None:
     other = generate(
         SyntheticConfig(seed=9, num_users=100, num_items=200, mean_length=10, max_length=20)

@@ -32,11 +32,22 @@ class ModelSpec(StrictModel):
     )
     hidden_size: int = Field(64, ge=8, description="width D of embeddings and states")
     num_layers: int = Field(2, ge=1, description="transformer blocks")
-    num_heads: int = Field(2, ge=1, description="attention heads")
+    num_heads: int = Field(1, ge=1, description="attention heads")
     max_len: int = Field(50, ge=2, description="longest model input ([MASK] included)")
-    dropout: float = Field(0.2, ge=0.0, lt=1.0, description="dropout on embeddings and residuals")
-    attn_dropout: float = Field(0.2, ge=0.0, lt=1.0, description="dropout on attention weights")
+    dropout: float = Field(0.1, ge=0.0, lt=1.0, description="dropout on embeddings and residuals")
+    attn_dropout: float = Field(0.1, ge=0.0, lt=1.0, description="dropout on attention weights")
     ffn_mult: int = Field(4, ge=1, description="feed-forward width as a multiple of D")
+    # The three below were measured one by one in benchmarks/convergence.py (README,
+    # "Training defaults"); the defaults are SASRec's choices.
+    embedding_input: Literal["scaled", "layernorm"] = Field(
+        "scaled",
+        description="scaled: sqrt(D) * item + position (SASRec); "
+        "layernorm: LayerNorm(item + position) (BERT4Rec)",
+    )
+    prediction_head: bool = Field(
+        False, description="BERT4Rec's Linear-GELU-LayerNorm head before the output layer"
+    )
+    activation: Literal["relu", "gelu"] = Field("relu", description="feed-forward activation")
     init_std: float = Field(0.02, gt=0.0, description="std of the normal initialisation")
     item_representation: Literal["id", "id+text", "text"] = Field(
         "id",
@@ -104,13 +115,29 @@ class TrainConfig(StrictModel):
     lr: float = Field(1e-3, gt=0.0, description="peak learning rate of AdamW")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW decoupled weight decay")
     betas: tuple[float, float] = Field((0.9, 0.98), description="AdamW betas")
-    warmup_steps: int = Field(100, ge=0, description="linear warm-up steps")
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up steps")
     schedule: Literal["constant", "linear", "cosine"] = Field(
-        "cosine", description="decay after warm-up, to 10% of lr at the last epoch"
+        "constant", description="decay after warm-up, to 10% of lr at the last epoch"
+    )
+    length_grouping: int = Field(
+        0,
+        ge=0,
+        description="0: uniformly shuffled batches (each padded to its longest); N: sort chunks "
+        "of N batches by length first (less padding, but batches become length strata)",
+    )
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32",
+        description="bf16: autocast matmuls to bfloat16 in training (CPUs with AVX512_BF16 or "
+        "AMX, recent GPUs); evaluation stays float32",
     )
     clip_grad_norm: float | None = Field(5.0, description="clip the global gradient norm")
     patience: int = Field(5, ge=1, description="epochs without validation gain before stopping")
     eval_every: int = Field(1, ge=1, description="validate every N epochs")
+    validate_initial: bool = Field(
+        False,
+        description="validate the starting model as epoch 0, so it stays the result unless "
+        "training improves on it (fine-tunes of a merged model)",
+    )
     eval_batch_size: int = Field(512, ge=1, description="histories per evaluation batch")
     window: Literal["last", "random"] = Field(
         "last", description="which max_len window of a long training sequence to use"

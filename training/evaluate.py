@@ -1,7 +1,10 @@
 """Ranking metrics under the three candidate settings of DESIGN §7.
 
-- `full`: every item is a candidate; the items of the history (other than the
-  target itself) are excluded by default, as in the SASRec/BERT4Rec/ICLRec code.
+- `full`: every item is a candidate; the items of the user's whole history
+  (other than the target itself) are excluded by default, as in the
+  SASRec/ICLRec/RecBole/SASRec+ code. The model reads only the newest
+  `max_len` items, but exclusion never depends on that: an item older than the
+  model's input is still the user's, and MostPop excludes exactly the same set.
 - `random100`: the target plus 100 items drawn uniformly (seeded) among the items
   the user never interacted with.
 - `popular100`: the target plus the 100 most popular training items the user
@@ -162,13 +165,15 @@ def evaluate_scorer(
     order = np.argsort([len(h) for h in split.histories], kind="stable")
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
-        histories = pad_left([split.histories[i] for i in rows], max_history).to(device)
+        whole = [split.histories[i] for i in rows]
+        # Truncation is for the model input only; exclusion uses the whole history.
+        histories = pad_left(whole, max_history).to(device)
         targets = torch.as_tensor(split.targets[rows], device=device)
         scores = _with_padding_column(scorer(histories).float())  # (B, N + 1)
         target_scores = scores.gather(1, targets[:, None])[:, 0]
         full = scores.clone()
         if exclude_seen:
-            full.scatter_(1, histories, float("-inf"))
+            full.scatter_(1, pad_left(whole).to(device), float("-inf"))
         full[:, 0] = float("-inf")
         full.scatter_(1, targets[:, None], target_scores[:, None])
         stats["full"].append(rank_statistics(full, target_scores, torch.isfinite(full)))

@@ -39,9 +39,20 @@ from training.modality import WhiteningMixture
 
 Backbone = Literal["bert4rec", "sasrec"]
 ItemRepresentation = Literal["id", "id+text", "text"]
+# How item and position embeddings enter the first block: "scaled" is SASRec's
+# sqrt(D) * item + position; "layernorm" is BERT4Rec's LayerNorm(item + position).
+EmbeddingInput = Literal["scaled", "layernorm"]
+Activation = Literal["relu", "gelu"]
 PAD_ID = 0
 # Config fields that exist only with modality; a plain config is written without them.
 MODALITY_FIELDS = ("item_representation", "feature_dim", "adaptor_experts")
+# Checkpoints written before these fields existed had this architecture; loading
+# one fills them in, so old checkpoints keep loading as what they are.
+LEGACY_ARCHITECTURE = {
+    "embedding_input": "layernorm",
+    "prediction_head": True,
+    "activation": "gelu",
+}
 
 
 @dataclass(frozen=True)
@@ -50,12 +61,15 @@ class ModelConfig:
     backbone: Backbone = "bert4rec"
     hidden_size: int = 64
     num_layers: int = 2
-    num_heads: int = 2
+    num_heads: int = 1
     max_len: int = 50  # longest input, [MASK] included for bert4rec
-    dropout: float = 0.2  # on embeddings and residual branches
-    attn_dropout: float = 0.2  # on attention probabilities
+    dropout: float = 0.1  # on embeddings and residual branches
+    attn_dropout: float = 0.1  # on attention probabilities
     ffn_mult: int = 4  # feed-forward width = ffn_mult * hidden_size
     init_std: float = 0.02
+    embedding_input: EmbeddingInput = "scaled"  # see EmbeddingInput
+    prediction_head: bool = False  # BERT4Rec's Linear-GELU-LayerNorm before the output layer
+    activation: Activation = "relu"  # of the feed-forward layer
     item_representation: ItemRepresentation = "id"  # id, id+text or text (see the header)
     feature_dim: int = 0  # width F of the item features; 0 with "id"
     adaptor_experts: int = 4  # whitening experts of the modality adaptor
@@ -71,6 +85,12 @@ class ModelConfig:
             )
         if self.max_len < 2:
             raise ValueError(f"max_len must be >= 2, got {self.max_len}")
+        if self.embedding_input not in ("scaled", "layernorm"):
+            raise ValueError(
+                f"embedding_input must be 'scaled' or 'layernorm', got {self.embedding_input!r}"
+            )
+        if self.activation not in ("relu", "gelu"):
+            raise ValueError(f"activation must be 'relu' or 'gelu', got {self.activation!r}")
         if self.item_representation not in ("id", "id+text", "text"):
             raise ValueError(
                 f"item_representation must be 'id', 'id+text' or 'text', got {self.item_representation!r}"
@@ -112,7 +132,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
-        return cls(**values)
+        return cls(**{**LEGACY_ARCHITECTURE, **values})
 
 
 class SelfAttention(nn.Module):
@@ -144,9 +164,10 @@ class FeedForward(nn.Module):
         super().__init__()
         self.fc_in = nn.Linear(config.hidden_size, config.ffn_mult * config.hidden_size)
         self.fc_out = nn.Linear(config.ffn_mult * config.hidden_size, config.hidden_size)
+        self.activation = F.relu if config.activation == "relu" else F.gelu
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc_out(F.gelu(self.fc_in(x)))
+        return self.fc_out(self.activation(self.fc_in(x)))
 
 
 class Block(nn.Module):
@@ -185,12 +206,19 @@ class SequenceRecommender(nn.Module):
         if config.uses_ids:
             self.item_embedding = nn.Embedding(config.num_items + 2, d, padding_idx=PAD_ID)
         self.position_embedding = nn.Embedding(config.max_len, d)
-        self.embed_norm = nn.LayerNorm(d)
+        # SASRec scales the item vectors instead: with std 0.02 rows, sqrt(D) * item
+        # (std ~0.16) is not drowned by positions, and no norm re-centres every input.
+        self.embed_norm = nn.LayerNorm(d) if config.embedding_input == "layernorm" else None
+        self.input_scale = d**0.5 if config.embedding_input == "scaled" else 1.0
         self.embed_dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
         self.final_norm = nn.LayerNorm(d)
         # BERT4Rec's prediction head: a non-linear transform before the tied output layer.
-        self.head = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.LayerNorm(d))
+        self.head = (
+            nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.LayerNorm(d))
+            if config.prediction_head
+            else nn.Identity()
+        )
         self.output_bias = nn.Parameter(torch.zeros(config.num_items))
         if config.modality:
             self._add_modality(config)
@@ -286,8 +314,10 @@ class SequenceRecommender(nn.Module):
         length = item_ids.shape[1]
         # Right-aligned positions: the newest item always gets position max_len - 1.
         positions = torch.arange(length, device=item_ids.device) + (self.config.max_len - length)
-        x = self.embed(item_ids) + self.position_embedding(positions)  # (B, L, D)
-        x = self.embed_dropout(self.embed_norm(x))
+        x = self.embed(item_ids) * self.input_scale + self.position_embedding(positions)
+        if self.embed_norm is not None:
+            x = self.embed_norm(x)  # (B, L, D)
+        x = self.embed_dropout(x)
         allowed = self.attention_mask(item_ids)
         for i, block in enumerate(self.blocks):
             last_block = i == len(self.blocks) - 1

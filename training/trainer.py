@@ -332,6 +332,8 @@ class Trainer:
         )
         if not (resume and self.restore_last()):
             self.state = TrainState(history=[])
+            if self.cfg.validate_initial:
+                self.validate_start()
         while self.state.epoch < self.cfg.epochs and not self.state.stopped:
             self.run_epoch(self.state.epoch)
         if not (self.run_dir / BEST / "checkpoint.json").is_file():
@@ -351,6 +353,7 @@ class Trainer:
             self.recipe.window_length(),
             self.cfg.window,
             rng,
+            self.cfg.length_grouping,
         )
         total = math.ceil(len(self.train_sequences) / self.cfg.batch_size)
         bar = tqdm(
@@ -383,8 +386,18 @@ class Trainer:
         if self.on_epoch:
             self.on_epoch(entry)
 
+    def validate_start(self) -> None:
+        """Epoch 0: the starting model is the best until an epoch beats it."""
+        entry: dict[str, Any] = {"epoch": 0}
+        self.validate(entry)
+        self.state.history = [entry]
+        log.info("epoch 0 (start): %s", _describe(entry))
+
     def train_step(self, batch: Any) -> float:
-        output = self.recipe.loss(self.model, batch)
+        with torch.autocast(
+            self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16"
+        ):
+            output = self.recipe.loss(self.model, batch)
         if not torch.isfinite(output.loss):
             raise FloatingPointError(f"loss became {output.loss.item()} at step {self.state.step}")
         self.optimizer.zero_grad(set_to_none=True)
@@ -435,7 +448,9 @@ class Trainer:
 
 
 def _describe(entry: dict[str, Any]) -> str:
-    parts = [f"loss {entry['loss']:.4f}", f"{entry['sequences_per_second']:.0f} seq/s"]
+    parts = []
+    if "loss" in entry:
+        parts += [f"loss {entry['loss']:.4f}", f"{entry['sequences_per_second']:.0f} seq/s"]
     if "valid" in entry:
         parts.append(f"valid ndcg@10 {entry['valid']['full']['ndcg@10']:.4f}")
     parts += [f"{k} {v:.4g}" for k, v in entry.items() if k.startswith("recipe/")]
