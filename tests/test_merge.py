@@ -95,10 +95,12 @@ def test_a_dominant_fisher_wins_its_coordinate() -> None:
     fisher_a = {n: torch.ones_like(t) for n, t in a.items()}
     fisher_b = {n: torch.ones_like(t) for n, t in b.items()}
     fisher_b["output_bias"][3] = 1e9
-    fisher_a["head.0.weight"][1, 2] = 1e9
+    fisher_a["blocks.0.ffn.fc_in.weight"][1, 2] = 1e9
     merged = merge_state_dicts([a, b], fishers=[fisher_a, fisher_b])
     torch.testing.assert_close(merged["output_bias"][3], b["output_bias"][3])
-    torch.testing.assert_close(merged["head.0.weight"][1, 2], a["head.0.weight"][1, 2])
+    torch.testing.assert_close(
+        merged["blocks.0.ffn.fc_in.weight"][1, 2], a["blocks.0.ffn.fc_in.weight"][1, 2]
+    )
     torch.testing.assert_close(
         merged["output_bias"][4], (a["output_bias"][4] + b["output_bias"][4]) / 2
     )
@@ -161,8 +163,8 @@ def test_parameter_name_mismatch_is_an_error_naming_the_keys() -> None:
         merge_state_dicts([a, b])
     a, b = states(2)
     fishers = random_fishers([a, b])
-    fishers[1]["extra.weight"] = fishers[1].pop("head.0.bias")
-    with pytest.raises(ValueError, match=r"extra\.weight.*|head\.0\.bias"):
+    fishers[1]["extra.weight"] = fishers[1].pop("blocks.0.ffn.fc_in.bias")
+    with pytest.raises(ValueError, match=r"extra\.weight.*|blocks\.0\.ffn\.fc_in\.bias"):
         merge_state_dicts([a, b], fishers=fishers)
 
 

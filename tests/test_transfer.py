@@ -89,7 +89,7 @@ def test_relearn_keeps_the_blocks_and_relearns_the_rest(
     state = trained.model.state_dict()
     blocks = [name for name in state if name.startswith("blocks.")]
     assert blocks and all(torch.equal(state[name], source[name]) for name in blocks)
-    for relearnt in ("position_embedding.weight", "item_adaptor.weight", "head.0.weight"):
+    for relearnt in ("position_embedding.weight", "item_adaptor.weight", "final_norm.weight"):
         assert not torch.equal(state[relearnt], source[relearnt]), relearnt
     assert trained.info["transfer"] == {"source": str(source_run), "adaptation": "relearn"}
     assert trained.config.num_items == target.num_items
