@@ -34,10 +34,10 @@ from recipes import first_users, run_all  # benchmarks/recipes.py: the same trai
 
 from merging.fisher import FisherConfig, checkpoint_fisher, load_fisher, model_sha256, save_fisher
 from merging.merge import MergeConfig, merge_checkpoints
-from training.cli import add_override_flags
 from training.config import ExperimentConfig, load_config, parse_override
 from training.data import SequenceData, load_data
 from training.evaluate import Evaluator, format_table
+from training.flags import add_override_flags
 from training.trainer import load_run_checkpoint
 
 log = logging.getLogger("benchmarks.merge")

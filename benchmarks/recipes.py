@@ -31,11 +31,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from training.cli import add_override_flags
 from training.config import ExperimentConfig, load_config, parse_override
 from training.data import SequenceData, load_data
 from training.diagnostics import error_inconsistency, representation_quality
 from training.evaluate import SETTINGS, Evaluator
+from training.flags import add_override_flags
 from training.trainer import TrainResult, load_run_checkpoint, train
 
 log = logging.getLogger("benchmarks.recipes")

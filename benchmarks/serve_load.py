@@ -481,7 +481,7 @@ def start_server(name: str, args: argparse.Namespace, root: Path, checkpoint: Pa
         command = [
             sys.executable,
             "-m",
-            "training.cli",
+            "merging.main",
             "--log-level",
             args.server_log_level,
             "serve",

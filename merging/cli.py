@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from training.flags import add_override_flags, collect_overrides
+
 
 def register(commands: argparse._SubParsersAction) -> None:
     """Add every merging subcommand to the `fishrec` parser."""
@@ -82,7 +84,7 @@ def register_fisher(commands: argparse._SubParsersAction) -> None:
 
 def cmd_merge(args: argparse.Namespace) -> None:
     from merging.merge import MergeConfig, merge_checkpoints
-    from training.cli import collect_overrides, print_metrics
+    from training.cli import print_metrics
     from training.config import DataSpec
     from training.sources import load_source
 
@@ -143,14 +145,7 @@ def register_merge(commands: argparse._SubParsersAction) -> None:
         default=0,
         help="post-merge fine-tune with the plain objective (e.g. 1); --out becomes a run folder",
     )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="fine-tune config override by dotted path, e.g. --set train.lr=1e-4 (repeatable)",
-    )
+    add_override_flags(parser, "train.lr=1e-4", "a fine-tune config field")
     parser.add_argument("--out", required=True, help="checkpoint folder to write")
     parser.set_defaults(func=cmd_merge)
 
@@ -235,14 +230,7 @@ def add_pipeline_arguments(parser: argparse.ArgumentParser, config_help: str) ->
         "--artifacts", default="artifacts", help="artifact root: a path or an fsspec URI (s3://...)"
     )
     parser.add_argument("--run-id", default=None, help="resume this run (default: a new id)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config field by dotted path, e.g. --set recipe_epochs=5",
-    )
+    add_override_flags(parser, "recipe_epochs=5", "a pipeline config field")
 
 
 def register_pipeline(commands: argparse._SubParsersAction) -> None:

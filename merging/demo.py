@@ -1,6 +1,6 @@
 """`fishrec demo`: the merge job on the embedded synthetic data, then the service.
 
-What a new user runs first: a complete run of DESIGN §2 on a laptop (local Ray,
+What a new user runs first: a complete run of the merge job (README "The merge job") on a laptop (local Ray,
 a few minutes on 2 cores), a look at the results, and a live HTTP endpoint on
 the published bundle with a request to try.
 """

@@ -1,4 +1,4 @@
-"""Diagonal Fisher information of the next-item distribution (DESIGN §5).
+"""Diagonal Fisher information of the next-item distribution (README "Fisher information and merging").
 
 For a model θ and training sequences s = (history, v*), the Fisher of the
 next-item distribution p(v | history) = softmax(model.logits(history)) is
@@ -48,8 +48,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from safetensors import safe_open
 from torch import Tensor
 
+from merging.fisher_accumulator import FisherAccumulator
 from merging.fisher_exact import (
-    FisherAccumulator,
     ItemSelector,
     autograd_items,
     batch_shortcut_items,
@@ -335,7 +335,7 @@ def _text_model_engine(
     """Models with text run on the autograd engine; `exact` and `structured` refuse them.
 
     Both treat the output matrix W as free parameters whose rows are also the input
-    embeddings (DESIGN §5). With text, W = E + adaptor(features): the adaptor's
+    embeddings (README "The exact Fisher identity"). With text, W = E + adaptor(features): the adaptor's
     gradient through W is outside that identity. Brute force is exact for any model.
     """
     if spec.kind.engine == "exact" or config.engine == "structured":

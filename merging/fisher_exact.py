@@ -7,7 +7,7 @@ input), the gradient of log p_j for one sequence is
           (e_j − p)       on b,
         + Jᵀ u_j          through the hidden state h,  J = ∂h/∂θ, u_j = w_j − w̄.
 
-Squaring and summing g_j² with weights splits into three parts (DESIGN §5):
+Squaring and summing g_j² with weights splits into three parts (README "The exact Fisher identity"):
 the closed-form output-layer part, the Jacobian part Σ_k c_k (Jᵀ a_k)², and
 the cross term 2 h_d Σ_k A[k, i] (Jᵀ a_k)[i, d] on the rows of W that are also
 input rows of this sequence. The exact estimator takes a_r = q_r, c_r = λ_r from
@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from merging.fisher_accumulator import FisherAccumulator, parameter_name
 from training.model import PAD_ID, SequenceRecommender
 
 # (p (N,) float64 on CPU) -> (columns (K,), weights (K,)): the items of one sequence.
@@ -40,55 +41,6 @@ ItemSelector = Callable[[Tensor], tuple[Tensor, Tensor]]
 # The fused CPU attention kernel has no vmap batching rule (functorch falls back to
 # a slow loop and warns); the math backend is plain matmuls and softmax, which vmap.
 _VMAP_ATTENTION = [SDPBackend.MATH]
-
-
-def _parameter_name(model: nn.Module, tensor: Tensor) -> str:
-    for name, param in model.named_parameters():
-        if param is tensor:
-            return name
-    raise ValueError("the model does not own this tensor as a parameter")
-
-
-class FisherAccumulator:
-    """Running float64 sums of per-sequence Fisher diagonals, keyed by parameter name."""
-
-    def __init__(self, model: SequenceRecommender) -> None:
-        self.sums = {
-            name: torch.zeros_like(p, dtype=torch.float64) for name, p in model.named_parameters()
-        }
-        # The closed-form parts (exact, structured) need W to be the ID table; models
-        # with text only run the dense engines (merging/fisher.py refuses the others).
-        self.embedding = (
-            "" if model.config.modality else _parameter_name(model, model.item_embedding.weight)
-        )
-        self.bias = _parameter_name(model, model.output_bias)
-        self.num_items = model.config.num_items
-        self.dropped_mass = 0.0
-
-    def add_output_terms(self, direct: Tensor, h: Tensor) -> None:
-        """Closed-form output-layer part: `direct` (N,) on b, direct ⊗ h² on W."""
-        self.sums[self.bias] += direct.double()
-        rows = self.sums[self.embedding][1 : self.num_items + 1]
-        rows += direct.double()[:, None] * h.double()[None, :].square()
-
-    def add_jacobian_terms(
-        self, weights: Tensor, grads: dict[str, Tensor], rows: Tensor, row_grads: Tensor
-    ) -> None:
-        """Σ_k weights_k (Jᵀ a_k)²: `grads` (K, ...) per parameter, `row_grads` (K, U, D)."""
-        for name, g in grads.items():
-            self.sums[name] += torch.einsum("k,k...->...", weights, g.square()).double()
-        squares = torch.einsum("k,kud->ud", weights, row_grads.square())
-        self.sums[self.embedding].index_add_(0, rows, squares.double())
-
-    def add_cross_terms(self, h: Tensor, rows: Tensor, row_grads: Tensor, coeff: Tensor) -> None:
-        """2 h_d Σ_k coeff[k, u] (Jᵀ a_k)[row u, d] on the input rows that are also output rows."""
-        cross = 2.0 * h[None, :] * torch.einsum("ku,kud->ud", coeff, row_grads)
-        self.sums[self.embedding].index_add_(0, rows, cross.double())
-
-    def add_dense(self, weights: Tensor, grads: dict[str, Tensor]) -> None:
-        """Σ_k weights_k g_k² for full per-item gradients (K, ...) of every parameter."""
-        for name, g in grads.items():
-            self.sums[name] += torch.einsum("k,k...->...", weights, g.square()).double()
 
 
 class _HiddenState(nn.Module):
@@ -115,7 +67,7 @@ class Linearisation:
             raise ValueError("the linearisation assumes ID-only items (W = the ID table)")
         self.model = model
         wrapper = _HiddenState(model)
-        embedding_name = _parameter_name(model, model.item_embedding.weight)
+        embedding_name = parameter_name(model, model.item_embedding.weight)
         table = model.item_embedding.weight.detach()
         params = {n: p.detach() for n, p in model.named_parameters() if n != embedding_name}
         self.input_ids = model.prediction_input(history)[0]  # (L',) ids the embedding looks up
@@ -175,7 +127,7 @@ def exact_identity(
     rank: int | None,
     accumulator: FisherAccumulator,
 ) -> None:
-    """Add one sequence's full-vocabulary Fisher (DESIGN §5) in D (or `rank`) VJPs."""
+    """Add one sequence's full-vocabulary Fisher (README "The exact Fisher identity") in D (or `rank`) VJPs."""
     lin = Linearisation(model, history)
     h, p = lin.h, lin.p
     weight = model.output_weight().detach()  # (N, D)

@@ -1,4 +1,4 @@
-"""The merge job (DESIGN §2): train, Fisher, merge, evaluate, export, publish, on Ray.
+"""The merge job (README "The merge job"): train, Fisher, merge, evaluate, export, publish, on Ray.
 
     data -> base -> recipes (parallel) -> Fisher (parallel shards) -> merge
          -> [post-merge fine-tune] -> evaluate -> export -> report -> publish
@@ -421,7 +421,7 @@ class Pipeline:
         return self.run_parallel([stage])["report"]
 
     def stage_publish(self) -> str:
-        """Bundle + report + metrics as runs/<run_id>/, verified, then LATEST (DESIGN §2)."""
+        """Bundle + report + metrics as runs/<run_id>/, verified, then LATEST (README "The model bundle")."""
 
         def work() -> StageOutput:
             relative = publish_bundle(

@@ -1,4 +1,7 @@
-"""Read and verify a model bundle (contract fishrec.bundle/1; merging/export.py writes it).
+"""Read and verify a model bundle (contract fishrec.bundle/1, README "The model bundle").
+
+This module is the one implementation of the contract's checks: merging/bundle.py
+(the writer) verifies what it wrote with `load_bundle` before anything is published.
 
 A bundle folder holds model.onnx, vocab.json, popular.json, manifest.json and
 optionally model.int8.onnx; manifest.json lists the sha256 of every other file.
@@ -25,6 +28,7 @@ log = logging.getLogger(__name__)
 
 BUNDLE_SCHEMA = re.compile(r"^fishrec\.bundle/(\d+)(?:\.\d+)*$")
 SUPPORTED_MAJOR = 1
+SCHEMA = f"fishrec.bundle/{SUPPORTED_MAJOR}"  # what writers write
 VOCAB_SCHEMA = "fishrec.vocab/1"
 POPULAR_SCHEMA = "fishrec.popular/1"
 MANIFEST = "manifest.json"
@@ -137,7 +141,7 @@ def read_latest(root: Path) -> str | None:
 
 
 def sha256_file(path: Path) -> str:
-    # training.checkpoint has the same helper; serving may not import training.
+    # training.files has the same helper for checkpoints; serving may not import training.
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+from merging.main import main
 from tests.support import tiny_experiment
-from training.cli import main
 from training.diagnostics import (
     alignment,
     compare_models,

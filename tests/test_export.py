@@ -34,9 +34,9 @@ from merging.export import (
     parity_histories,
     torch_topk,
 )
+from merging.main import main
 from tests.support import tiny_experiment
 from training.batching import pad_left
-from training.cli import main
 from training.data import SequenceData
 from training.model import SequenceRecommender
 from training.synthetic import SyntheticConfig, generate

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from merging.main import main
 from tests.modality_support import write_features
-from training.cli import main
 from training.data import DataError, SequenceData, Vocabulary
 from training.features import (
     FEATURES_FILE,

@@ -21,8 +21,9 @@ from merging.fisher import (
     save_fisher,
     select_sequences,
 )
-from merging.fisher_exact import FisherAccumulator, autograd_items, exact_identity
-from training.cli import main
+from merging.fisher_accumulator import FisherAccumulator
+from merging.fisher_exact import autograd_items, exact_identity
+from merging.main import main
 from training.model import ModelConfig, SequenceRecommender, build_model
 
 NUM_ITEMS = 23

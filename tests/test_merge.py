@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from merging.fisher import FisherConfig, checkpoint_fisher, save_fisher
+from merging.main import main
 from merging.merge import (
     MERGE_METHODS,
     MergeConfig,
@@ -19,7 +20,6 @@ from merging.merge import (
     search_coefficients,
 )
 from training.checkpoint import write_checkpoint
-from training.cli import main
 from training.data import SequenceData
 from training.evaluate import Evaluator
 from training.files import sha256_file

@@ -40,6 +40,7 @@ def reference_config(backbone: str) -> ModelConfig:
         hidden_size=16,
         num_layers=2,
         num_heads=2,
+        ffn_mult=4,
         max_len=8,
         dropout=0.2,
         attn_dropout=0.2,

@@ -202,7 +202,7 @@ def test_cli_server_drains_in_flight_requests_on_sigterm(
     command = [
         sys.executable,
         "-m",
-        "training.cli",
+        "merging.main",
         "serve",
         "--artifacts",
         str(tmp_path),

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from merging.main import main
 from tests.modality_support import hashing_features, synthetic_texts, write_features
 from tests.support import tiny_experiment
-from training.cli import main
 from training.data import SequenceData
 from training.features import HashingEncoder, build_item_features
 from training.model import ModelConfig, build_model

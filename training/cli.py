@@ -1,56 +1,21 @@
-"""The `fishrec` command: one subcommand per stage.
+"""Subcommands of the training package: data, train, evaluate, compare.
 
-Each package registers its own subcommands (training here, merging/cli.py,
-serving/cli.py). Registration imports nothing heavy, so `fishrec serve` runs in
-the serving image, which has no torch; each command imports what it needs when
-it runs.
+`merging/main.py` (the `fishrec` console script) registers them with the other
+packages' commands. Registration imports nothing heavy, so `fishrec serve` runs
+in the serving image, which has no torch; each command imports what it needs
+when it runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import sys
-from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from training.flags import CommandError, add_override_flags, collect_overrides
+
 log = logging.getLogger("fishrec")
-
-DESCRIPTION = """\
-fishrec: train BERT4Rec-style recommenders with several objectives, merge them
-by Fisher-weighted averaging, export the merged model to ONNX and serve it.
-
-Stages:  data -> train -> evaluate/compare -> fisher -> merge -> export -> serve
-The pipeline command runs them all on Ray; demo runs it on the embedded data.
-Run `fishrec COMMAND --help` for the flags of a stage."""
-
-
-class CommandError(Exception):
-    """An error whose message is the whole story: printed without a traceback."""
-
-
-def add_override_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override any config field by dotted path, e.g. --set train.lr=3e-4 (repeatable)",
-    )
-
-
-def collect_overrides(args: argparse.Namespace, flags: dict[str, str]) -> dict[str, Any]:
-    """Dotted-path overrides from --set and from named flags ({attribute: dotted path})."""
-    from training.config import parse_override
-
-    values = dict(parse_override(text) for text in args.overrides)
-    for attribute, dotted in flags.items():
-        value = getattr(args, attribute, None)
-        if value is not None:
-            values[dotted] = value
-    return values
 
 
 # ---- data ---------------------------------------------------------------------------
@@ -438,63 +403,10 @@ def register_compare(commands: argparse._SubParsersAction) -> None:
 
 # ---- entry point --------------------------------------------------------------------
 
-Registrar = Callable[[argparse._SubParsersAction], None]
 
-
-def registrars() -> list[Registrar]:
-    """Every subcommand group; each registration is import-light by contract."""
-    from merging.cli import register as register_merging
-    from serving.cli import register as register_serving
-
-    return [
-        register_data,
-        register_train,
-        register_evaluate,
-        register_compare,
-        register_merging,
-        register_serving,
-    ]
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="fishrec",
-        description=DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for register in registrars():
-        register(commands)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    try:
-        args.func(args)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except Exception as err:  # every failure becomes one clear line unless --debug
-        if args.debug or not _is_user_error(err):
-            raise
-        print(f"fishrec {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    return 0
-
-
-def _is_user_error(err: Exception) -> bool:
-    # Bad input of every kind: files, configs, checkpoints, arguments. Bugs keep their traceback.
-    return isinstance(
-        err, CommandError | ValueError | FileNotFoundError | PermissionError | OSError | KeyError
-    )
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def register(commands: argparse._SubParsersAction) -> None:
+    """Add the training package's subcommands (data, train, evaluate, compare)."""
+    register_data(commands)
+    register_train(commands)
+    register_evaluate(commands)
+    register_compare(commands)

@@ -36,7 +36,7 @@ class ModelSpec(StrictModel):
     max_len: int = Field(50, ge=2, description="longest model input ([MASK] included)")
     dropout: float = Field(0.1, ge=0.0, lt=1.0, description="dropout on embeddings and residuals")
     attn_dropout: float = Field(0.1, ge=0.0, lt=1.0, description="dropout on attention weights")
-    ffn_mult: int = Field(4, ge=1, description="feed-forward width as a multiple of D")
+    ffn_mult: int = Field(1, ge=1, description="feed-forward width as a multiple of D")
     # The three below were measured one by one in benchmarks/convergence.py (README,
     # "Training defaults"); the defaults are SASRec's choices.
     embedding_input: Literal["scaled", "layernorm"] = Field(
@@ -114,7 +114,7 @@ class TrainConfig(StrictModel):
     batch_size: int = Field(128, ge=1, description="sequences per optimiser step")
     lr: float = Field(1e-3, gt=0.0, description="peak learning rate of AdamW")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW decoupled weight decay")
-    betas: tuple[float, float] = Field((0.9, 0.98), description="AdamW betas")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
     warmup_steps: int = Field(0, ge=0, description="linear warm-up steps")
     schedule: Literal["constant", "linear", "cosine"] = Field(
         "constant", description="decay after warm-up, to 10% of lr at the last epoch"
@@ -129,6 +129,11 @@ class TrainConfig(StrictModel):
         "fp32",
         description="bf16: autocast matmuls to bfloat16 in training (CPUs with AVX512_BF16 or "
         "AMX, recent GPUs); evaluation stays float32",
+    )
+    compile: bool = Field(
+        False,
+        description="torch.compile the transformer blocks (needs a C++ compiler on CPU; the "
+        "first batches of each new length are slow)",
     )
     clip_grad_norm: float | None = Field(5.0, description="clip the global gradient norm")
     patience: int = Field(5, ge=1, description="epochs without validation gain before stopping")

@@ -4,7 +4,7 @@ Readers turn a raw log into `Interactions` (external ids as strings, optional
 timestamps). `build_sequences` orders each user's interactions in time, applies
 an optional iterative k-core and numbers the items 1..N (0 is padding, N+1 the
 [MASK] token of BERT4Rec). `SequenceData.split` is the leave-one-out protocol of
-SASRec/BERT4Rec (DESIGN §7). `SequenceData.save` writes the canonical folder
+SASRec/BERT4Rec (README "Evaluation"). `SequenceData.save` writes the canonical folder
 that every later stage reads; its fingerprint ties models to their data.
 
 Formats (`detect_format` recognises them by content):
@@ -597,7 +597,7 @@ class EvalSplit:
 
 @dataclass(frozen=True, eq=False)
 class Split:
-    """Leave-one-out (DESIGN §7): last item test, second-to-last validation, the rest train."""
+    """Leave-one-out (README "Evaluation"): last item test, second-to-last validation, the rest train."""
 
     train: list[np.ndarray]  # seq[:-2] for users with >= 3 items; whole sequence otherwise
     valid: EvalSplit  # history seq[:-2], target seq[-2]

@@ -65,7 +65,7 @@ class ModelConfig:
     max_len: int = 50  # longest input, [MASK] included for bert4rec
     dropout: float = 0.1  # on embeddings and residual branches
     attn_dropout: float = 0.1  # on attention probabilities
-    ffn_mult: int = 4  # feed-forward width = ffn_mult * hidden_size
+    ffn_mult: int = 1  # feed-forward width = ffn_mult * hidden_size
     init_std: float = 0.02
     embedding_input: EmbeddingInput = "scaled"  # see EmbeddingInput
     prediction_head: bool = False  # BERT4Rec's Linear-GELU-LayerNorm before the output layer

@@ -8,7 +8,7 @@ A run folder holds:
                    trainer.json: what `--resume` continues from
     config.yaml    the resolved experiment configuration
     history.json   one entry per epoch: loss, throughput, validation metrics, recipe logs
-    metrics.json   valid/test metrics of the best model and MostPop (DESIGN §9)
+    metrics.json   valid/test metrics of the best model and MostPop (README "Architecture")
 
 Every epoch starts from a seed derived from (seed, epoch), so a run resumed
 after epoch e continues exactly as the uninterrupted run would have.
@@ -190,6 +190,10 @@ class Trainer:
         self.features = self._item_features()
         self.model = self._initial_model(init).to(self.device)
         self.model_config = self.model.config
+        if self.cfg.compile:
+            # In place, block by block: parameter names (checkpoints, Fisher, merge) stay.
+            for block in self.model.blocks:
+                block.compile(dynamic=True)
         self.recipe: Recipe = build_recipe(
             config.recipe.name,
             config.recipe.params,

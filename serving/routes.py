@@ -1,0 +1,180 @@
+"""The service's routes: health, readiness, metrics, model info, recommendations, reload.
+
+Handlers read what they need from `request.app.state` (settings, metrics, the
+model manager), so one router serves every app `create_app` builds. The two
+recommendation routes are registered with `LeanJsonRoute` (see `lean_post`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pydantic_core
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from serving.errors import ERRORS, ApiError
+from serving.lean_route import Endpoint, LeanJsonRoute
+from serving.recommend import LimitExceeded, check_limits, recommend
+from serving.reload import ModelManager, ReloadError, ServingModel
+from serving.schemas import (
+    BatchRequest,
+    BatchResponse,
+    ErrorResponse,
+    Health,
+    ModelInfo,
+    Readiness,
+    RecommendationRequest,
+    RecommendationResponse,
+    ReloadRequest,
+    ReloadResponse,
+)
+
+# (method, path, route options, endpoint) for every route, in the order they are added.
+ROUTES: list[tuple[str, str, dict[str, Any], Endpoint]] = []
+
+
+# Plain functions, not FastAPI dependencies: resolving dependencies costs more per request
+# than everything else FastAPI does, and the API key is checked in RequestContextMiddleware.
+
+
+def manager_of(request: Request) -> ModelManager:
+    return request.app.state.manager
+
+
+def current_model(request: Request) -> ServingModel:
+    """The model serving now, or a 503 while none is loaded or the service is stopping."""
+    manager = manager_of(request)
+    model = manager.current
+    if model is None or manager.stopping:
+        reason = "shutting down" if manager.stopping else (manager.last_error or "loading")
+        raise ApiError(503, "not_ready", f"no model is serving: {reason}", {"Retry-After": "1"})
+    return model
+
+
+def json_response(content: Any) -> Response:
+    # Serialised by pydantic-core in one step; FastAPI would validate it against the model first.
+    return Response(pydantic_core.to_json(content), media_type="application/json")
+
+
+def route(method: str, path: str, **options: Any) -> Callable[[Endpoint], Endpoint]:
+    """Record an endpoint; `add_routes` adds the records to an app.
+
+    method "lean_post" is a POST with `LeanJsonRoute`: the same docs, FastAPI's
+    per-request layers skipped (the hot recommendation routes).
+    """
+
+    def record(endpoint: Endpoint) -> Endpoint:
+        ROUTES.append((method, path, options, endpoint))
+        return endpoint
+
+    return record
+
+
+def add_routes(app: FastAPI) -> None:
+    for method, path, options, endpoint in ROUTES:
+        if method == "lean_post":
+            options = {**options, "methods": ["POST"], "route_class_override": LeanJsonRoute}
+        else:
+            options = {**options, "methods": [method.upper()]}
+        app.router.add_api_route(path, endpoint, **options)
+
+
+# ---- routes -------------------------------------------------------------------------------
+
+
+@route("get", "/healthz", response_model=Health, tags=["operations"])
+async def healthz() -> Health:
+    """The process is alive (says nothing about the model)."""
+    return Health()
+
+
+@route(
+    "get",
+    "/readyz",
+    response_model=Readiness,
+    responses={503: {"model": Readiness}},
+    tags=["operations"],
+)
+async def readyz(request: Request) -> JSONResponse:
+    """Ready once a verified bundle is loaded and warm, until shutdown starts."""
+    manager = manager_of(request)
+    model = manager.current
+    if model is None or manager.stopping:
+        reason = "shutting down" if manager.stopping else (manager.last_error or "loading")
+        return JSONResponse(Readiness(ready=False, reason=reason).model_dump(), 503)
+    return JSONResponse(Readiness(ready=True, model_version=model.version).model_dump())
+
+
+@route("get", "/metrics", tags=["operations"], response_class=Response)
+async def prometheus(request: Request) -> Response:
+    """Prometheus metrics."""
+    body, content_type = request.app.state.metrics.render()
+    return Response(body, media_type=content_type)
+
+
+@route("get", "/v1/model", response_model=ModelInfo, responses=ERRORS, tags=["model"])
+async def model_info(request: Request) -> ModelInfo:
+    """The serving bundle: run id, provenance, metrics, parity of its export."""
+    model = current_model(request)
+    return ModelInfo(
+        model_version=model.version,
+        loaded_at=model.loaded_at.isoformat(),
+        model_file=model.runner.path.name,
+        bundle=model.bundle.summary(),
+    )
+
+
+@route(
+    "lean_post",
+    "/v1/recommendations",
+    response_model=RecommendationResponse,
+    responses=ERRORS,
+    tags=["recommendations"],
+)
+async def recommendations(body: RecommendationRequest, request: Request) -> Response:
+    """Top-k next items for one history."""
+    model = current_model(request)
+    check_limits(body, request.app.state.settings, model.bundle.num_items, [])
+    (answer,) = await recommend(model, [body], request.app.state.metrics)
+    return json_response(answer)
+
+
+@route(
+    "lean_post",
+    "/v1/recommendations:batch",
+    response_model=BatchResponse,
+    responses=ERRORS,
+    tags=["recommendations"],
+)
+async def recommendations_batch(body: BatchRequest, request: Request) -> Response:
+    """Top-k next items for many histories, all from the same model version."""
+    model = current_model(request)
+    if len(body.requests) > request.app.state.settings.max_batch_requests:
+        raise LimitExceeded(
+            ["requests"],
+            f"{len(body.requests)} histories; at most {request.app.state.settings.max_batch_requests} per batch",
+        )
+    for i, entry in enumerate(body.requests):
+        check_limits(entry, request.app.state.settings, model.bundle.num_items, ["requests", i])
+    answers = await recommend(model, body.requests, request.app.state.metrics)
+    return json_response({"results": answers, "model_version": model.version})
+
+
+@route(
+    "post",
+    "/v1/admin/reload",
+    response_model=ReloadResponse,
+    responses={**ERRORS, 409: {"model": ErrorResponse, "description": "bundle refused"}},
+    tags=["model"],
+)
+async def reload(request: Request, body: ReloadRequest | None = None) -> ReloadResponse:
+    """Load LATEST (or `run_id`) now: verified and warmed before it replaces the current model."""
+    manager = manager_of(request)
+    try:
+        changed, previous = await manager.reload(body.run_id if body else None)
+    except ReloadError as err:
+        raise ApiError(409, "bundle_refused", str(err)) from err
+    current = current_model(request)
+    return ReloadResponse(changed=changed, model_version=current.version, previous_version=previous)
