@@ -23,10 +23,11 @@ RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 
-# Dependencies first, read from pyproject.toml alone: a code change does not reinstall them.
-COPY pyproject.toml deploy/requirements.py ./
-RUN python requirements.py pyproject.toml serve > requirements.txt \
-    && pip install -r requirements.txt
+# Dependencies first, from the hash-pinned lock (deploy/serving.lock, compiled from
+# pyproject.toml's serve extra): two builds install the same bytes, and a code change
+# does not reinstall them.
+COPY deploy/serving.lock ./
+RUN pip install --require-hashes --no-deps -r serving.lock
 
 # The package itself (the `fishrec` command registers every subcommand without importing torch).
 COPY training/ training/

@@ -304,10 +304,10 @@ class Pipeline:
 
     def stage_fishers(self) -> dict[str, dict[str, Any]]:
         """The Fisher of every recipe: Ray tasks over user shards, summed per recipe."""
-        from merging.fisher import FisherConfig, select_sequences
+        from merging.fisher import select_sequences
 
         spec = self.config.fisher
-        fisher = FisherConfig(estimator=spec.estimator, seed=spec.seed).model_dump()
+        fisher = spec.operation().model_dump()
         train = tasks.load_run_data(self.store.root, self.work).split().train
         ids, _ = select_sequences(train, spec.num_sequences, spec.seed)
         shards = tasks.shard(ids, spec.shards)
@@ -340,18 +340,11 @@ class Pipeline:
         merge_task = self.remote(tasks.merge_models, "merge")
         stages = []
         for method in spec.methods:
-            options: dict[str, Any] = {
-                "finetune_epochs": spec.finetune_epochs,
-                "seed": self.config.experiment.train.seed,
-            }
-            if method == "fisher":
-                options.update(
-                    fisher_floor=spec.fisher_floor,
-                    normalize_fishers=spec.normalize_fishers,
-                    search=spec.search_coefficients,
-                    grid_points=max(2, spec.search_samples),
-                    dirichlet_samples=spec.search_samples,
-                )
+            # The job's seed for every merge (Dirichlet draws, post-merge fine-tune).
+            operation = spec.operation(method).model_copy(
+                update={"seed": self.config.experiment.train.seed}
+            )
+            options = operation.model_dump(exclude={"method"})
 
             def submit(method: str = method, options: dict[str, Any] = options) -> list[Any]:
                 inputs = fishers if method == "fisher" else None

@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
+from merging.fisher import FisherConfig
+from merging.merge import MERGE_METHODS, MergeConfig
 from training.config import ExperimentConfig, StrictModel
 
 
@@ -42,41 +44,56 @@ class ResourceSpec(StrictModel):
     num_gpus: float = Field(0.0, ge=0, description="GPUs per task (0 on CPU clusters)")
 
 
-class FisherSpec(StrictModel):
-    estimator: str = Field(
-        "exact",
-        description="a Fisher estimator: exact, full, random:n, topk:n, sample:n, target, empirical",
-    )
+class JobFisherConfig(FisherConfig):
+    """How the job estimates each recipe's Fisher: the `fishrec fisher` settings plus sharding."""
+
     num_sequences: int | None = Field(
-        2000, ge=1, description="training sequences per recipe (None: all)"
+        2000, ge=1, description="seeded subset of training sequences per recipe (None: all)"
     )
     shards: int = Field(2, ge=1, description="Ray tasks per recipe, each over a slice of the users")
-    batch_size: int = Field(32, ge=1, description="sequences per vectorised gradient batch")
-    seed: int = Field(0, description="seeds the subset of sequences and sampling estimators")
+
+    def operation(self) -> FisherConfig:
+        """The settings of one Fisher computation (what `fishrec fisher` takes)."""
+        return FisherConfig(**self.model_dump(exclude={"shards"}))
 
 
-class MergeSpec(StrictModel):
-    methods: list[Literal["uniform", "greedy", "fisher"]] = Field(
+class JobMergeConfig(MergeConfig):
+    """Which merges the job builds and publishes, and the `fishrec merge` settings they share."""
+
+    methods: list[str] = Field(
         default_factory=lambda: ["uniform", "greedy", "fisher"],
-        description="merged models to build",
-    )
-    publish: Literal["uniform", "greedy", "fisher", "best"] = Field(
-        "fisher",
-        description="which model is exported; best: the best on validation NDCG@10 of all models",
-    )
-    fisher_floor: float = Field(
-        1e-6, ge=0, description="Fisher floor: uninformed coordinates fall back to the mean"
-    )
-    normalize_fishers: bool = Field(
-        False, description="scale each model's Fisher to unit mean first"
-    )
-    search_coefficients: bool = Field(False, description="choose per-model λ on validation NDCG@10")
-    search_samples: int = Field(
-        8, ge=1, description="grid points (2 models) or Dirichlet samples (more)"
+        description="merged models to build (keys of MERGE_METHODS)",
     )
     finetune_epochs: int = Field(
-        0, ge=0, description="epochs of the plain objective after merging (0: none)"
+        1,
+        ge=0,
+        description="epochs of the plain objective after each merge, as the thesis (0: none); "
+        "the merged start is validated first and kept unless an epoch beats it",
     )
+    publish: str = Field(
+        "fisher",
+        description="which model is exported: one of `methods`, or best (the best on validation "
+        "NDCG@10 of all models, recipes included)",
+    )
+
+    @model_validator(mode="after")
+    def _methods(self) -> JobMergeConfig:
+        if "method" in self.model_fields_set:
+            raise ValueError("the job builds every merge in `methods`; `method` is not a job field")
+        unknown = sorted(set(self.methods) - set(MERGE_METHODS))
+        if unknown:
+            raise ValueError(f"unknown merge methods {unknown}; known: {', '.join(MERGE_METHODS)}")
+        if self.publish != "best" and self.publish not in self.methods:
+            raise ValueError(
+                f"publish {self.publish!r} is neither 'best' nor one of {self.methods}"
+            )
+        return self
+
+    def operation(self, method: str) -> MergeConfig:
+        """The settings of one merge (what `fishrec merge` takes)."""
+        return MergeConfig(
+            **self.model_dump(exclude={"method", "methods", "publish"}), method=method
+        )
 
 
 class ExportSpec(StrictModel):
@@ -106,8 +123,8 @@ class PipelineConfig(StrictModel):
     )
     resources: ResourceSpec = Field(default_factory=ResourceSpec)
     max_retries: int = Field(2, ge=0, description="Ray retries of a task after a crash or an error")
-    fisher: FisherSpec = Field(default_factory=FisherSpec)
-    merge: MergeSpec = Field(default_factory=MergeSpec)
+    fisher: JobFisherConfig = Field(default_factory=JobFisherConfig)
+    merge: JobMergeConfig = Field(default_factory=JobMergeConfig)
     export: ExportSpec = Field(default_factory=ExportSpec)
     num_cpus: int | None = Field(
         None, ge=1, description="size of a local Ray instance (None: the machine's CPU quota)"

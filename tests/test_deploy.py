@@ -42,6 +42,8 @@ from typing import Any, ClassVar
 
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
@@ -171,16 +173,35 @@ def test_hadolint_gate_catches_a_bad_dockerfile(tmp_path: Path) -> None:
     assert "DL3006" in result.stdout and "DL3008" in result.stdout
 
 
-def test_serving_image_installs_the_serve_extra_only() -> None:
+def read_lock(path: Path) -> dict[str, str]:
+    """{normalised name: pinned version} of a hash-pinned requirements lock."""
+    pins = {}
+    for line in path.read_text().splitlines():
+        match = re.match(r"^([A-Za-z0-9._-]+)(?:\[[^\]]*\])?==([^ ;\\]+)", line)
+        if match:
+            pins[canonicalize_name(match[1])] = match[2]
+    return pins
+
+
+def test_serving_image_installs_the_locked_serve_extra_only() -> None:
     instructions = parse_dockerfile(DOCKERFILES["serving"])
     runs = [i.args for i in instructions if i.keyword == "RUN"]
-    install = next(r for r in runs if "requirements.py" in r)
-    assert re.search(r"requirements\.py pyproject\.toml serve\b", install)
-    wanted = requirements_script.requirements(REPO / "pyproject.toml", ["serve"])
-    names = {re.split(r"[\[<>=!~ ;]", line)[0].lower() for line in wanted}
-    assert {"onnxruntime", "fastapi", "uvicorn"} <= names
-    assert not names & {"torch", "ray", "onnx", "onnxscript"}, names
-    # ...and the build refuses an environment where torch or ray slipped in anyway.
+    install = next(r for r in runs if "serving.lock" in r)
+    assert "--require-hashes" in install and "--no-deps" in install
+    lock = DEPLOY / "serving.lock"
+    pins = read_lock(lock)
+    hashed = [line for line in lock.read_text().splitlines() if "--hash=sha256:" in line]
+    assert len(hashed) >= len(pins), "every pin carries its hashes"
+    # The lock satisfies every requirement of the serve extra in pyproject.toml...
+    for line in requirements_script.requirements(REPO / "pyproject.toml", ["serve"]):
+        wanted = Requirement(line)
+        name = canonicalize_name(wanted.name)
+        assert name in pins, f"{name} is in the serve extra but not in {lock.name}"
+        assert wanted.specifier.contains(pins[name]), f"{name}=={pins[name]} breaks {wanted}"
+    # ...and holds nothing heavy.
+    assert {"onnxruntime", "fastapi", "uvicorn"} <= set(pins)
+    assert not set(pins) & {"torch", "ray", "onnx", "onnxscript"}, pins
+    # The build refuses an environment where torch or ray slipped in anyway.
     assert any("find_spec" in r and "'torch', 'ray'" in r for r in runs)
 
 
@@ -188,7 +209,7 @@ def test_serving_image_layers_and_runtime() -> None:
     instructions = parse_dockerfile(DOCKERFILES["serving"])
     assert sum(i.keyword == "FROM" for i in instructions) >= 2, "multi-stage build expected"
     keywords = [(i.keyword, i.args) for i in instructions]
-    deps = next(n for n, (k, a) in enumerate(keywords) if k == "RUN" and "pip install -r" in a)
+    deps = next(n for n, (k, a) in enumerate(keywords) if k == "RUN" and "pip install" in a)
     code = next(n for n, (k, a) in enumerate(keywords) if k == "COPY" and a.startswith("serving/"))
     assert deps < code, "dependencies must be installed before the code is copied"
 
