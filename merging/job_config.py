@@ -60,6 +60,8 @@ class JobFisherConfig(FisherConfig):
 class JobMergeConfig(MergeConfig):
     """Which merges the job builds and publishes, and the `fishrec merge` settings they share."""
 
+    # Set per merge by `operation`; not written back when the config is saved.
+    method: str = Field("fisher", exclude=True, description="not a job field: see `methods`")
     methods: list[str] = Field(
         default_factory=lambda: ["uniform", "greedy", "fisher"],
         description="merged models to build (keys of MERGE_METHODS)",
