@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from merging.job import machine_cpus
+from training.flags import add_override_flags
 
 
 def run_variant(
@@ -68,14 +69,7 @@ def main() -> None:
     )
     parser.add_argument("--config", default="configs/pipeline-demo.yaml", help="pipeline YAML")
     parser.add_argument("--cpus", type=int, default=machine_cpus(), help="CPUs of the parallel run")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="config override for every variant, e.g. recipe_epochs=2",
-    )
+    add_override_flags(parser, "recipe_epochs=2", "a pipeline config field of every variant")
     args = parser.parse_args()
     variants = {
         "parallel": (args.cpus, 1),
