@@ -57,6 +57,8 @@ LEGACY: dict[str, dict[str, Any]] = {
 # The defaults of the first round of changes (2026-12-03 morning): the ablation
 # below them showed SASRec's 1x feed-forward and Adam's betas no worse and 20% faster.
 ROUND_1: dict[str, Any] = {"model.ffn_mult": 4, "train.betas": [0.9, 0.98]}
+# The defaults of round 1, before SASRec's block and attention init (round 2).
+ROUND_2: dict[str, Any] = {"model.block": "prenorm", "model.attention_init": "normal"}
 VARIANTS: dict[str, dict[str, Any]] = {
     **LEGACY,
     "round-1": ROUND_1,
@@ -65,9 +67,15 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "round-1-betas-0.999": {**ROUND_1, "train.betas": [0.9, 0.999]},
     "round-1-ffn-1x": {**ROUND_1, "model.ffn_mult": 1},
     "round-1-no-clip": {**ROUND_1, "train.clip_grad_norm": None},
+    # Round 2 (2026-12-03 afternoon) made SASRec's block and attention init the defaults.
+    "round-2": ROUND_2,
+    "round-2-bf16": {**ROUND_2, "train.precision": "bf16"},
+    "round-2-grouped": {**ROUND_2, "train.length_grouping": 50},
+    # SASRec's own code (the block SASRec+ trains, its attention init), one at a time.
+    "round-2-sasrec-block": {**ROUND_2, "model.block": "sasrec"},
+    "round-2-xavier": {**ROUND_2, "model.attention_init": "xavier"},
     "after": {},
     "after-bf16": {"train.precision": "bf16"},
-    "after-grouped": {"train.length_grouping": 50},
     "after-dropout-0.3": {"model.dropout": 0.3, "model.attn_dropout": 0.3},
     "after-dropout-0.5": {"model.dropout": 0.5, "model.attn_dropout": 0.5},
     "after-compile": {"train.compile": True},

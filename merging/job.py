@@ -255,11 +255,13 @@ class Pipeline:
         return {"encoder": features.encoder, "dim": features.dim, "coverage": features.coverage}
 
     def experiment_for(
-        self, recipe: str, params: dict[str, Any], epochs: int, seed: int
+        self, recipe: str, params: dict[str, Any], epochs: int, seed: int, lr: float | None = None
     ) -> dict[str, Any]:
         values = self.config.experiment.model_dump(mode="json")
         values["recipe"] = {"name": recipe, "params": params}
         values["train"].update(epochs=epochs, seed=seed, progress=False, device=self._device())
+        if lr is not None:
+            values["train"]["lr"] = lr
         return values
 
     def _device(self) -> str:
@@ -296,7 +298,11 @@ class Pipeline:
             )
             epochs = entry.epochs if entry.epochs is not None else self.config.recipe_epochs
             experiment = self.experiment_for(
-                self.config.recipe_of(entry), entry.params, epochs, seed
+                self.config.recipe_of(entry),
+                entry.params,
+                epochs,
+                seed,
+                self.config.recipe_lr_of(entry),
             )
             stages.append(self.training_stage(entry.name, experiment, init))
         results = self.run_parallel(stages)

@@ -28,6 +28,9 @@ class RecipeEntry(StrictModel):
     epochs: int | None = Field(
         None, ge=0, description="epochs for this recipe (default: recipe_epochs)"
     )
+    lr: float | None = Field(
+        None, gt=0, description="learning rate for this recipe (default: recipe_lr)"
+    )
     seed: int | None = Field(
         None, description="training seed (default: the experiment's seed + position)"
     )
@@ -123,6 +126,14 @@ class PipelineConfig(StrictModel):
     recipe_epochs: int = Field(
         10, ge=0, description="epochs of each recipe (fine-tune length in finetune)"
     )
+    # A fine-tune that restarts at the base's rate (1e-3) leaves the base's basin, and
+    # models merged from different basins lose (README, "Merging: what the numbers say").
+    recipe_lr: float | None = Field(
+        3e-4,
+        gt=0,
+        description="learning rate of the recipe fine-tunes (finetune setting; None: the "
+        "experiment's lr); scratch runs always use the experiment's lr",
+    )
     resources: ResourceSpec = Field(default_factory=ResourceSpec)
     max_retries: int = Field(2, ge=0, description="Ray retries of a task after a crash or an error")
     fisher: JobFisherConfig = Field(default_factory=JobFisherConfig)
@@ -141,6 +152,12 @@ class PipelineConfig(StrictModel):
         if not names:
             raise ValueError("the merge pool needs at least one recipe")
         return self
+
+    def recipe_lr_of(self, entry: RecipeEntry) -> float:
+        """The learning rate an entry trains with."""
+        if self.setting == "scratch":
+            return self.experiment.train.lr
+        return entry.lr or self.recipe_lr or self.experiment.train.lr
 
     def recipe_of(self, entry: RecipeEntry) -> str:
         """The registry key of an entry ('plain' is the backbone's own objective)."""

@@ -122,8 +122,9 @@ def test_corrupt_checkpoint_is_refused(tmp_path) -> None:
     [
         {},
         {"embedding_input": "layernorm", "prediction_head": True, "activation": "gelu"},
+        {"block": "prenorm", "attention_init": "normal"},
     ],
-    ids=["sasrec-style", "bert4rec-style"],
+    ids=["sasrec-style", "bert4rec-style", "prenorm-block"],
 )
 def test_architecture_variants_keep_padding_invariance(backbone: str, variant: dict) -> None:
     model = tiny(backbone, **variant)
@@ -151,8 +152,33 @@ def test_checkpoints_without_the_new_fields_load_as_the_old_architecture(tmp_pat
     config = ModelConfig.from_dict(old)
     assert config.embedding_input == "layernorm" and config.prediction_head
     assert config.activation == "gelu"
+    assert config.block == "prenorm" and config.attention_init == "normal"
     model = build_model(config, seed=0)
     write_checkpoint(tmp_path / "c", model, config, {})
     loaded = load_checkpoint(tmp_path / "c")
     assert loaded.config == config
     assert set(loaded.model.state_dict()) == set(model.state_dict())
+
+
+def test_sasrec_block_reads_keys_from_the_unnormalised_stream() -> None:
+    """SASRec's wiring: queries from LN(x), keys/values from x; the pre-norm block differs."""
+    sasrec = tiny("sasrec", num_layers=1, block="sasrec")
+    prenorm = tiny("sasrec", num_layers=1, block="prenorm")
+    prenorm.load_state_dict(sasrec.state_dict())  # same weights, other wiring
+    history = torch.tensor([[5, 9, 3, 7]])
+    assert not torch.allclose(sasrec.logits(history), prenorm.logits(history), atol=1e-4)
+    block, x = sasrec.blocks[0], torch.randn(1, 4, 16)
+    allowed = sasrec.attention_mask(history)
+    normed = block.ln_attn(x)
+    # Scaling x changes keys and values but not LN(x): the output must change.
+    assert not torch.allclose(block(x, allowed), block(3 * x, allowed), atol=1e-4)
+    assert torch.allclose(block.ln_attn(3 * x), normed, atol=1e-4)
+
+
+def test_xavier_attention_init_widens_only_the_attention_projection() -> None:
+    xavier = tiny("sasrec", attention_init="xavier")
+    normal = tiny("sasrec", attention_init="normal")
+    qkv = xavier.blocks[0].attn.qkv.weight
+    bound = (6 / (qkv.shape[0] + qkv.shape[1])) ** 0.5
+    assert qkv.abs().max() <= bound and qkv.std() > 3 * normal.blocks[0].attn.qkv.weight.std()
+    torch.testing.assert_close(xavier.blocks[0].ffn.fc_in.weight.std(), torch.tensor(0.02), atol=0.005, rtol=0)

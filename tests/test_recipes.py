@@ -18,7 +18,7 @@ from training.losses import info_nce
 from training.model import ModelConfig, build_model
 from training.recipes import RECIPES, build_recipe
 from training.recipes.duorec import DuoRec
-from training.recipes.ehrec import EHRec, soft_threshold
+from training.recipes.ehrec import EHRec, false_negative_loss, soft_threshold, threshold_logits
 from training.trainer import Trainer, load_run_checkpoint, train
 
 CONTRASTIVE = ("cl4srec", "duorec", "ehrec")
@@ -111,6 +111,33 @@ def test_ehrec_threshold_mlp_receives_gradient(small_data) -> None:
     recipe.loss(model, batch).loss.backward()
     for name, param in recipe.threshold.named_parameters():
         assert param.grad is not None and param.grad.abs().sum() > 0, name
+
+
+def test_ehrec_false_negative_signal_moves_the_threshold_both_ways() -> None:
+    negatives = torch.tensor([[False, True, True]])
+    cosine = torch.tensor([[0.0, 0.6, 0.6]])  # both negatives above the threshold 0.5
+    for same_target, direction in (([[False, False, False]], -1), ([[False, True, True]], 1)):
+        threshold = torch.tensor([0.5], requires_grad=True)
+        logits = threshold_logits(threshold, cosine, 0.05)
+        false_negative_loss(logits, negatives, torch.tensor(same_target)).backward()
+        # A hard true negative pulls k up (keep it); a same-target pair pushes k down.
+        assert torch.sign(threshold.grad)[0] == direction
+
+
+def test_ehrec_term_signal_only_lowers_the_threshold(small_data) -> None:
+    config = ModelConfig(num_items=small_data.num_items, hidden_size=16, num_layers=1, max_len=10)
+    train = [s for s in small_data.split().train if len(s) >= 2]
+    batch = next(iterate_batches(train, 32, 9, "last", np.random.default_rng(0)))
+    model = build_model(config, seed=0)
+    for signal in ("term", "false-negatives"):
+        recipe = EHRec(EHRec.Params(threshold_signal=signal, threshold_weight=0.0), config, train)
+        recipe.k_stat.fill_(0.0)
+        recipe.loss(model, batch).loss.backward()
+        bias = recipe.threshold[2].bias.grad
+        if signal == "term":
+            assert bias > 0  # gradient descent lowers k: dropping negatives lowers InfoNCE
+        assert "recipe/false_negative_loss" in recipe.epoch_end() or signal == "term"
+        model.zero_grad()
 
 
 def test_ehrec_k_stat_tracks_the_percentile() -> None:

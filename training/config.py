@@ -48,6 +48,14 @@ class ModelSpec(StrictModel):
         False, description="BERT4Rec's Linear-GELU-LayerNorm head before the output layer"
     )
     activation: Literal["relu", "gelu"] = Field("relu", description="feed-forward activation")
+    block: Literal["prenorm", "sasrec"] = Field(
+        "sasrec",
+        description="prenorm: x + attn(LN x), x + ffn(LN x); sasrec: SASRec's code (queries and "
+        "residual from LN x, keys/values from x, feed-forward residual after its norm)",
+    )
+    attention_init: Literal["normal", "xavier"] = Field(
+        "xavier", description="query/key/value init: normal(init_std) or Xavier-uniform (SASRec)"
+    )
     init_std: float = Field(0.02, gt=0.0, description="std of the normal initialisation")
     item_representation: Literal["id", "id+text", "text"] = Field(
         "id",

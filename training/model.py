@@ -43,6 +43,16 @@ ItemRepresentation = Literal["id", "id+text", "text"]
 # sqrt(D) * item + position; "layernorm" is BERT4Rec's LayerNorm(item + position).
 EmbeddingInput = Literal["scaled", "layernorm"]
 Activation = Literal["relu", "gelu"]
+# The block's wiring. "prenorm": x + attn(LN(x)), then x + ffn(LN(x)) (GPT-2, BERT4Rec
+# re-implementations). "sasrec": Kang & McAuley's own code, which SASRec+ trains:
+# queries and the residual come from LN(x) while keys and values read x itself, and
+# the feed-forward residual starts after its norm, so the stream is re-normalised by
+# every block.
+BlockStyle = Literal["prenorm", "sasrec"]
+# "normal": every weight N(0, init_std). "xavier": the query/key/value projection
+# gets Xavier-uniform instead (std ~0.09 at D = 64, what torch's MultiheadAttention
+# gives SASRec's code), so attention is not uniform at the first step.
+AttentionInit = Literal["normal", "xavier"]
 PAD_ID = 0
 # Config fields that exist only with modality; a plain config is written without them.
 MODALITY_FIELDS = ("item_representation", "feature_dim", "adaptor_experts")
@@ -52,6 +62,8 @@ LEGACY_ARCHITECTURE = {
     "embedding_input": "layernorm",
     "prediction_head": True,
     "activation": "gelu",
+    "block": "prenorm",
+    "attention_init": "normal",
 }
 
 
@@ -70,6 +82,8 @@ class ModelConfig:
     embedding_input: EmbeddingInput = "scaled"  # see EmbeddingInput
     prediction_head: bool = False  # BERT4Rec's Linear-GELU-LayerNorm before the output layer
     activation: Activation = "relu"  # of the feed-forward layer
+    block: BlockStyle = "sasrec"  # see BlockStyle
+    attention_init: AttentionInit = "xavier"  # see AttentionInit
     item_representation: ItemRepresentation = "id"  # id, id+text or text (see the header)
     feature_dim: int = 0  # width F of the item features; 0 with "id"
     adaptor_experts: int = 4  # whitening experts of the modality adaptor
@@ -91,6 +105,12 @@ class ModelConfig:
             )
         if self.activation not in ("relu", "gelu"):
             raise ValueError(f"activation must be 'relu' or 'gelu', got {self.activation!r}")
+        if self.block not in ("prenorm", "sasrec"):
+            raise ValueError(f"block must be 'prenorm' or 'sasrec', got {self.block!r}")
+        if self.attention_init not in ("normal", "xavier"):
+            raise ValueError(
+                f"attention_init must be 'normal' or 'xavier', got {self.attention_init!r}"
+            )
         if self.item_representation not in ("id", "id+text", "text"):
             raise ValueError(
                 f"item_representation must be 'id', 'id+text' or 'text', got {self.item_representation!r}"
@@ -143,11 +163,19 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(config.hidden_size, config.hidden_size)
         self.attn_dropout = config.attn_dropout
 
-    def forward(self, x: Tensor, allowed: Tensor, queries: int | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, allowed: Tensor, queries: int | None = None, context: Tensor | None = None
+    ) -> Tensor:
         # x: (B, L, D); allowed: (B, 1, Q, L) bool, True where a query may attend a key.
         # queries: only the last Q positions ask (all L by default); every position is a key.
+        # context: what keys and values are computed from (x itself by default).
         batch, _, dim = x.shape
-        q, k, v = self.qkv(x).split(dim, dim=-1)
+        if context is None:
+            q, k, v = self.qkv(x).split(dim, dim=-1)
+        else:
+            weight, bias = self.qkv.weight, self.qkv.bias
+            q = F.linear(x, weight[:dim], bias[:dim])
+            k, v = F.linear(context, weight[dim:], bias[dim:]).split(dim, dim=-1)
         if queries is not None:
             q = q[:, -queries:]
         # (B, L, D) -> (B, nh, L, hs)
@@ -165,16 +193,19 @@ class FeedForward(nn.Module):
         self.fc_in = nn.Linear(config.hidden_size, config.ffn_mult * config.hidden_size)
         self.fc_out = nn.Linear(config.ffn_mult * config.hidden_size, config.hidden_size)
         self.activation = F.relu if config.activation == "relu" else F.gelu
+        # SASRec's block also drops units of the hidden layer; the pre-norm block does not.
+        self.inner_dropout = nn.Dropout(config.dropout if config.block == "sasrec" else 0.0)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc_out(self.activation(self.fc_in(x)))
+        return self.fc_out(self.activation(self.inner_dropout(self.fc_in(x))))
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(ln(x)), then x + ffn(ln(x))."""
+    """A transformer block wired as `config.block` says (see BlockStyle)."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
+        self.style = config.block
         self.ln_attn = nn.LayerNorm(config.hidden_size)
         self.attn = SelfAttention(config)
         self.ln_ffn = nn.LayerNorm(config.hidden_size)
@@ -183,11 +214,18 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, allowed: Tensor, queries: int | None = None) -> Tensor:
         """(B, L, D) -> (B, L, D), or the last `queries` positions only, (B, Q, D)."""
+        last = slice(None)  # the positions that come out
         if queries is not None:
-            attended = self.attn(self.ln_attn(x), allowed[:, :, -queries:], queries)
-            x = x[:, -queries:] + self.dropout(attended)
-        else:
-            x = x + self.dropout(self.attn(self.ln_attn(x), allowed))
+            allowed, last = allowed[:, :, -queries:], slice(-queries, None)
+        normed = self.ln_attn(x)
+        if self.style == "sasrec":
+            # Queries and residual from LN(x), keys and values from x; SASRec drops
+            # attention weights only, not the attention output.
+            x = normed[:, last] + self.attn(normed, allowed, queries, context=x)
+            normed = self.ln_ffn(x)
+            return normed + self.dropout(self.ffn(normed))
+        attended = self.attn(normed, allowed, queries)
+        x = x[:, last] + self.dropout(attended)
         return x + self.dropout(self.ffn(self.ln_ffn(x)))
 
 
@@ -223,6 +261,9 @@ class SequenceRecommender(nn.Module):
         if config.modality:
             self._add_modality(config)
         self.apply(self._init_weights)
+        if config.attention_init == "xavier":
+            for block in self.blocks:
+                nn.init.xavier_uniform_(block.attn.qkv.weight)
 
     def _add_modality(self, config: ModelConfig) -> None:
         """The text part: frozen features and mask as buffers, the adaptor as parameters."""

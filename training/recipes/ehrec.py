@@ -19,21 +19,41 @@ offset of k_learn from k_stat (k_learn = k_stat + g(z)): the same regulariser,
 but g need not first learn the level of k_stat. The threshold path sees
 detached representations and similarities, so the encoder cannot lower its loss
 by pushing negatives over the threshold.
+
+What trains g (`threshold_signal`; the paper leaves it open):
+- "false-negatives" (default): a classification signal that can move k both
+  ways. Two sequences with the same next item are known false negatives of each
+  other (DuoRec's semantic positives); every other in-batch pair is taken as a
+  true negative. sigmoid((k_learn - cos) / t) is read as P(true negative) and g
+  minimises its class-balanced binary cross-entropy: k rises above the
+  similarity of hard true negatives (keeping them) and falls below that of
+  same-target pairs (dropping them). The InfoNCE term sees k_learn detached.
+- "term": the gradient of the InfoNCE term itself. Dropping a negative always
+  lowers that term, so it can only push k down; the regulariser alone holds it.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from training.losses import info_nce_from_similarity, negative_pairs, similarity_matrix
-from training.model import ModelConfig
+from training.batching import Batch
+from training.losses import (
+    distinct_target_pairs,
+    info_nce_from_similarity,
+    negative_pairs,
+    similarity_matrix,
+)
+from training.model import ModelConfig, SequenceRecommender
 from training.recipes.base import RecipeParams
+from training.recipes.contrastive import split_window
 from training.recipes.duorec import DuoRec, DuoRecParams
 
 
@@ -48,6 +68,11 @@ class EHRecParams(DuoRecParams):
         1.0, ge=0.0, description="weight of the regulariser ((k_learn - k_stat) / t)^2"
     )
     threshold_hidden: int = Field(32, ge=1, description="width of the threshold MLP g")
+    threshold_signal: Literal["false-negatives", "term"] = Field(
+        "false-negatives",
+        description="what trains g: false-negatives (same-target pairs, both ways) or term "
+        "(the InfoNCE gradient, downwards only); see the module docstring",
+    )
 
 
 def percentile(values: Tensor, q: float) -> Tensor:
@@ -58,7 +83,28 @@ def percentile(values: Tensor, q: float) -> Tensor:
 
 def soft_threshold(threshold: Tensor, similarity: Tensor, temperature: float) -> Tensor:
     """Weight of each negative: ~1 well below the anchor's threshold, ~0 well above it."""
-    return torch.sigmoid((threshold[:, None] - similarity) / temperature)
+    return torch.sigmoid(threshold_logits(threshold, similarity, temperature))
+
+
+def threshold_logits(threshold: Tensor, similarity: Tensor, temperature: float) -> Tensor:
+    return (threshold[:, None] - similarity) / temperature
+
+
+def false_negative_loss(logits: Tensor, negatives: Tensor, false_negatives: Tensor) -> Tensor:
+    """Class-balanced BCE of P(true negative) = sigmoid(logits) over the in-batch pairs.
+
+    negatives: (2B, 2B) bool, the pairs that count; false_negatives: those of them
+    that share the anchor's target. Each class weighs half, however rare it is.
+    """
+    true_negatives = negatives & ~false_negatives
+    false_negatives = negatives & false_negatives
+    loss = logits.new_zeros(())
+    for members, label in ((true_negatives, 1.0), (false_negatives, 0.0)):
+        if members.any():
+            chosen = logits[members]
+            target = torch.full_like(chosen, label)
+            loss = loss + 0.5 * F.binary_cross_entropy_with_logits(chosen, target)
+    return loss
 
 
 class EHRec(DuoRec):
@@ -73,6 +119,12 @@ class EHRec(DuoRec):
         super().__init__(params, model_config, train)
         self.threshold = self._threshold_network(model_config.hidden_size)
         self.register_buffer("k_stat", torch.tensor(float("nan")))
+        self.batch_same_target: Tensor | None = None  # (2B, 2B) of the batch being scored
+
+    def contrastive_loss(self, model: SequenceRecommender, batch: Batch) -> Tensor:
+        _, targets = split_window(batch.items)
+        self.batch_same_target = ~distinct_target_pairs(targets)
+        return super().contrastive_loss(model, batch)
 
     def _threshold_network(self, width: int) -> nn.Sequential:
         hidden = self.params.threshold_hidden
@@ -107,17 +159,30 @@ class EHRec(DuoRec):
             return super().pair_loss(z1, z2, allowed)
         anchors = torch.cat([z1, z2]).detach()  # (2B, D)
         k_learn = k_stat + self.threshold(anchors).squeeze(-1)  # (2B,)
-        weights = soft_threshold(k_learn, cosine, self.params.threshold_temperature)
+        t = self.params.threshold_temperature
+        by_term = self.params.threshold_signal == "term"
+        weights = soft_threshold(k_learn if by_term else k_learn.detach(), cosine, t)
         weights = weights * negatives
         term = info_nce_from_similarity(similarity, self.params.temperature, weights)
         # Measured in widths t of the soft threshold, so the weight need not change with t.
-        regulariser = (((k_learn - k_stat) / self.params.threshold_temperature) ** 2).mean()
+        regulariser = (((k_learn - k_stat) / t) ** 2).mean()
+        threshold_loss = self.params.threshold_weight * regulariser
+        if not by_term:
+            # Same-target pairs are the known false negatives (whether or not DuoRec
+            # already excludes them from the term).
+            every_negative = negative_pairs(z1.shape[0], z1.device)
+            assert self.batch_same_target is not None, "pair_loss runs inside contrastive_loss"
+            signal = false_negative_loss(
+                threshold_logits(k_learn, cosine, t), every_negative, self.batch_same_target
+            )
+            self.logs.add("false_negative_loss", signal)
+            threshold_loss = threshold_loss + signal
         self.logs.add("contrastive_loss", term)
         self.logs.add("threshold_loss", regulariser)
         self.logs.add("k_learn", k_learn.mean())
         if negatives.any():
             self.logs.add("negatives_kept", weights[negatives].mean())
-        return self.params.weight * term + self.params.threshold_weight * regulariser
+        return self.params.weight * term + threshold_loss
 
     def epoch_end(self) -> dict[str, float]:
         logs = super().epoch_end()

@@ -1,0 +1,394 @@
+"""The core claim: does the merged model beat every model it was merged from?
+
+    python benchmarks/merge_baselines.py --data /work/data/ml-1m --config configs/ml-1m.yaml \
+        --base-epochs 30 --recipe-epochs 5 --recipe-lr 3e-4 --seeds 0 \
+        --out benchmarks/results/merge-ml-1m.json
+
+Per seed (setting finetune, as the thesis):
+1. a plain base trained for --base-epochs (early stopping as the config says);
+2. the pool: `plain` and every --recipes entry fine-tuned from the base for
+   --recipe-epochs at --recipe-lr;
+3. the equal-compute control: `plain` fine-tuned from the base for
+   M x --recipe-epochs (every epoch the pool spent, spent on the plain objective);
+4. each member's exact diagonal Fisher over --fisher-sequences training sequences;
+5. merges: uniform and greedy soups, Fisher (λ uniform), Fisher with λ searched
+   on validation, each also with --finetune-epochs of post-merge fine-tune
+   (validated first: the merged start is kept unless an epoch beats it);
+6. the output ensemble of the pool (mean log-probability: M times the cost).
+
+The best recipe is the pool member with the best validation NDCG@10 (chosen
+like a user would choose, not on test). Every row is compared with it on the
+test users by a paired t-test and a paired bootstrap (merging/significance.py);
+"ens. gain" is the share of the ensemble's gain over the best recipe a row
+reaches. Over several seeds the table shows mean ± std and the p-value of the
+users pooled over seeds. Also printed: the pool's error inconsistency and each
+contrastive recipe's last-epoch loss next to log(2B - 1), the value of a term
+that cannot tell positives from negatives.
+
+Results go to the JSON per seed as each seed finishes (a rerun skips finished
+seeds; trained runs and Fishers under --work are reused); a PNG of the test
+NDCG@10 per row is written beside the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import shutil
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from recipes import PLAIN, parse_recipe  # benchmarks/recipes.py
+
+from merging.ensemble import ensemble_max_len, ensemble_scorer
+from merging.fisher import FisherConfig, checkpoint_fisher, load_fisher, model_sha256, save_fisher
+from merging.merge import MergeConfig, merge_checkpoints
+from merging.significance import paired_comparison
+from training.config import ExperimentConfig, load_config, parse_override
+from training.data import SequenceData, load_data
+from training.diagnostics import error_inconsistency
+from training.evaluate import EvalResult, Evaluator
+from training.flags import add_override_flags
+from training.trainer import load_run_checkpoint, train
+
+log = logging.getLogger("benchmarks.merge_baselines")
+METRIC = ("full", "ndcg@10")
+ENSEMBLE = "ensemble (Mx cost)"
+CONTROL = "plain, equal compute"
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--data", required=True, help="prepared data folder")
+    parser.add_argument("--config", default=None, help="experiment YAML (configs/)")
+    parser.add_argument(
+        "--recipes",
+        nargs="+",
+        default=[
+            "cl4srec:similarity=cos,temperature=0.2",
+            "duorec:mode=both,similarity=cos,temperature=0.2",
+            "ehrec:similarity=cos,temperature=0.2",
+        ],
+        help="recipes merged with plain: NAME or NAME:key=value,...",
+    )
+    parser.add_argument("--base-epochs", type=int, default=30)
+    parser.add_argument("--recipe-epochs", type=int, default=5)
+    parser.add_argument("--recipe-lr", type=float, default=3e-4)
+    parser.add_argument("--finetune-epochs", type=int, default=1, help="post-merge fine-tune")
+    parser.add_argument("--fisher-sequences", type=int, default=2000)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--no-control", action="store_true", help="skip the equal-compute plain")
+    add_override_flags(parser)
+    parser.add_argument("--work", default=None, help="runs and Fishers (default: beside --out)")
+    parser.add_argument("--out", required=True, help="results JSON (PNG beside it)")
+    return parser.parse_args()
+
+
+# ---- training the pool ----------------------------------------------------------------
+
+
+def experiment(
+    base: ExperimentConfig, recipe: str, params: dict, epochs: int, seed: int, lr: float
+) -> ExperimentConfig:
+    values = base.model_dump(mode="json")
+    values["recipe"] = {"name": recipe, "params": params}
+    values["train"] = {**values["train"], "epochs": epochs, "seed": seed, "lr": lr}
+    values["train"]["progress"] = False
+    return ExperimentConfig.model_validate(values)
+
+
+def train_pool(
+    args: argparse.Namespace, base: ExperimentConfig, data: SequenceData, seed: int, work: Path
+) -> tuple[dict[str, Path], Path | None, dict[str, Any]]:
+    """Run folders of the pool and of the control; what each recipe's training logged."""
+    backbone = base.model.backbone
+    log.info("seed %d: base, up to %d epochs", seed, args.base_epochs)
+    base_cfg = experiment(base, backbone, {}, args.base_epochs, seed, base.train.lr)
+    base_run = train(base_cfg, data, work / "base", resume=True).run_dir
+    specs = [parse_recipe(PLAIN), *(parse_recipe(spec) for spec in args.recipes)]
+    runs: dict[str, Path] = {}
+    logs: dict[str, Any] = {}
+    for position, spec in enumerate(specs, start=1):
+        name = backbone if spec.name == PLAIN else spec.name
+        cfg = experiment(
+            base, name, spec.params, args.recipe_epochs, seed + position, args.recipe_lr
+        )
+        log.info("seed %d: %s, %d epochs from the base", seed, spec.label, args.recipe_epochs)
+        folder = work / spec.label.replace(":", "_").replace(",", "_").replace("=", "-")
+        result = train(cfg, data, folder, init=base_run, resume=True)
+        runs[spec.label] = result.run_dir
+        logs[spec.label] = {
+            k: v for k, v in result.history[-1].items() if k.endswith("_loss") or k == "loss"
+        }
+    control = None
+    if not args.no_control:
+        epochs = len(specs) * args.recipe_epochs
+        log.info("seed %d: equal-compute plain, %d epochs from the base", seed, epochs)
+        cfg = experiment(base, backbone, {}, epochs, seed + len(specs) + 1, args.recipe_lr)
+        control = train(cfg, data, work / "control", init=base_run, resume=True).run_dir
+    return runs, control, logs
+
+
+def fisher_path(
+    run: Path, label: str, args: argparse.Namespace, data: SequenceData, work: Path
+) -> Path:
+    """The exact Fisher of one run, computed once and reused while the checkpoint is the same."""
+    config = FisherConfig(estimator="exact", num_sequences=args.fisher_sequences)
+    path = work / "fishers" / f"{label.replace(':', '_').replace(',', '_')}.safetensors"
+    if path.is_file():
+        meta = load_fisher(path).metadata
+        same = meta.get("config") == config.model_dump(mode="json")
+        if same and meta.get("checkpoint_sha256") == model_sha256(load_run_checkpoint(run)):
+            return path
+    result, meta = checkpoint_fisher(run, data, config)
+    save_fisher(path, result.mean(), meta)
+    return path
+
+
+def merge_all(
+    args: argparse.Namespace, runs: dict[str, Path], data: SequenceData, work: Path
+) -> dict[str, Path]:
+    """Folder of every merged model (plain merges and their post-merge fine-tunes)."""
+    inputs = list(runs.values())
+    fishers = [fisher_path(run, label, args, data, work) for label, run in runs.items()]
+    methods = {
+        "uniform": MergeConfig(method="uniform"),
+        "greedy": MergeConfig(method="greedy"),
+        "fisher": MergeConfig(method="fisher"),
+        "fisher + λ search": MergeConfig(method="fisher", search=True),
+    }
+    if args.finetune_epochs:
+        for label in list(methods):
+            methods[f"{label} + fine-tune"] = methods[label].model_copy(
+                update={"finetune_epochs": args.finetune_epochs}
+            )
+    folders = {}
+    for label, config in methods.items():
+        folder = work / "merged" / label.replace(" + ", "_").replace(" ", "_")
+        done = folder / ("best" if config.finetune_epochs else "") / "checkpoint.json"
+        if not done.is_file():
+            log.info("merging: %s", label)
+            shutil.rmtree(folder, ignore_errors=True)
+            uses_fisher = config.method == "fisher"
+            merge_checkpoints(inputs, folder, config, fishers if uses_fisher else None, data)
+        folders[label] = folder
+    return folders
+
+
+# ---- measuring ------------------------------------------------------------------------
+
+
+def measure(evaluator: Evaluator, runs: dict[str, Path]) -> dict[str, dict[str, EvalResult]]:
+    out = {}
+    for label, run in runs.items():
+        model = load_run_checkpoint(run).model
+        out[label] = {part: evaluator.evaluate_model(model, part) for part in ("valid", "test")}
+    return out
+
+
+def measure_ensemble(evaluator: Evaluator, runs: dict[str, Path]) -> dict[str, EvalResult]:
+    models = [load_run_checkpoint(run).model for run in runs.values()]
+    scorer, length = ensemble_scorer(models), ensemble_max_len(models)
+    return {part: evaluator.evaluate(scorer, part, length) for part in ("valid", "test")}
+
+
+def score(result: EvalResult) -> float:
+    return result.metrics[METRIC[0]][METRIC[1]]
+
+
+def per_user(result: EvalResult) -> np.ndarray:
+    return result.per_user[METRIC[0]][METRIC[1]]
+
+
+def run_seed(
+    args: argparse.Namespace, base: ExperimentConfig, data: SequenceData, seed: int, work: Path
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """One seed: the row of every model, and the per-user test NDCG@10 of each."""
+    evaluator = Evaluator(data.split())
+    runs, control, logs = train_pool(args, base, data, seed, work)
+    merged = merge_all(args, runs, data, work)
+    results = measure(evaluator, runs)
+    pool = list(results)
+    if control is not None:
+        results[CONTROL] = measure(evaluator, {CONTROL: control})[CONTROL]
+    results.update(measure(evaluator, merged))
+    results[ENSEMBLE] = measure_ensemble(evaluator, runs)
+    best = max(pool, key=lambda label: score(results[label]["valid"]))
+    rows = {
+        label: {"valid": score(parts["valid"]), "test": score(parts["test"])}
+        for label, parts in results.items()
+    }
+    rows["mostpop"] = {part: score(evaluator.evaluate_mostpop(part)) for part in ("valid", "test")}
+    users = {label: per_user(parts["test"]) for label, parts in results.items()}
+    comparisons = {
+        label: paired_comparison(users[label], users[best], seed=seed).to_dict()
+        for label in results
+        if label != best
+    }
+    batch = base.train.batch_size
+    document = {
+        "seed": seed,
+        "best_recipe": best,
+        "pool": pool,
+        "rows": rows,
+        "vs_best_recipe": comparisons,
+        "ensemble_gain_share": gain_shares(rows, best),
+        "error_inconsistency": {
+            f"{a} | {b}": error_inconsistency(users[a], users[b])
+            for i, a in enumerate(pool)
+            for b in pool[i + 1 :]
+        },
+        "training_logs": logs,
+        "uninformative_contrastive_loss": {
+            "log(2B-1)": math.log(2 * batch - 1),
+            "batch_size": batch,
+        },
+    }
+    return document, users
+
+
+def gain_shares(rows: dict[str, dict[str, float]], best: str) -> dict[str, float]:
+    """(row - best recipe) / (ensemble - best recipe) on test, per row."""
+    gain = rows[ENSEMBLE]["test"] - rows[best]["test"]
+    if gain <= 0:
+        return {}
+    return {label: (row["test"] - rows[best]["test"]) / gain for label, row in rows.items()}
+
+
+# ---- reporting ------------------------------------------------------------------------
+
+
+def table(seeds: list[dict[str, Any]], pooled: dict[str, dict[str, float]]) -> str:
+    """Mean ± std of test NDCG@10 per row over seeds, vs the best recipe."""
+    labels = list(seeds[0]["rows"])
+    lines = [
+        "| model | valid NDCG@10 | test NDCG@10 | vs best recipe | p (t-test) | ens. gain |",
+        "|---|---|---|---|---|---|",
+    ]
+
+    def spread(values: list[float]) -> str:
+        if len(values) == 1:
+            return f"{values[0]:.4f}"
+        return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+
+    for label in labels:
+        valid = [s["rows"][label]["valid"] for s in seeds]
+        test = [s["rows"][label]["test"] for s in seeds]
+        vs = pooled.get(label)
+        best = all(s["best_recipe"] == label for s in seeds)
+        relative = "best recipe" if best else f"{vs['relative']:+.1%}" if vs else "-"
+        p = f"{vs['p_ttest']:.3g}" if vs else "-"
+        shares = [s["ensemble_gain_share"].get(label) for s in seeds]
+        share = f"{statistics.mean(shares):.0%}" if all(v is not None for v in shares) else "-"
+        lines.append(f"| {label} | {spread(valid)} | {spread(test)} | {relative} | {p} | {share} |")
+    return "\n".join(lines)
+
+
+def pooled_comparisons(
+    seeds: list[dict[str, Any]], users: list[dict[str, np.ndarray]]
+) -> dict[str, dict[str, float]]:
+    """Each row vs its seed's best recipe with the users of every seed in one paired test."""
+    out = {}
+    for label in users[0]:
+        if any(label == s["best_recipe"] for s in seeds):
+            continue
+        a = np.concatenate([u[label] for u in users])
+        b = np.concatenate([u[s["best_recipe"]] for u, s in zip(users, seeds, strict=True)])
+        out[label] = paired_comparison(a, b).to_dict()
+    return out
+
+
+def plot(seeds: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(seeds[0]["rows"])
+    means = [statistics.mean(s["rows"][label]["test"] for s in seeds) for label in labels]
+    stds = [
+        statistics.stdev(s["rows"][label]["test"] for s in seeds) if len(seeds) > 1 else 0.0
+        for label in labels
+    ]
+    pool = set(seeds[0]["pool"])
+    colours = [
+        "tab:blue"
+        if label in pool
+        else "tab:grey"
+        if label in (ENSEMBLE, CONTROL, "mostpop")
+        else "tab:orange"
+        for label in labels
+    ]
+    fig, ax = plt.subplots(figsize=(8, 0.4 * len(labels) + 1.5))
+    ax.barh(labels, means, xerr=stds, color=colours)
+    best = statistics.mean(s["rows"][s["best_recipe"]]["test"] for s in seeds)
+    ax.axvline(best, color="black", linestyle="--", linewidth=1, label="best recipe")
+    ax.invert_yaxis()
+    ax.set_xlabel("test NDCG@10 (full ranking, history excluded)")
+    ax.set_title(f"pool (blue), merges (orange), references (grey); {len(seeds)} seed(s)")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    args = parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    log.setLevel(logging.INFO)
+    logging.getLogger("merging").setLevel(logging.INFO)
+    out = Path(args.out)
+    work = Path(args.work) if args.work else out.with_suffix("")
+    overrides = dict(parse_override(text) for text in args.overrides)
+    overrides["data.path"] = args.data
+    base = load_config(ExperimentConfig, Path(args.config) if args.config else None, overrides)
+    data = load_data(Path(args.data))
+    saved = json.loads(out.read_text()) if out.is_file() else {"seeds": {}}
+    start = time.perf_counter()
+    seeds, users = [], []
+    for seed in args.seeds:
+        document, per_user_test = run_seed(args, base, data, seed, work / f"seed-{seed}")
+        saved["seeds"][str(seed)] = document
+        saved["settings"] = {k: v for k, v in vars(args).items() if k != "overrides"}
+        saved["settings"]["overrides"] = args.overrides
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(saved, indent=2) + "\n")
+        seeds.append(document)
+        users.append(per_user_test)
+    pooled = pooled_comparisons(seeds, users)
+    saved["pooled_vs_best_recipe"] = pooled
+    out.write_text(json.dumps(saved, indent=2) + "\n")
+    plot(seeds, out.with_suffix(".png"))
+    model = base.model
+    print(
+        f"\n## {Path(args.data).name}: {data.num_users} users, {data.num_items} items; "
+        f"{model.backbone} D={model.hidden_size} L={model.num_layers} max_len {model.max_len}; "
+        f"base {args.base_epochs} epochs, recipes {args.recipe_epochs} epochs at lr "
+        f"{args.recipe_lr}; seeds {args.seeds}; {time.perf_counter() - start:.0f} s\n"
+    )
+    print("test split, leave-one-out, full ranking, the user's whole history excluded\n")
+    print(table(seeds, pooled))
+    for document in seeds:
+        print(f"\nseed {document['seed']}: best recipe (validation) {document['best_recipe']}")
+        for pair, value in document["error_inconsistency"].items():
+            print(f"  error inconsistency {pair}: {value:.4f}")
+        reference = document["uninformative_contrastive_loss"]["log(2B-1)"]
+        for label, logs in document["training_logs"].items():
+            if "contrastive_loss" in logs:
+                print(
+                    f"  {label}: contrastive loss {logs['contrastive_loss']:.3f} "
+                    f"(log(2B-1) = {reference:.3f})"
+                )
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(torch.get_num_threads())
+    main()
