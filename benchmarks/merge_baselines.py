@@ -43,7 +43,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from recipes import PLAIN, parse_recipe  # benchmarks/recipes.py
 
 from merging.ensemble import ensemble_max_len, ensemble_scorer
@@ -382,13 +381,10 @@ def main() -> None:
             print(f"  error inconsistency {pair}: {value:.4f}")
         reference = document["uninformative_contrastive_loss"]["log(2B-1)"]
         for label, logs in document["training_logs"].items():
-            if "contrastive_loss" in logs:
-                print(
-                    f"  {label}: contrastive loss {logs['contrastive_loss']:.3f} "
-                    f"(log(2B-1) = {reference:.3f})"
-                )
+            for key, value in logs.items():
+                if key.endswith("contrastive_loss"):
+                    print(f"  {label}: {key} {value:.3f} (log(2B-1) = {reference:.3f})")
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(torch.get_num_threads())
     main()

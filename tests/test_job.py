@@ -326,3 +326,14 @@ def test_item_features_travel_with_the_run_data(tmp_path: Path) -> None:
     result = tasks.train_model(pipeline.context, "kdsr", experiment, None)
     assert result["name"] == "kdsr" and result["best_epoch"] >= 1
     assert (work / "models" / "kdsr" / "best" / "model.safetensors").exists()
+
+
+def test_recipe_fine_tunes_use_their_own_learning_rate() -> None:
+    config = tiny_pipeline(recipes=[{"name": "plain"}, {"name": "cl4srec", "lr": 1e-4}])
+    plain, cl4srec = config.recipes
+    assert config.experiment.train.lr == 3e-3  # the base's rate
+    assert config.recipe_lr_of(plain) == 3e-4  # the default fine-tune rate
+    assert config.recipe_lr_of(cl4srec) == 1e-4  # the entry's own
+    assert tiny_pipeline(recipe_lr=None).recipe_lr_of(plain) == 3e-3
+    # From scratch there is no base to stay near: the experiment's rate.
+    assert tiny_pipeline(setting="scratch").recipe_lr_of(cl4srec) == 3e-3

@@ -181,4 +181,6 @@ def test_xavier_attention_init_widens_only_the_attention_projection() -> None:
     qkv = xavier.blocks[0].attn.qkv.weight
     bound = (6 / (qkv.shape[0] + qkv.shape[1])) ** 0.5
     assert qkv.abs().max() <= bound and qkv.std() > 3 * normal.blocks[0].attn.qkv.weight.std()
-    torch.testing.assert_close(xavier.blocks[0].ffn.fc_in.weight.std(), torch.tensor(0.02), atol=0.005, rtol=0)
+    torch.testing.assert_close(
+        xavier.blocks[0].ffn.fc_in.weight.std(), torch.tensor(0.02), atol=0.005, rtol=0
+    )
