@@ -332,7 +332,7 @@ def plot(seeds: list[dict[str, Any]], path: Path) -> None:
     ax.axvline(best, color="black", linestyle="--", linewidth=1, label="best recipe")
     ax.invert_yaxis()
     ax.set_xlabel("test NDCG@10 (full ranking, history excluded)")
-    ax.set_title(f"pool (blue), merges (orange), references (grey); {len(seeds)} seed(s)")
+    ax.set_title(f"pool (blue), merges (orange), references (grey)\n{len(seeds)} seed(s)")
     ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
