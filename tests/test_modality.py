@@ -47,6 +47,8 @@ def reference_config(backbone: str) -> ModelConfig:
         embedding_input="layernorm",
         prediction_head=True,
         activation="gelu",
+        block="prenorm",
+        attention_init="normal",
     )
 
 
