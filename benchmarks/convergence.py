@@ -29,8 +29,18 @@ import time
 from pathlib import Path
 from typing import Any
 
+# Each round's dict is the complete difference from today's defaults, so an old
+# variant reruns as what it was: a round is the next round plus what that one changed.
+# Round 3 (2026-12-04): positions from the start; before it, from the end.
+ROUND_3: dict[str, Any] = {"model.positions": "end"}
+# Round 2 (2026-12-03 afternoon): SASRec's block and attention init; before, pre-norm.
+ROUND_2: dict[str, Any] = {**ROUND_3, "model.block": "prenorm", "model.attention_init": "normal"}
+# Round 1 (2026-12-03 morning); the ablation below it showed SASRec's 1x feed-forward
+# and Adam's betas no worse and 20% faster.
+ROUND_1: dict[str, Any] = {**ROUND_2, "model.ffn_mult": 4, "train.betas": [0.9, 0.98]}
 # Overrides of ExperimentConfig per variant, applied over the library defaults.
 BEFORE: dict[str, Any] = {
+    **ROUND_1,
     "model.num_heads": 2,
     "model.dropout": 0.2,
     "model.attn_dropout": 0.2,
@@ -54,11 +64,6 @@ LEGACY: dict[str, dict[str, Any]] = {
     "before": {"materialised_logits": True},
     **SINGLE_CHANGES,
 }
-# The defaults of the first round of changes (2026-12-03 morning): the ablation
-# below them showed SASRec's 1x feed-forward and Adam's betas no worse and 20% faster.
-ROUND_1: dict[str, Any] = {"model.ffn_mult": 4, "train.betas": [0.9, 0.98]}
-# The defaults of round 1, before SASRec's block and attention init (round 2).
-ROUND_2: dict[str, Any] = {"model.block": "prenorm", "model.attention_init": "normal"}
 VARIANTS: dict[str, dict[str, Any]] = {
     **LEGACY,
     "round-1": ROUND_1,
@@ -74,6 +79,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # SASRec's own code (the block SASRec+ trains, its attention init), one at a time.
     "round-2-sasrec-block": {**ROUND_2, "model.block": "sasrec"},
     "round-2-xavier": {**ROUND_2, "model.attention_init": "xavier"},
+    # Round 3 (2026-12-04) counts positions from the oldest item of the window (SASRec+'s
+    # right padding); "round-3" is the defaults before that, with positions from the end.
+    "round-3": ROUND_3,
     "after": {},
     "after-bf16": {"train.precision": "bf16"},
     "after-dropout-0.3": {"model.dropout": 0.3, "model.attn_dropout": 0.3},
@@ -194,7 +202,7 @@ def load_results(path: Path) -> dict[str, Any]:
 def save_results(path: Path, results: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_suffix(".tmp")
-    staging.write_text(json.dumps(results, indent=1))
+    staging.write_text(json.dumps(results, indent=2) + "\n")
     staging.replace(path)
 
 

@@ -363,6 +363,12 @@ _ARCHITECTURE = (
     "num_heads",
     "max_len",
     "ffn_mult",
+    "embedding_input",
+    "prediction_head",
+    "activation",
+    "block",
+    "positions",
+    "item_representation",
 )
 
 
@@ -370,7 +376,9 @@ def check_architectures(checkpoints: Sequence[Checkpoint]) -> None:
     first = checkpoints[0].config.to_dict()
     for ckpt in checkpoints[1:]:
         other = ckpt.config.to_dict()
-        differ = {k: (first[k], other[k]) for k in _ARCHITECTURE if first[k] != other[k]}
+        differ = {
+            k: (first.get(k), other.get(k)) for k in _ARCHITECTURE if first.get(k) != other.get(k)
+        }
         if differ:
             raise ValueError(
                 f"{ckpt.path} and {checkpoints[0].path} have different architectures: {differ}"

@@ -49,6 +49,7 @@ def reference_config(backbone: str) -> ModelConfig:
         activation="gelu",
         block="prenorm",
         attention_init="normal",
+        positions="end",
     )
 
 

@@ -123,8 +123,9 @@ def test_corrupt_checkpoint_is_refused(tmp_path) -> None:
         {},
         {"embedding_input": "layernorm", "prediction_head": True, "activation": "gelu"},
         {"block": "prenorm", "attention_init": "normal"},
+        {"positions": "end"},
     ],
-    ids=["sasrec-style", "bert4rec-style", "prenorm-block"],
+    ids=["sasrec-style", "bert4rec-style", "prenorm-block", "positions-from-end"],
 )
 def test_architecture_variants_keep_padding_invariance(backbone: str, variant: dict) -> None:
     model = tiny(backbone, **variant)
@@ -141,7 +142,7 @@ def test_scaled_input_multiplies_item_vectors_by_sqrt_width() -> None:
     model.embed_dropout.register_forward_hook(lambda m, i, o: captured.setdefault("x", i[0]))
     items = torch.tensor([[3, 4]])
     model.encode(items)
-    positions = model.position_embedding.weight[-2:]
+    positions = model.position_embedding.weight[:2]  # counted from the oldest item
     expected = model.item_embedding(items) * 16**0.5 + positions
     torch.testing.assert_close(captured["x"], expected)
 
@@ -153,6 +154,7 @@ def test_checkpoints_without_the_new_fields_load_as_the_old_architecture(tmp_pat
     assert config.embedding_input == "layernorm" and config.prediction_head
     assert config.activation == "gelu"
     assert config.block == "prenorm" and config.attention_init == "normal"
+    assert config.positions == "end"
     model = build_model(config, seed=0)
     write_checkpoint(tmp_path / "c", model, config, {})
     loaded = load_checkpoint(tmp_path / "c")
@@ -184,3 +186,12 @@ def test_xavier_attention_init_widens_only_the_attention_projection() -> None:
     torch.testing.assert_close(
         xavier.blocks[0].ffn.fc_in.weight.std(), torch.tensor(0.02), atol=0.005, rtol=0
     )
+
+
+def test_positions_count_from_the_chosen_end_of_the_window() -> None:
+    items = torch.tensor([[0, 0, 5, 9, 3], [4, 8, 2, 6, 1]])
+    start = tiny("sasrec", positions="start").positions(items)
+    assert start.tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]
+    max_len = tiny("sasrec").config.max_len
+    end = tiny("sasrec", positions="end").positions(items)
+    assert end.tolist() == list(range(max_len - 5, max_len))

@@ -56,6 +56,11 @@ class ModelSpec(StrictModel):
     attention_init: Literal["normal", "xavier"] = Field(
         "xavier", description="query/key/value init: normal(init_std) or Xavier-uniform (SASRec)"
     )
+    positions: Literal["end", "start"] = Field(
+        "start",
+        description="start: the oldest item of the input has position 0 (SASRec); end: the "
+        "newest has position max_len - 1",
+    )
     init_std: float = Field(0.02, gt=0.0, description="std of the normal initialisation")
     item_representation: Literal["id", "id+text", "text"] = Field(
         "id",

@@ -53,6 +53,11 @@ BlockStyle = Literal["prenorm", "sasrec"]
 # gets Xavier-uniform instead (std ~0.09 at D = 64, what torch's MultiheadAttention
 # gives SASRec's code), so attention is not uniform at the first step.
 AttentionInit = Literal["normal", "xavier"]
+# Which end of the input window position 0 is. "end": the newest item always has
+# position max_len - 1, so positions say how recent an item is. "start": the oldest
+# item of the window has position 0 (SASRec's and SASRec+'s right padding does this),
+# so positions also say how long the user's history is when it fits in the window.
+Positions = Literal["end", "start"]
 PAD_ID = 0
 # Config fields that exist only with modality; a plain config is written without them.
 MODALITY_FIELDS = ("item_representation", "feature_dim", "adaptor_experts")
@@ -64,6 +69,7 @@ LEGACY_ARCHITECTURE = {
     "activation": "gelu",
     "block": "prenorm",
     "attention_init": "normal",
+    "positions": "end",
 }
 
 
@@ -84,6 +90,7 @@ class ModelConfig:
     activation: Activation = "relu"  # of the feed-forward layer
     block: BlockStyle = "sasrec"  # see BlockStyle
     attention_init: AttentionInit = "xavier"  # see AttentionInit
+    positions: Positions = "start"  # see Positions
     item_representation: ItemRepresentation = "id"  # id, id+text or text (see the header)
     feature_dim: int = 0  # width F of the item features; 0 with "id"
     adaptor_experts: int = 4  # whitening experts of the modality adaptor
@@ -111,6 +118,8 @@ class ModelConfig:
             raise ValueError(
                 f"attention_init must be 'normal' or 'xavier', got {self.attention_init!r}"
             )
+        if self.positions not in ("end", "start"):
+            raise ValueError(f"positions must be 'end' or 'start', got {self.positions!r}")
         if self.item_representation not in ("id", "id+text", "text"):
             raise ValueError(
                 f"item_representation must be 'id', 'id+text' or 'text', got {self.item_representation!r}"
@@ -345,6 +354,18 @@ class SequenceRecommender(nn.Module):
         eye = torch.eye(length, dtype=torch.bool, device=item_ids.device)
         return allowed | eye
 
+    def positions(self, item_ids: Tensor) -> Tensor:
+        """Position ids of (B, L) left-padded inputs, counted as `config.positions` says.
+
+        Both ways depend on the real items only, so padding never changes them.
+        """
+        length = item_ids.shape[1]
+        if self.config.positions == "end":
+            # The newest item always gets position max_len - 1: (L,), broadcast over B.
+            return torch.arange(length, device=item_ids.device) + (self.config.max_len - length)
+        # The oldest real item gets 0; padding (left of it) gets 0 too and is masked anyway.
+        return ((item_ids != PAD_ID).cumsum(dim=1) - 1).clamp(min=0)  # (B, L)
+
     def encode(self, item_ids: Tensor, last_only: bool = False) -> Tensor:
         """States at every position: (B, L) ids -> (B, L, D), after the prediction head.
 
@@ -352,10 +373,9 @@ class SequenceRecommender(nn.Module):
         then computes one query per sequence instead of L (the other positions' outputs
         would be thrown away): about a third less work for inference with 2 blocks.
         """
-        length = item_ids.shape[1]
-        # Right-aligned positions: the newest item always gets position max_len - 1.
-        positions = torch.arange(length, device=item_ids.device) + (self.config.max_len - length)
-        x = self.embed(item_ids) * self.input_scale + self.position_embedding(positions)
+        x = self.embed(item_ids) * self.input_scale + self.position_embedding(
+            self.positions(item_ids)
+        )
         if self.embed_norm is not None:
             x = self.embed_norm(x)  # (B, L, D)
         x = self.embed_dropout(x)
