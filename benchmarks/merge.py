@@ -110,7 +110,7 @@ def fisher_file(
     start = time.perf_counter()
     result, meta = checkpoint_fisher(run, data, config)
     seconds = time.perf_counter() - start
-    save_fisher(path, result.mean(), {**meta, "seconds": seconds})
+    save_fisher(path, result.file_tensors(), {**meta, "seconds": seconds})
     return path, seconds
 
 

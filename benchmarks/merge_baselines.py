@@ -12,7 +12,9 @@ Per seed (setting finetune, as the thesis):
    M x --recipe-epochs (every epoch the pool spent, spent on the plain objective);
 4. each member's exact diagonal Fisher over --fisher-sequences training sequences;
 5. merges: uniform and greedy soups, Fisher (λ uniform), Fisher with λ searched
-   on validation, each also with --finetune-epochs of post-merge fine-tune
+   on validation, Fisher with λ per parameter group (searched), RegMean (Grams
+   from the Fisher pass), task arithmetic and TIES relative to the base (scale
+   searched), each also with --finetune-epochs of post-merge fine-tune
    (validated first: the merged start is kept unless an epoch beats it);
 6. the output ensemble of the pool (mean log-probability: M times the cost).
 
@@ -47,7 +49,7 @@ from recipes import PLAIN, parse_recipe  # benchmarks/recipes.py
 
 from merging.ensemble import ensemble_max_len, ensemble_scorer
 from merging.fisher import FisherConfig, checkpoint_fisher, load_fisher, model_sha256, save_fisher
-from merging.merge import MergeConfig, merge_checkpoints
+from merging.merge import NEEDS_BASE, NEEDS_FISHERS, MergeConfig, merge_checkpoints
 from merging.significance import paired_comparison
 from training.config import ExperimentConfig, load_config, parse_override
 from training.data import SequenceData, load_data
@@ -106,8 +108,8 @@ def experiment(
 
 def train_pool(
     args: argparse.Namespace, base: ExperimentConfig, data: SequenceData, seed: int, work: Path
-) -> tuple[dict[str, Path], Path | None, dict[str, Any]]:
-    """Run folders of the pool and of the control; what each recipe's training logged."""
+) -> tuple[dict[str, Path], Path, Path | None, dict[str, Any]]:
+    """Run folders of the pool, the base and the control; what each recipe's training logged."""
     backbone = base.model.backbone
     log.info("seed %d: base, up to %d epochs", seed, args.base_epochs)
     base_cfg = experiment(base, backbone, {}, args.base_epochs, seed, base.train.lr)
@@ -133,7 +135,7 @@ def train_pool(
         log.info("seed %d: equal-compute plain, %d epochs from the base", seed, epochs)
         cfg = experiment(base, backbone, {}, epochs, seed + len(specs) + 1, args.recipe_lr)
         control = train(cfg, data, work / "control", init=base_run, resume=True).run_dir
-    return runs, control, logs
+    return runs, base_run, control, logs
 
 
 def fisher_path(
@@ -148,12 +150,12 @@ def fisher_path(
         if same and meta.get("checkpoint_sha256") == model_sha256(load_run_checkpoint(run)):
             return path
     result, meta = checkpoint_fisher(run, data, config)
-    save_fisher(path, result.mean(), meta)
+    save_fisher(path, result.file_tensors(), meta)
     return path
 
 
 def merge_all(
-    args: argparse.Namespace, runs: dict[str, Path], data: SequenceData, work: Path
+    args: argparse.Namespace, runs: dict[str, Path], base: Path, data: SequenceData, work: Path
 ) -> dict[str, Path]:
     """Folder of every merged model (plain merges and their post-merge fine-tunes)."""
     inputs = list(runs.values())
@@ -163,6 +165,10 @@ def merge_all(
         "greedy": MergeConfig(method="greedy"),
         "fisher": MergeConfig(method="fisher"),
         "fisher + λ search": MergeConfig(method="fisher", search=True),
+        "fisher per group + search": MergeConfig(method="fisher_grouped", search=True),
+        "regmean": MergeConfig(method="regmean"),
+        "task arithmetic + scale search": MergeConfig(method="task_arithmetic", search=True),
+        "ties + scale search": MergeConfig(method="ties", search=True),
     }
     if args.finetune_epochs:
         for label in list(methods):
@@ -176,8 +182,14 @@ def merge_all(
         if not done.is_file():
             log.info("merging: %s", label)
             shutil.rmtree(folder, ignore_errors=True)
-            uses_fisher = config.method == "fisher"
-            merge_checkpoints(inputs, folder, config, fishers if uses_fisher else None, data)
+            merge_checkpoints(
+                inputs,
+                folder,
+                config,
+                fishers if config.method in NEEDS_FISHERS else None,
+                data,
+                base=base if config.method in NEEDS_BASE else None,
+            )
         folders[label] = folder
     return folders
 
@@ -212,8 +224,8 @@ def run_seed(
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """One seed: the row of every model, and the per-user test NDCG@10 of each."""
     evaluator = Evaluator(data.split())
-    runs, control, logs = train_pool(args, base, data, seed, work)
-    merged = merge_all(args, runs, data, work)
+    runs, base_run, control, logs = train_pool(args, base, data, seed, work)
+    merged = merge_all(args, runs, base_run, data, work)
     results = measure(evaluator, runs)
     pool = list(results)
     if control is not None:

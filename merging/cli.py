@@ -39,7 +39,7 @@ def cmd_fisher(args: argparse.Namespace) -> None:
     )
     data = load_source(DataSpec(path=args.data))
     result, metadata = checkpoint_fisher(Path(args.checkpoint), data, config, args.device)
-    save_fisher(Path(args.out), result.mean(), metadata)
+    save_fisher(Path(args.out), result.file_tensors(), metadata)
     mass = result.mean_dropped_mass
     dropped = f", dropped eigenvalue mass {mass:.3g}" if mass else ""
     print(f"{args.out}: Fisher {result.estimator} over {result.count} sequences{dropped}")
@@ -95,13 +95,22 @@ def cmd_merge(args: argparse.Namespace) -> None:
         normalize_fishers=args.normalize_fishers,
         search=args.search,
         seed=args.seed,
+        group_coefficients=dict(parse_group_coefficients(text) for text in args.group_coefficients),
+        task_scale=args.task_scale,
+        ties_density=args.ties_density,
+        regmean_alpha=args.regmean_alpha,
         finetune_epochs=args.finetune_epochs,
         finetune_overrides=collect_overrides(args, {}),
     )
     data = load_source(DataSpec(path=args.data)) if args.data else None
     fishers = [Path(p) for p in args.fishers] if args.fishers else None
     result = merge_checkpoints(
-        [Path(p) for p in args.checkpoints], Path(args.out), config, fishers, data
+        [Path(p) for p in args.checkpoints],
+        Path(args.out),
+        config,
+        fishers,
+        data,
+        base=Path(args.base) if args.base else None,
     )
     merge = result.info["merge"]
     coefficients = [round(c, 4) for c in merge["coefficients"]]
@@ -110,16 +119,41 @@ def cmd_merge(args: argparse.Namespace) -> None:
         print_metrics({"merged": result.metrics["model"]})
 
 
+def parse_group_coefficients(text: str) -> tuple[str, list[float]]:
+    """'items=0.7,0.3' -> ('items', [0.7, 0.3])."""
+    group, sep, values = text.partition("=")
+    try:
+        if not sep or not group:
+            raise ValueError
+        return group, [float(v) for v in values.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--group-coefficients {text!r} is not GROUP=λ1,λ2,... (e.g. items=0.7,0.3)"
+        ) from None
+
+
 def register_merge(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
         "merge",
-        help="merge checkpoints: uniform soup, greedy soup or Fisher-weighted",
+        help="merge checkpoints: soups, Fisher-weighted, RegMean, task arithmetic, TIES",
         description="Merge checkpoints of one architecture by parameter name into a checkpoint "
-        "folder. greedy, --search and --finetune-epochs need --data; fisher needs --fishers "
-        "(one per checkpoint, same order).",
+        "folder. greedy, --search and --finetune-epochs need --data; fisher, fisher_grouped and "
+        "regmean need --fishers (one per checkpoint, same order); task_arithmetic and ties need "
+        "--base (the checkpoint the inputs were fine-tuned from).",
     )
     parser.add_argument(
-        "--method", choices=["uniform", "greedy", "fisher"], default="fisher", help="merge method"
+        "--method",
+        choices=[
+            "uniform",
+            "greedy",
+            "fisher",
+            "fisher_grouped",
+            "regmean",
+            "task_arithmetic",
+            "ties",
+        ],
+        default="fisher",
+        help='merge method (README "Fisher information and merging")',
     )
     parser.add_argument("--checkpoints", nargs="+", required=True, help="checkpoint or run folders")
     parser.add_argument("--fishers", nargs="+", default=None, help="Fisher files, one per input")
@@ -139,6 +173,25 @@ def register_merge(commands: argparse._SubParsersAction) -> None:
         "--normalize-fishers", action="store_true", help="divide each Fisher by its mean first"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the Dirichlet search")
+    parser.add_argument(
+        "--base", default=None, help="task_arithmetic, ties: the shared base checkpoint"
+    )
+    parser.add_argument(
+        "--task-scale", type=float, default=1.0, help="task_arithmetic, ties: s in θ_0 + s τ"
+    )
+    parser.add_argument(
+        "--ties-density", type=float, default=0.2, help="ties: share of each task vector kept"
+    )
+    parser.add_argument(
+        "--regmean-alpha", type=float, default=0.9, help="regmean: off-diagonal Gram scale"
+    )
+    parser.add_argument(
+        "--group-coefficients",
+        action="append",
+        default=[],
+        metavar="GROUP=λ1,λ2",
+        help="fisher_grouped: λ of one parameter group (items, positions, block0, ..., other)",
+    )
     parser.add_argument(
         "--finetune-epochs",
         type=int,

@@ -56,6 +56,7 @@ from merging.fisher_exact import (
     exact_identity,
     structured_items,
 )
+from merging.regmean import GRAM_PREFIX, compute_grams
 from training.batching import pad_left
 from training.checkpoint import WEIGHTS, Checkpoint, read_manifest, save_tensors
 from training.data import SequenceData
@@ -196,6 +197,11 @@ class FisherConfig(BaseModel):
     max_gradients: int = Field(
         128, ge=1, description="per-sequence gradients held in memory at once (chunking)"
     )
+    grams: bool = Field(
+        True,
+        description="also sum the linear layers' input Grams over the same sequences (RegMean; "
+        "one forward pass, stored in the Fisher file)",
+    )
 
     @field_validator("estimator")
     @classmethod
@@ -220,6 +226,9 @@ class FisherResult:
     batch_shortcut: bool = False
     dropped_mass: float = 0.0  # exact:r: Σ over sequences of the dropped eigenvalue share
     extra: dict[str, Any] = field(default_factory=dict)
+    # Input Grams of the linear layers (merging/regmean.py), summed over `gram_rows` rows.
+    grams: dict[str, Tensor] = field(default_factory=dict)
+    gram_rows: int = 0
 
     def __add__(self, other: FisherResult) -> FisherResult:
         if (self.estimator, self.batch_shortcut) != (other.estimator, other.batch_shortcut):
@@ -228,12 +237,15 @@ class FisherResult:
                 f"{other.estimator} (shortcut {other.batch_shortcut})"
             )
         check_same_keys(self.sums, other.sums, "the two Fishers")
+        check_same_keys(self.grams, other.grams, "the two Fishers' Grams")
         return FisherResult(
             {name: self.sums[name] + other.sums[name] for name in self.sums},
             self.count + other.count,
             self.estimator,
             self.batch_shortcut,
             self.dropped_mass + other.dropped_mass,
+            grams={name: self.grams[name] + other.grams[name] for name in self.grams},
+            gram_rows=self.gram_rows + other.gram_rows,
         )
 
     def __radd__(self, other: object) -> FisherResult:
@@ -246,6 +258,16 @@ class FisherResult:
         if self.count == 0:
             raise ValueError("no sequences: the Fisher of an empty set is undefined")
         return {name: (s / self.count).to(dtype) for name, s in self.sums.items()}
+
+    def mean_grams(self) -> dict[str, Tensor]:
+        """The Grams per input row (float64: the RegMean solve needs the precision)."""
+        if not self.grams:
+            return {}
+        return {name: g / self.gram_rows for name, g in self.grams.items()}
+
+    def file_tensors(self) -> dict[str, Tensor]:
+        """What a Fisher file holds: the Fisher by parameter name, the Grams as "gram:" keys."""
+        return {**self.mean(), **{GRAM_PREFIX + k: g for k, g in self.mean_grams().items()}}
 
     @property
     def mean_dropped_mass(self) -> float:
@@ -310,12 +332,15 @@ def compute_fisher(
             _run_per_sequence(model, sequences, ids, spec, config, accumulator)
     finally:
         model.train(was_training)
+    grams, rows = compute_grams(model, sequences) if config.grams else ({}, 0)
     return FisherResult(
         accumulator.sums,
         len(sequences),
         str(spec),
         config.batch_shortcut,
         accumulator.dropped_mass,
+        grams=grams,
+        gram_rows=rows,
     )
 
 
@@ -434,11 +459,12 @@ def content_digest(tensors: dict[str, Tensor]) -> str:
 
 @dataclass
 class FisherFile:
-    """A loaded Fisher: tensors keyed by parameter name and the recorded metadata."""
+    """A loaded Fisher: tensors keyed by parameter name, the Grams (if any), the metadata."""
 
     tensors: dict[str, Tensor]
     metadata: dict[str, Any]
     path: Path | None = None
+    grams: dict[str, Tensor] = field(default_factory=dict)  # keyed like merging/regmean.py
 
 
 def save_fisher(path: Path, fisher: dict[str, Tensor], metadata: dict[str, Any]) -> None:
@@ -472,6 +498,10 @@ def load_fisher(path: Path) -> FisherFile:
         raise ValueError(f"{path}: schema {metadata.get('schema')!r}, expected {SCHEMA!r}")
     if content_digest(tensors) != metadata.get("content_sha256"):
         raise ValueError(f"{path}: content checksum mismatch (file corrupt or modified)")
+    grams = {
+        k.removeprefix(GRAM_PREFIX): t for k, t in tensors.items() if k.startswith(GRAM_PREFIX)
+    }
+    tensors = {k: t for k, t in tensors.items() if not k.startswith(GRAM_PREFIX)}
     bad = [
         name
         for name, t in tensors.items()
@@ -479,7 +509,7 @@ def load_fisher(path: Path) -> FisherFile:
     ]
     if bad:
         raise ValueError(f"{path}: Fisher values must be finite and >= 0; not so in {bad}")
-    return FisherFile(tensors, metadata, path)
+    return FisherFile(tensors, metadata, path, grams)
 
 
 def fisher_metadata(result: FisherResult, **provenance: Any) -> dict[str, Any]:
@@ -492,6 +522,7 @@ def fisher_metadata(result: FisherResult, **provenance: Any) -> dict[str, Any]:
         "sequences": result.count,
         "per_sequence": "batch-shortcut (approximate)" if result.batch_shortcut else "exact",
         "dropped_eigenvalue_mass": result.mean_dropped_mass,
+        "gram_rows": result.gram_rows,
     }
     meta.update(provenance)
     return meta

@@ -34,6 +34,7 @@ import yaml
 
 from merging import tasks
 from merging.job_config import PipelineConfig
+from merging.merge import NEEDS_BASE, NEEDS_FISHERS
 from merging.stages import StageError, StageOutput, StageRunner
 from merging.store import ArtifactStore
 from merging.tasks import TaskContext
@@ -353,8 +354,9 @@ class Pipeline:
             options = operation.model_dump(exclude={"method"})
 
             def submit(method: str = method, options: dict[str, Any] = options) -> list[Any]:
-                inputs = fishers if method == "fisher" else None
-                return [merge_task.remote(self.context, method, models, inputs, options)]
+                inputs = fishers if method in NEEDS_FISHERS else None
+                base = f"models/{BASE}" if method in NEEDS_BASE else None
+                return [merge_task.remote(self.context, method, models, inputs, options, base)]
 
             def finish(values: list[Any], method: str = method) -> StageOutput:
                 return StageOutput([f"merged/{method}"], values[0])

@@ -12,7 +12,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from merging.fisher import FisherConfig
-from merging.merge import MERGE_METHODS, MergeConfig
+from merging.merge import MERGE_METHODS, NEEDS_BASE, MergeConfig
 from training.config import ExperimentConfig, StrictModel
 
 
@@ -151,6 +151,12 @@ class PipelineConfig(StrictModel):
             raise ValueError(f"recipe names must be unique; repeated: {duplicated}")
         if not names:
             raise ValueError("the merge pool needs at least one recipe")
+        based = sorted(set(self.merge.methods) & NEEDS_BASE)
+        if based and self.setting == "scratch":
+            raise ValueError(
+                f"merge methods {based} add task vectors to the recipes' shared base; the "
+                "scratch setting has none (use setting: finetune)"
+            )
         return self
 
     def recipe_lr_of(self, entry: RecipeEntry) -> float:

@@ -16,7 +16,14 @@ no Fishers are given, F_m = 1: the λ-weighted average. Methods are strategies i
   does not drop;
 - `fisher`: Fisher-weighted averaging (Matena & Raffel, 2022), λ uniform by
   default, given, or searched on validation (a grid for 2 models, seeded
-  Dirichlet samples for more).
+  Dirichlet samples for more);
+- `fisher_grouped`: the Fisher merge with one λ per parameter group (item
+  table, positions, each block, the rest; `parameter_group`), given or
+  searched group by group;
+- `regmean`: RegMean (merging/regmean.py) for the transformer's linear layers
+  from the input Grams stored with the Fishers, the Fisher merge for the rest;
+- `task_arithmetic`, `ties`: task-vector merges relative to the recipes'
+  shared base (merging/task_vectors.py), the scale given or searched.
 
 Parameters are matched by name, never by position. `merge_checkpoints` reads
 checkpoints and Fisher files, merges, optionally fine-tunes the merged model
@@ -39,6 +46,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor
 
 from merging.fisher import FisherFile, check_same_keys, load_fisher, model_sha256
+from merging.regmean import regmean_state
+from merging.task_vectors import task_arithmetic, task_vectors, ties
 from training.checkpoint import Checkpoint, write_checkpoint
 from training.config import ExperimentConfig, set_dotted
 from training.data import SequenceData
@@ -141,10 +150,17 @@ class FisherWeighting:
             self.weights.append(weights)
             self.weighted.append({n: weights[n] * states[index][n].double() for n in self.names})
 
-    def __call__(self, coefficients: Sequence[float] | None = None) -> StateDict:
-        lam = check_coefficients(coefficients, self.count)
+    def __call__(
+        self,
+        coefficients: Sequence[float] | None = None,
+        per_name: dict[str, Sequence[float]] | None = None,
+    ) -> StateDict:
+        """The merge with λ = `coefficients`, or `per_name[name]` for the names it lists."""
+        default = check_coefficients(coefficients, self.count)
+        per_name = {n: check_coefficients(c, self.count) for n, c in (per_name or {}).items()}
         merged: StateDict = {}
         for name in self.names:
+            lam = per_name.get(name, default)
             numerator = sum(c * w[name] for c, w in zip(lam, self.weighted, strict=True))
             if self.weights is None:
                 denominator: Any = sum(lam)
@@ -195,7 +211,11 @@ class MergeConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    method: str = Field("fisher", description="a key of MERGE_METHODS: uniform, greedy, fisher")
+    method: str = Field(
+        "fisher",
+        description="a key of MERGE_METHODS: uniform, greedy, fisher, fisher_grouped, regmean, "
+        "task_arithmetic, ties",
+    )
     coefficients: list[float] | None = Field(
         None, description="λ per model, in input order (None: uniform)"
     )
@@ -213,6 +233,20 @@ class MergeConfig(BaseModel):
         20, ge=1, description="search, 3+ models: Dirichlet(1) draws tried besides uniform"
     )
     seed: int = Field(0, description="seed of the Dirichlet draws")
+    group_coefficients: dict[str, list[float]] = Field(
+        default_factory=dict,
+        description="fisher_grouped: λ per parameter group (items, positions, block0, ..., "
+        "other); groups not named use `coefficients`",
+    )
+    task_scale: float = Field(
+        1.0, ge=0.0, description="task_arithmetic, ties: s in θ_0 + s τ (searched with `search`)"
+    )
+    ties_density: float = Field(
+        0.2, gt=0.0, le=1.0, description="ties: share of each task vector kept per tensor"
+    )
+    regmean_alpha: float = Field(
+        0.9, ge=0.0, le=1.0, description="regmean: scale of the Grams' off-diagonal entries"
+    )
     finetune_epochs: int = Field(
         0, ge=0, description="epochs of the plain objective after merging (0: no fine-tune)"
     )
@@ -238,6 +272,8 @@ class MergeInputs:
     fishers: list[StateDict] | None = None
     scorer: Scorer | None = None  # validation NDCG@10 of a state; None: no data
     parameter_names: set[str] | None = None
+    base: StateDict | None = None  # the shared base of task-vector merges
+    grams: list[StateDict] | None = None  # per model, mean input Grams (regmean)
 
 
 @dataclass
@@ -288,13 +324,7 @@ def _weighted(
         config.normalize_fishers,
         inputs.parameter_names,
     )
-    info: dict[str, Any] = {}
-    coefficients = check_coefficients(config.coefficients, len(inputs.states))
-    if config.search:
-        scorer = _need_scorer(inputs, "coefficient search")
-        coefficients, trials = search_coefficients(weighting, scorer, len(inputs.states), config)
-        info["search"] = trials
-    return MergeOutcome(weighting(coefficients), coefficients, info)
+    return _searched(inputs, config, weighting)
 
 
 def merge_uniform(inputs: MergeInputs, config: MergeConfig) -> MergeOutcome:
@@ -339,12 +369,162 @@ def _indicator(chosen: list[int], count: int) -> list[float]:
     return [1.0 / len(chosen) if i in chosen else 0.0 for i in range(count)]
 
 
+def parameter_group(name: str) -> str:
+    """The group of a parameter for `fisher_grouped`: items, positions, block<i> or other."""
+    if name.startswith(("item_embedding.", "output_bias", "item_adaptor.", "mask_embedding")):
+        return "items"
+    if name.startswith("position_embedding."):
+        return "positions"
+    if name.startswith("blocks."):
+        return "block" + name.split(".")[1]
+    return "other"
+
+
+def merge_fisher_grouped(inputs: MergeInputs, config: MergeConfig) -> MergeOutcome:
+    """Fisher merge with λ per parameter group: given, or searched one group at a time.
+
+    The search starts from `coefficients` (uniform by default) and, for each group
+    in turn, keeps the candidate λ (the `fisher` search's grid or draws) with the
+    best validation score while the other groups stay fixed.
+    """
+    if inputs.fishers is None:
+        raise ValueError("the fisher_grouped method needs one Fisher per model (--fishers)")
+    weighting = FisherWeighting(
+        inputs.states,
+        inputs.fishers,
+        config.fisher_floor,
+        config.normalize_fishers,
+        inputs.parameter_names,
+    )
+    groups = sorted({parameter_group(n) for n in weighting.names})
+    unknown = sorted(set(config.group_coefficients) - set(groups))
+    if unknown:
+        raise ValueError(f"group_coefficients names unknown groups {unknown}; groups: {groups}")
+    count = len(inputs.states)
+    default = check_coefficients(config.coefficients, count)
+    chosen = {
+        g: check_coefficients(config.group_coefficients.get(g, default), count) for g in groups
+    }
+
+    def combine(lams: dict[str, list[float]]) -> StateDict:
+        return weighting(default, {n: lams[parameter_group(n)] for n in weighting.names})
+
+    info: dict[str, Any] = {}
+    if config.search:
+        scorer = _need_scorer(inputs, "coefficient search")
+        info["search"] = {}
+        for group in groups:
+            best, trials = search_coefficients(
+                lambda lam, g=group: combine({**chosen, g: lam}), scorer, count, config
+            )
+            chosen[group] = best
+            info["search"][group] = trials
+    info["group_coefficients"] = chosen
+    return MergeOutcome(combine(chosen), default, info)
+
+
+def merge_regmean(inputs: MergeInputs, config: MergeConfig) -> MergeOutcome:
+    """RegMean for the linear layers (Grams from the Fisher files), Fisher merge elsewhere."""
+    if inputs.fishers is None or not inputs.grams or not all(inputs.grams):
+        raise ValueError(
+            "the regmean method needs the Fisher files with Grams (computed with fisher.grams "
+            "true, the default since 2026-12-04)"
+        )
+    weighting = FisherWeighting(
+        inputs.states,
+        inputs.fishers,
+        config.fisher_floor,
+        config.normalize_fishers,
+        inputs.parameter_names,
+    )
+    grams = inputs.grams
+
+    def combine(lam: list[float]) -> StateDict:
+        merged = weighting(lam)
+        linear = regmean_state(inputs.states, grams, lam, config.regmean_alpha)
+        merged.update({n: t.to(merged[n].dtype) for n, t in linear.items()})
+        return merged
+
+    return _searched(inputs, config, combine)
+
+
+def _searched(
+    inputs: MergeInputs, config: MergeConfig, combine: Callable[[list[float]], StateDict]
+) -> MergeOutcome:
+    """combine(λ) with λ given or searched on validation (as the fisher method does)."""
+    info: dict[str, Any] = {}
+    coefficients = check_coefficients(config.coefficients, len(inputs.states))
+    if config.search:
+        scorer = _need_scorer(inputs, "coefficient search")
+        coefficients, trials = search_coefficients(combine, scorer, len(inputs.states), config)
+        info["search"] = trials
+    return MergeOutcome(combine(coefficients), coefficients, info)
+
+
+def _task_vector_merge(
+    inputs: MergeInputs,
+    config: MergeConfig,
+    combine: Callable[[StateDict, list[StateDict], list[float], float], StateDict],
+) -> MergeOutcome:
+    """θ_0 + s τ(λ) with s given (`task_scale`) or searched on validation over [0, M]."""
+    if inputs.base is None:
+        raise ValueError(
+            f"the {config.method} method needs the recipes' shared base checkpoint (--base)"
+        )
+    base = inputs.base
+    names = sorted(
+        default_parameter_names(inputs.states[0])
+        if inputs.parameter_names is None
+        else inputs.parameter_names
+    )
+    _check_states(inputs.states, set(names))
+    vectors = task_vectors(base, inputs.states, names)
+    kept = _buffers(inputs.states, set(names))
+    count = len(inputs.states)
+    coefficients = check_coefficients(config.coefficients, count)
+
+    def state(scale: float) -> StateDict:
+        merged = combine(base, vectors, coefficients, scale)
+        out = {n: merged[n].to(inputs.states[0][n].dtype) for n in names} | kept
+        return {n: out[n] for n in inputs.states[0]}
+
+    info: dict[str, Any] = {"scale": config.task_scale}
+    if config.search:
+        scorer = _need_scorer(inputs, "scale search")
+        trials = []
+        for scale in np.linspace(0.0, float(count), config.grid_points):
+            trials.append({"scale": float(scale), "score": scorer(state(float(scale)))})
+            log.info("scale %.2f: validation %.4f", scale, trials[-1]["score"])
+        best = max(range(len(trials)), key=lambda i: (trials[i]["score"], -i))
+        info = {"scale": trials[best]["scale"], "search": trials}
+    return MergeOutcome(state(info["scale"]), coefficients, info)
+
+
+def merge_task_arithmetic(inputs: MergeInputs, config: MergeConfig) -> MergeOutcome:
+    """Task arithmetic: θ_0 + s Σ λ_m τ_m."""
+    return _task_vector_merge(inputs, config, task_arithmetic)
+
+
+def merge_ties(inputs: MergeInputs, config: MergeConfig) -> MergeOutcome:
+    """TIES: θ_0 + s τ_TIES (trim to `ties_density`, elect signs, disjoint mean)."""
+    density = config.ties_density
+    return _task_vector_merge(inputs, config, lambda b, v, lam, s: ties(b, v, lam, density, s))
+
+
 MergeMethod = Callable[[MergeInputs, MergeConfig], MergeOutcome]
+
+# What a method reads besides the models: the Fisher files (with their Grams), the base.
+NEEDS_FISHERS = frozenset({"fisher", "fisher_grouped", "regmean"})
+NEEDS_BASE = frozenset({"task_arithmetic", "ties"})
 
 MERGE_METHODS: dict[str, MergeMethod] = {
     "uniform": merge_uniform,
     "greedy": merge_greedy,
     "fisher": merge_fisher,
+    "fisher_grouped": merge_fisher_grouped,
+    "regmean": merge_regmean,
+    "task_arithmetic": merge_task_arithmetic,
+    "ties": merge_ties,
 }
 
 
@@ -437,8 +617,11 @@ def merge_checkpoints(
     config: MergeConfig | None = None,
     fishers: Sequence[Path] | None = None,
     data: SequenceData | None = None,
+    base: Path | None = None,
 ) -> MergeResult:
     """Merge checkpoint (or run) folders into `out`, a checkpoint folder.
+
+    `base`: the checkpoint the inputs were fine-tuned from (task-vector methods).
 
     With `config.finetune_epochs > 0`, `out` becomes a run folder: the merged
     model in out/merged/, fine-tuned into out/best/ by the trainer.
@@ -451,6 +634,7 @@ def merge_checkpoints(
     fingerprint = _data_fingerprint(loaded, data)
     fisher_files = _load_fishers(fishers, loaded) if fishers else None
     template = loaded[0].model
+    base_checkpoint = _load_base(base, loaded) if base is not None else None
     evaluator = Evaluator(data.split()) if data is not None else None
     inputs = MergeInputs(
         states=[c.model.state_dict() for c in loaded],
@@ -458,11 +642,18 @@ def merge_checkpoints(
         fishers=[f.tensors for f in fisher_files] if fisher_files else None,
         scorer=validation_scorer(evaluator, template) if evaluator else None,
         parameter_names={name for name, _ in template.named_parameters()},
+        base=base_checkpoint.model.state_dict() if base_checkpoint else None,
+        grams=[f.grams for f in fisher_files] if fisher_files else None,
     )
     outcome = run_merge(inputs, config)
     merged = copy.deepcopy(template)
     merged.load_state_dict(outcome.state)
     info = _merge_info(loaded, fisher_files, config, outcome, fingerprint, inputs.labels)
+    if base_checkpoint is not None:
+        info["merge"]["base"] = {
+            "path": str(base_checkpoint.path),
+            "sha256": model_sha256(base_checkpoint),
+        }
     metrics = evaluator.metrics_document(merged) if evaluator else None
     extra = {"metrics.json": metrics} if metrics else None
     if config.finetune_epochs == 0:
@@ -471,6 +662,13 @@ def merge_checkpoints(
     if data is None:
         raise ValueError("a post-merge fine-tune needs the training data (pass --data)")
     return _finetune(Path(out), merged, loaded[0], info, extra, data, config)
+
+
+def _load_base(path: Path, loaded: Sequence[Checkpoint]) -> Checkpoint:
+    """The base checkpoint, refused unless it has the inputs' architecture."""
+    base = load_run_checkpoint(Path(path))
+    check_architectures([*loaded[:1], base])
+    return base
 
 
 def _label(checkpoint: Checkpoint, index: int) -> str:

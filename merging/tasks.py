@@ -185,6 +185,8 @@ def fisher_shard(
         "estimator": result.estimator,
         "batch_shortcut": result.batch_shortcut,
         "dropped_mass": result.dropped_mass,
+        "grams": {k: v.cpu().numpy() for k, v in result.grams.items()},
+        "gram_rows": result.gram_rows,
     }
 
 
@@ -203,12 +205,16 @@ def combine_fisher_shards(
             s["estimator"],
             s["batch_shortcut"],
             s["dropped_mass"],
+            grams={k: torch.tensor(v) for k, v in s["grams"].items()},
+            gram_rows=s["gram_rows"],
         )
         for s in shards
     )
     local = context.scratch("fisher") / f"{name}.safetensors"
     save_fisher(
-        local, total.mean(), fisher_metadata(total, model=name, shards=len(shards), **provenance)
+        local,
+        total.file_tensors(),
+        fisher_metadata(total, model=name, shards=len(shards), **provenance),
     )
     context.store.upload_file(local, f"{context.work}/fisher/{name}.safetensors")
     return {"sequences": total.count, "dropped_eigenvalue_mass": total.mean_dropped_mass}
@@ -223,6 +229,7 @@ def merge_models(
     models: list[str],
     fishers: list[str] | None,
     merge: dict[str, Any],
+    base: str | None = None,
 ) -> dict[str, Any]:
     """Merge checkpoints of the store into `merged/<method>` (evaluated on valid and test)."""
     from merging.merge import MergeConfig, merge_checkpoints
@@ -233,7 +240,14 @@ def merge_models(
     fisher_paths = [local_file(context, f) for f in fishers] if fishers else None
     out = context.scratch(f"merged/{method}")
     shutil.rmtree(out, ignore_errors=True)
-    result = merge_checkpoints(inputs, out, MergeConfig(method=method, **merge), fisher_paths, data)
+    result = merge_checkpoints(
+        inputs,
+        out,
+        MergeConfig(method=method, **merge),
+        fisher_paths,
+        data,
+        base=local_checkpoint(context, base) if base else None,
+    )
     context.store.upload_folder(out, f"{context.work}/merged/{method}")
     return {
         "method": method,

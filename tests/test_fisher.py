@@ -270,5 +270,6 @@ def test_cli_writes_a_fisher_with_provenance(
     assert meta["data_fingerprint"] == manifest["info"]["data_fingerprint"]
     assert meta["per_sequence"] == "exact"
     with safe_open(str(out), framework="pt") as handle:
-        assert set(handle.keys()) == set(loaded.tensors)
+        assert set(handle.keys()) == set(loaded.tensors) | {f"gram:{k}" for k in loaded.grams}
+    assert loaded.grams and meta["gram_rows"] > 0
     assert main([*argv, "--estimator", "sample", "--out", str(out)]) == 2  # needs a count

@@ -33,7 +33,8 @@ pytestmark = pytest.mark.usefixtures("ray_local")
 def finished_run(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     """One uninterrupted tiny pipeline: the reference of the tests below."""
     root = tmp_path_factory.mktemp("artifacts")
-    result = run_pipeline(tiny_pipeline(), str(root), run_id="reference")
+    methods = ["uniform", "greedy", "fisher", "regmean", "ties"]
+    result = run_pipeline(tiny_pipeline(merge__methods=methods), str(root), run_id="reference")
     return root, result
 
 
@@ -60,18 +61,26 @@ def test_pipeline_publishes_a_verified_bundle_and_a_report(finished_run) -> None
         "merged-uniform",
         "merged-greedy",
         "merged-fisher",
+        "merged-regmean",
+        "merged-ties",
         "mostpop",
     }
     for name in ("plain", "cl4srec", "duorec"):
         fisher = load_file(str(root / "work" / "reference" / "fisher" / f"{name}.safetensors"))
-        assert all(bool((t >= 0).all()) for t in fisher.values())
+        grams = {k for k in fisher if k.startswith("gram:")}
+        assert grams  # summed over the Fisher shards, for RegMean
+        assert all(bool((t >= 0).all()) for k, t in fisher.items() if k not in grams)
+    # The merge (before its fine-tune) records the base its task vectors start from.
+    ties = root / "work" / "reference" / "merged" / "ties" / "merged" / "checkpoint.json"
+    assert json.loads(ties.read_text())["info"]["merge"]["base"]["path"].endswith("base")
 
 
 def test_a_rerun_skips_every_verified_stage(finished_run) -> None:
     root, _ = finished_run
     markers = sorted((root / "work" / "reference" / "stages").rglob("*.json"))
     before = {m: m.stat().st_mtime_ns for m in markers}
-    result = run_pipeline(tiny_pipeline(), str(root), run_id="reference")
+    methods = ["uniform", "greedy", "fisher", "regmean", "ties"]
+    result = run_pipeline(tiny_pipeline(merge__methods=methods), str(root), run_id="reference")
     assert result.stage_seconds == {}  # nothing ran again
     assert {m: m.stat().st_mtime_ns for m in markers} == before
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -19,6 +20,7 @@ from merging.merge import (
     run_merge,
     search_coefficients,
 )
+from merging.regmean import compute_grams
 from training.checkpoint import write_checkpoint
 from training.data import SequenceData
 from training.evaluate import Evaluator
@@ -27,19 +29,29 @@ from training.model import ModelConfig, build_model
 from training.trainer import load_run_checkpoint
 
 StateDict = dict[str, torch.Tensor]
+TINY = ModelConfig(num_items=15, hidden_size=8, num_heads=2, num_layers=1, max_len=5)
 
 
 def states(count: int) -> list[StateDict]:
     """State dicts of `count` different tiny models (no tensor left at its zero init)."""
-    config = ModelConfig(num_items=15, hidden_size=8, num_heads=2, num_layers=1, max_len=5)
     generator = torch.Generator().manual_seed(count)
     return [
         {
             name: t + torch.randn(t.shape, generator=generator)
-            for name, t in build_model(config, seed=seed).state_dict().items()
+            for name, t in build_model(TINY, seed=seed).state_dict().items()
         }
         for seed in range(count)
     ]
+
+
+def gram_means(state: StateDict) -> StateDict:
+    """Mean input Grams of the tiny model with this state, on a few random histories."""
+    model = build_model(TINY, seed=0)
+    model.load_state_dict(state)
+    generator = np.random.default_rng(0)
+    sequences = [generator.integers(1, 16, size=n) for n in (2, 4, 6, 3)]
+    sums, rows = compute_grams(model, sequences)
+    return {k: g / rows for k, g in sums.items()}
 
 
 def random_fishers(models: list[StateDict], seed: int = 0) -> list[StateDict]:
@@ -71,13 +83,17 @@ def assert_states_close(a: StateDict, b: StateDict, **tolerance) -> None:
 @pytest.mark.parametrize("method", sorted(MERGE_METHODS))
 def test_merging_identical_models_returns_them(method: str) -> None:
     model = states(1)[0]
+    grams = gram_means(model)
     inputs = MergeInputs(
         states=[model] * 3,
         labels=["a", "b", "c"],
         fishers=random_fishers([model] * 3),
         scorer=distance_scorer(model),
+        base=states(2)[1],
+        grams=[grams] * 3,
     )
-    outcome = run_merge(inputs, MergeConfig(method=method))
+    # TIES keeps every coordinate at density 1; below, trimming changes the models.
+    outcome = run_merge(inputs, MergeConfig(method=method, ties_density=1.0))
     assert_states_close(outcome.state, model, rtol=1e-6, atol=1e-7)
 
 
@@ -233,8 +249,15 @@ def test_methods_that_need_data_or_fishers_say_so() -> None:
         run_merge(inputs, MergeConfig(method="greedy"))
     with pytest.raises(ValueError, match="--fishers"):
         run_merge(inputs, MergeConfig(method="fisher"))
+    with pytest.raises(ValueError, match="--fishers"):
+        run_merge(inputs, MergeConfig(method="fisher_grouped"))
+    with pytest.raises(ValueError, match="Grams"):
+        run_merge(inputs, MergeConfig(method="regmean"))
+    for method in ("task_arithmetic", "ties"):
+        with pytest.raises(ValueError, match="--base"):
+            run_merge(inputs, MergeConfig(method=method))
     with pytest.raises(ValueError, match="unknown merge method"):
-        MergeConfig(method="ties")
+        MergeConfig(method="slerp")
 
 
 # ---- checkpoints -----------------------------------------------------------------------
@@ -264,7 +287,7 @@ def fisher_files(
             run, small_data, FisherConfig(estimator="exact", num_sequences=16)
         )
         paths.append(folder / f"{index}.safetensors")
-        save_fisher(paths[-1], result.mean(), meta)
+        save_fisher(paths[-1], result.file_tensors(), meta)
     return paths
 
 
@@ -326,3 +349,27 @@ def test_cli_greedy_merge_then_fine_tune(
     )
     assert changed
     assert main([*argv, "--method", "fisher", "--out", str(tmp_path / "x")]) == 2  # no --fishers
+
+
+def test_cli_task_vector_and_regmean_merges_of_checkpoints(
+    recipe_runs: list[Path], fisher_files: list[Path], small_data_dir: Path, tmp_path: Path
+) -> None:
+    argv = ["merge", "--checkpoints", *map(str, recipe_runs), "--data", str(small_data_dir)]
+    # The trained run is the base of the perturbed copy: TIES keeps 20% of the perturbation.
+    ties = tmp_path / "ties"
+    base = ["--base", str(recipe_runs[0])]
+    assert main([*argv, *base, "--method", "ties", "--search", "--out", str(ties)]) == 0
+    merged = load_run_checkpoint(ties)
+    info = merged.info["merge"]
+    assert info["method"] == "ties" and info["base"]["path"].startswith(str(recipe_runs[0]))
+    assert info["scale"] in [t["scale"] for t in info["search"]]
+    assert json.loads((ties / "metrics.json").read_text())["model"]["valid"]["full"]["ndcg@10"] >= 0
+    assert main([*argv, "--method", "ties", "--out", str(tmp_path / "y")]) == 2  # no --base
+    regmean = tmp_path / "regmean"
+    fishers = ["--fishers", *map(str, fisher_files)]
+    assert main([*argv, *fishers, "--method", "regmean", "--out", str(regmean)]) == 0
+    assert load_run_checkpoint(regmean).info["merge"]["method"] == "regmean"
+    grouped = ["--group-coefficients", "items=1,0", "--method", "fisher_grouped"]
+    assert main([*argv, *fishers, *grouped, "--out", str(tmp_path / "g")]) == 0
+    info = load_run_checkpoint(tmp_path / "g").info["merge"]
+    assert info["group_coefficients"]["items"] == [1.0, 0.0]
