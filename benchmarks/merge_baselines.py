@@ -49,6 +49,7 @@ from recipes import PLAIN, parse_recipe  # benchmarks/recipes.py
 
 from merging.ensemble import ensemble_max_len, ensemble_scorer
 from merging.fisher import FisherConfig, checkpoint_fisher, load_fisher, model_sha256, save_fisher
+from merging.landscape import flat_weights, line_profile, validation_probe
 from merging.merge import NEEDS_BASE, NEEDS_FISHERS, MergeConfig, merge_checkpoints
 from merging.significance import paired_comparison
 from training.config import ExperimentConfig, load_config, parse_override
@@ -96,6 +97,13 @@ def parse_args() -> argparse.Namespace:
 # ---- training the pool ----------------------------------------------------------------
 
 
+def folder_name(label: str) -> str:
+    """A row or recipe label as a folder name: 'cl4srec:weight=0.1' -> 'cl4srec_weight-0.1'."""
+    for old, new in ((" + ", "_"), (" ", "_"), (":", "_"), (",", "_"), ("=", "-")):
+        label = label.replace(old, new)
+    return label
+
+
 def experiment(
     base: ExperimentConfig, recipe: str, params: dict, epochs: int, seed: int, lr: float
 ) -> ExperimentConfig:
@@ -123,7 +131,7 @@ def train_pool(
             base, name, spec.params, args.recipe_epochs, seed + position, args.recipe_lr
         )
         log.info("seed %d: %s, %d epochs from the base", seed, spec.label, args.recipe_epochs)
-        folder = work / spec.label.replace(":", "_").replace(",", "_").replace("=", "-")
+        folder = work / folder_name(spec.label)
         result = train(cfg, data, folder, init=base_run, resume=True)
         runs[spec.label] = result.run_dir
         logs[spec.label] = {
@@ -143,7 +151,7 @@ def fisher_path(
 ) -> Path:
     """The exact Fisher of one run, computed once and reused while the checkpoint is the same."""
     config = FisherConfig(estimator="exact", num_sequences=args.fisher_sequences)
-    path = work / "fishers" / f"{label.replace(':', '_').replace(',', '_')}.safetensors"
+    path = work / "fishers" / f"{folder_name(label)}.safetensors"
     if path.is_file():
         meta = load_fisher(path).metadata
         same = meta.get("config") == config.model_dump(mode="json")
@@ -155,11 +163,19 @@ def fisher_path(
 
 
 def merge_all(
-    args: argparse.Namespace, runs: dict[str, Path], base: Path, data: SequenceData, work: Path
+    args: argparse.Namespace,
+    runs: dict[str, Path],
+    base: Path,
+    data: SequenceData,
+    work: Path,
+    weakest: str,
 ) -> dict[str, Path]:
-    """Folder of every merged model (plain merges and their post-merge fine-tunes)."""
-    inputs = list(runs.values())
-    fishers = [fisher_path(run, label, args, data, work) for label, run in runs.items()]
+    """Folder of every merged model (plain merges and their post-merge fine-tunes).
+
+    "fisher without <weakest>" merges the pool less its weakest member on
+    validation (thesis Table 4.6: does a weak recipe hurt?); greedy chooses itself.
+    """
+    fishers = {label: fisher_path(run, label, args, data, work) for label, run in runs.items()}
     methods = {
         "uniform": MergeConfig(method="uniform"),
         "greedy": MergeConfig(method="greedy"),
@@ -169,6 +185,7 @@ def merge_all(
         "regmean": MergeConfig(method="regmean"),
         "task arithmetic + scale search": MergeConfig(method="task_arithmetic", search=True),
         "ties + scale search": MergeConfig(method="ties", search=True),
+        f"fisher without {weakest}": MergeConfig(method="fisher"),
     }
     if args.finetune_epochs:
         for label in list(methods):
@@ -177,16 +194,17 @@ def merge_all(
             )
     folders = {}
     for label, config in methods.items():
-        folder = work / "merged" / label.replace(" + ", "_").replace(" ", "_")
+        folder = work / "merged" / folder_name(label)
         done = folder / ("best" if config.finetune_epochs else "") / "checkpoint.json"
         if not done.is_file():
             log.info("merging: %s", label)
             shutil.rmtree(folder, ignore_errors=True)
+            members = [m for m in runs if not (label.startswith("fisher without") and m == weakest)]
             merge_checkpoints(
-                inputs,
+                [runs[m] for m in members],
                 folder,
                 config,
-                fishers if config.method in NEEDS_FISHERS else None,
+                [fishers[m] for m in members] if config.method in NEEDS_FISHERS else None,
                 data,
                 base=base if config.method in NEEDS_BASE else None,
             )
@@ -219,20 +237,79 @@ def per_user(result: EvalResult) -> np.ndarray:
     return result.per_user[METRIC[0]][METRIC[1]]
 
 
+def why_evidence(
+    args: argparse.Namespace,
+    runs: dict[str, Path],
+    base: Path,
+    data: SequenceData,
+    work: Path,
+    best: str,
+    merged: tuple[str, Path],
+) -> dict[str, Any]:
+    """What explains a merge that does or does not win: distances, Fisher overlap, the line.
+
+    - each member's distance from the base, and the cosine between task vectors;
+    - Fisher overlap per pair: cosine of the Fisher vectors and the Jaccard overlap
+      of their top-1% coordinates (low overlap: the models care about different
+      weights, which is when Fisher weighting can differ from averaging);
+    - validation NDCG@10 and loss along the line from the best recipe to the best merge.
+    """
+    base_flat = flat_weights(load_run_checkpoint(base).model.state_dict())
+    flats = {
+        label: flat_weights(load_run_checkpoint(run).model.state_dict())
+        for label, run in runs.items()
+    }
+    vectors = {label: flat - base_flat for label, flat in flats.items()}
+    fishers = {
+        label: flat_weights(load_fisher(fisher_path(run, label, args, data, work)).tensors)
+        for label, run in runs.items()
+    }
+    labels = list(runs)
+    pairs = [(a, b) for i, a in enumerate(labels) for b in labels[i + 1 :]]
+
+    def cosine(x: Any, y: Any) -> float:
+        return float(x @ y / (x.norm() * y.norm()).clamp_min(1e-30))
+
+    def top_overlap(x: Any, y: Any) -> float:
+        k = max(1, len(x) // 100)
+        a, b = set(x.topk(k).indices.tolist()), set(y.topk(k).indices.tolist())
+        return len(a & b) / len(a | b)
+
+    template = load_run_checkpoint(runs[best]).model
+    probe = validation_probe(data.split(), users=1000, seed=0)
+    end = load_run_checkpoint(merged[1]).model.state_dict()
+    profile = line_profile(template.state_dict(), end, template, probe, points=11)
+    return {
+        "distance_from_base": {label: float(v.norm()) for label, v in vectors.items()},
+        "base_norm": float(base_flat.norm()),
+        "task_vector_cosine": {f"{a} | {b}": cosine(vectors[a], vectors[b]) for a, b in pairs},
+        "fisher_cosine": {f"{a} | {b}": cosine(fishers[a], fishers[b]) for a, b in pairs},
+        "fisher_top1pct_jaccard": {
+            f"{a} | {b}": top_overlap(fishers[a], fishers[b]) for a, b in pairs
+        },
+        "line": {"from": best, "to": merged[0], **profile},
+    }
+
+
 def run_seed(
     args: argparse.Namespace, base: ExperimentConfig, data: SequenceData, seed: int, work: Path
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """One seed: the row of every model, and the per-user test NDCG@10 of each."""
     evaluator = Evaluator(data.split())
     runs, base_run, control, logs = train_pool(args, base, data, seed, work)
-    merged = merge_all(args, runs, base_run, data, work)
     results = measure(evaluator, runs)
     pool = list(results)
+    weakest = min(pool, key=lambda label: score(results[label]["valid"]))
+    merged = merge_all(args, runs, base_run, data, work, weakest)
     if control is not None:
         results[CONTROL] = measure(evaluator, {CONTROL: control})[CONTROL]
     results.update(measure(evaluator, merged))
     results[ENSEMBLE] = measure_ensemble(evaluator, runs)
     best = max(pool, key=lambda label: score(results[label]["valid"]))
+    best_merge = max(merged, key=lambda label: score(results[label]["valid"]))
+    evidence = why_evidence(
+        args, runs, base_run, data, work, best, (best_merge, merged[best_merge])
+    )
     rows = {
         label: {"valid": score(parts["valid"]), "test": score(parts["test"])}
         for label, parts in results.items()
@@ -258,6 +335,7 @@ def run_seed(
             for b in pool[i + 1 :]
         },
         "training_logs": logs,
+        "evidence": evidence,
         "uninformative_contrastive_loss": {
             "log(2B-1)": math.log(2 * batch - 1),
             "batch_size": batch,
@@ -396,6 +474,18 @@ def main() -> None:
             for key, value in logs.items():
                 if key.endswith("contrastive_loss"):
                     print(f"  {label}: {key} {value:.3f} (log(2B-1) = {reference:.3f})")
+        evidence = document["evidence"]
+        print(f"  |base| = {evidence['base_norm']:.2f}")
+        for label, value in evidence["distance_from_base"].items():
+            print(f"  {label}: |θ - θ_base| = {value:.3f}")
+        for key in ("task_vector_cosine", "fisher_cosine", "fisher_top1pct_jaccard"):
+            for pair, value in evidence[key].items():
+                print(f"  {key} {pair}: {value:.3f}")
+        line = evidence["line"]
+        points = ", ".join(
+            f"{t:+.1f}: {v:.4f}" for t, v in zip(line["t"], line["ndcg@10"], strict=True)
+        )
+        print(f"  valid NDCG@10 from {line['from']} (t=0) to {line['to']} (t=1): {points}")
 
 
 if __name__ == "__main__":

@@ -502,6 +502,7 @@ class Pipeline:
             "merged": {f"merged-{m}": f"merged/{m}" for m in merged},
             "published_model": model,
             "stage_seconds": dict(self.stage_seconds),
+            "report": self.config.report.model_dump(),
         }
 
 

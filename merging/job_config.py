@@ -109,6 +109,19 @@ class ExportSpec(StrictModel):
     parity_sequences: int = Field(256, ge=8, description="sequences of the parity check at export")
 
 
+class ReportSpec(StrictModel):
+    """What the run report evaluates besides the metric table (README "The merge job")."""
+
+    landscape_users: int = Field(
+        500,
+        ge=0,
+        description="validation users scored on the weight-plane grid and the line from the "
+        "best recipe to the best merge (0: points only, no contours or line)",
+    )
+    grid_points: int = Field(7, ge=2, description="grid of the weight plane: N x N models")
+    line_points: int = Field(11, ge=2, description="models along the line (t from -0.2 to 1.2)")
+
+
 class PipelineConfig(StrictModel):
     experiment: ExperimentConfig = Field(
         default_factory=ExperimentConfig, description="data, backbone and the base model's training"
@@ -139,6 +152,7 @@ class PipelineConfig(StrictModel):
     fisher: JobFisherConfig = Field(default_factory=JobFisherConfig)
     merge: JobMergeConfig = Field(default_factory=JobMergeConfig)
     export: ExportSpec = Field(default_factory=ExportSpec)
+    report: ReportSpec = Field(default_factory=ReportSpec)
     num_cpus: int | None = Field(
         None, ge=1, description="size of a local Ray instance (None: the machine's CPU quota)"
     )

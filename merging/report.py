@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ import matplotlib.pyplot as plt
 import torch
 from torch import Tensor
 
+from merging.landscape import Plane, Probe, flat_weights, line_profile, plane_landscape
 from training.evaluate import SETTINGS, format_table
 from training.model import SequenceRecommender
 
@@ -47,26 +48,6 @@ def fisher_per_layer(fisher: Mapping[str, Tensor]) -> dict[str, float]:
         sums[layer] = sums.get(layer, 0.0) + float(values.double().sum())
         counts[layer] = counts.get(layer, 0) + values.numel()
     return {layer: sums[layer] / counts[layer] for layer in sums}
-
-
-def flat_weights(state: Mapping[str, Tensor]) -> Tensor:
-    """All floating-point parameters as one vector, in name order."""
-    return torch.cat(
-        [state[k].double().flatten() for k in sorted(state) if state[k].is_floating_point()]
-    )
-
-
-def project_on_plane(
-    anchors: Sequence[Tensor], points: Mapping[str, Tensor]
-) -> dict[str, tuple[float, float]]:
-    """2-D coordinates of `points` in the plane through three `anchors` (Gram-Schmidt basis)."""
-    origin, second, third = anchors
-    u = second - origin
-    u = u / u.norm().clamp_min(1e-12)
-    v = third - origin
-    v = v - (v @ u) * u
-    v = v / v.norm().clamp_min(1e-12)
-    return {name: (float((p - origin) @ u), float((p - origin) @ v)) for name, p in points.items()}
 
 
 def plot_validation_curves(
@@ -115,15 +96,30 @@ def plot_weight_plane(
     anchors: Mapping[str, Mapping[str, Tensor]],
     others: Mapping[str, Mapping[str, Tensor]],
     path: Path,
+    landscape: Mapping[str, Any] | None = None,
 ) -> None:
-    """Thesis Fig. 4.5: recipes (anchors) and merged models on the anchors' plane."""
-    names = list(anchors)
-    flats = {name: flat_weights(state) for name, state in {**anchors, **others}.items()}
-    coords = project_on_plane([flats[n] for n in names], flats)
-    fig, ax = plt.subplots(figsize=(6, 5))
+    """Thesis Fig. 4.5: recipes (anchors) and merged models on the anchors' plane.
+
+    With a `landscape` (merging/landscape.py), validation NDCG@10 is drawn as
+    filled contours under the points, as model-soup papers draw it.
+    """
+    if landscape is not None:
+        coords = landscape["points"]
+    else:
+        flats = {name: flat_weights(state) for name, state in {**anchors, **others}.items()}
+        plane = Plane.through([flats[n] for n in anchors])
+        coords = {name: plane.coords(flat) for name, flat in flats.items()}
+    fig, ax = plt.subplots(figsize=(6.5, 5))
+    if landscape is not None:
+        filled = ax.contourf(
+            landscape["x"], landscape["y"], landscape["ndcg@10"], levels=14, cmap="viridis"
+        )
+        fig.colorbar(filled, ax=ax, label="validation NDCG@10 (user subset)")
     for position, (name, (x, y)) in enumerate(coords.items()):
-        marker, color = ("o", "tab:blue") if name in anchors else ("*", "tab:red")
-        ax.scatter([x], [y], marker=marker, s=90 if marker == "*" else 50, color=color)
+        marker, color = ("o", "white") if name in anchors else ("*", "tab:red")
+        ax.scatter(
+            [x], [y], marker=marker, s=110 if marker == "*" else 50, color=color, edgecolors="black"
+        )
         # Merged models often sit on top of each other: stagger their labels.
         ax.annotate(
             name,
@@ -138,6 +134,23 @@ def plot_weight_plane(
         ylabel="direction 2",
     )
     ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_line_profile(profile: Mapping[str, list[float]], start: str, end: str, path: Path) -> None:
+    """Validation NDCG@10 and loss along the line from model `start` (t=0) to `end` (t=1)."""
+    fig, left = plt.subplots(figsize=(6.5, 4))
+    left.plot(profile["t"], profile["ndcg@10"], "o-", color="tab:blue")
+    left.set(xlabel=f"t: (1 - t) {start} + t {end}", ylabel="validation NDCG@10 (user subset)")
+    right = left.twinx()
+    right.plot(profile["t"], profile["loss"], "s--", color="tab:orange")
+    right.set_ylabel("validation next-item loss", color="tab:orange")
+    for t in (0.0, 1.0):
+        left.axvline(t, color="grey", alpha=0.4)
+    left.set_title(f"Between {start} and {end}")
+    left.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -193,8 +206,15 @@ def write_report(
     sample_histories: Tensor,
     stage_seconds: Mapping[str, float],
     exclude_seen: bool = True,
+    probe: Probe | None = None,
+    grid_points: int = 7,
+    line_points: int = 11,
 ) -> Path:
-    """Write report.md and plots/*.png into `out`; returns the report's path."""
+    """Write report.md and plots/*.png into `out`; returns the report's path.
+
+    With a `probe` (validation users), the weight plane gets NDCG@10 contours
+    and the line from the best recipe to the best merged model is profiled.
+    """
     plots = out / PLOTS
     plots.mkdir(parents=True, exist_ok=True)
     sections = [f"# {title}", ""]
@@ -216,26 +236,9 @@ def write_report(
             f"![Fisher per layer]({PLOTS}/fisher_per_layer.png)",
             "",
         ]
-    best = sorted(recipe_weights, key=lambda n: -metrics[n]["valid"]["full"]["ndcg@10"])[:3]
-    if len(best) == 3:
-        plot_weight_plane(
-            {n: recipe_weights[n] for n in best}, merged_weights, plots / "weight_plane.png"
-        )
-        sections += [
-            "## Weights of recipes and merged models (thesis Fig. 4.5)",
-            "",
-            f"Plane through the three best recipes on validation: {', '.join(best)}.",
-            "",
-            f"![weight plane]({PLOTS}/weight_plane.png)",
-            "",
-        ]
-    else:
-        sections += [
-            "## Weights of recipes and merged models",
-            "",
-            "Needs three recipes; this run has fewer.",
-            "",
-        ]
+    sections += _weight_sections(
+        metrics, recipe_weights, merged_weights, published, plots, probe, grid_points, line_points
+    )
     plot_sorted_probabilities(published, sample_histories, plots / "sorted_probabilities.png")
     sections += [
         "## Next-item probabilities of the published model (thesis Fig. 4.6)",
@@ -249,3 +252,68 @@ def write_report(
     report.write_text("\n".join(sections) + "\n")
     log.info("report written to %s", report)
     return report
+
+
+def _validation(metrics: Mapping[str, Mapping[str, Any]], name: str) -> float:
+    return float(metrics[name]["valid"]["full"]["ndcg@10"])
+
+
+def _weight_sections(
+    metrics: Mapping[str, Mapping[str, Any]],
+    recipe_weights: Mapping[str, Mapping[str, Tensor]],
+    merged_weights: Mapping[str, Mapping[str, Tensor]],
+    template: SequenceRecommender,
+    plots: Path,
+    probe: Probe | None,
+    grid_points: int,
+    line_points: int,
+) -> list[str]:
+    """The weight plane (with contours given a probe) and the best-recipe-to-merge line."""
+    best = sorted(recipe_weights, key=lambda n: -_validation(metrics, n))[:3]
+    if len(best) < 3:
+        return [
+            "## Weights of recipes and merged models",
+            "",
+            "Needs three recipes; this run has fewer.",
+            "",
+        ]
+    anchors = {n: recipe_weights[n] for n in best}
+    landscape = None
+    if probe is not None:
+        log.info(
+            "report: validation NDCG@10 on a %dx%d grid of the weight plane",
+            grid_points,
+            grid_points,
+        )
+        landscape = plane_landscape(anchors, merged_weights, template, probe, grid_points)
+    plot_weight_plane(anchors, merged_weights, plots / "weight_plane.png", landscape)
+    users = (
+        f" Contours: validation NDCG@10 of the models on the plane ({len(probe.split)} users)."
+        if probe
+        else ""
+    )
+    sections = [
+        "## Weights of recipes and merged models (thesis Fig. 4.5)",
+        "",
+        f"Plane through the three best recipes on validation: {', '.join(best)}.{users}",
+        "",
+        f"![weight plane]({PLOTS}/weight_plane.png)",
+        "",
+    ]
+    if probe is None or not merged_weights:
+        return sections
+    merged = max(merged_weights, key=lambda n: _validation(metrics, n))
+    profile = line_profile(
+        recipe_weights[best[0]], merged_weights[merged], template, probe, line_points
+    )
+    plot_line_profile(profile, best[0], merged, plots / "line_profile.png")
+    sections += [
+        "## Between the best recipe and the best merge",
+        "",
+        f"Validation NDCG@10 and loss along the straight line from {best[0]} (t = 0) to "
+        f"{merged} (t = 1), {len(probe.split)} users; a dip between them is a barrier.",
+        "",
+        f"![line profile]({PLOTS}/line_profile.png)",
+        "",
+    ]
+    return sections

@@ -286,6 +286,7 @@ def export_model(
 def write_run_report(context: TaskContext, info: dict[str, Any]) -> dict[str, Any]:
     """report.md and plots/ of the run into `report/`."""
     from merging.fisher import load_fisher
+    from merging.landscape import validation_probe
     from merging.report import write_report
     from training.batching import pad_left
     from training.trainer import load_run_checkpoint
@@ -305,6 +306,8 @@ def write_run_report(context: TaskContext, info: dict[str, Any]) -> dict[str, An
     rows = np.linspace(0, len(test) - 1, num=min(5, len(test))).astype(int)
     out = context.scratch("report-out")
     shutil.rmtree(out, ignore_errors=True)
+    spec = info["report"]
+    users = spec["landscape_users"]
     write_report(
         out,
         title=f"fishrec run {info['run_id']}",
@@ -320,6 +323,9 @@ def write_run_report(context: TaskContext, info: dict[str, Any]) -> dict[str, An
         published=published,
         sample_histories=pad_left([test.histories[i] for i in rows], published.config.max_len),
         stage_seconds=info["stage_seconds"],
+        probe=validation_probe(data.split(), users) if users else None,
+        grid_points=spec["grid_points"],
+        line_points=spec["line_points"],
     )
     context.store.upload_folder(out, f"{context.work}/report")
     return {"report": "report/report.md"}
