@@ -33,11 +33,11 @@ from typing import Any
 import yaml
 
 from merging import tasks
-from merging.job_config import PipelineConfig
+from merging.job_config import CONTROL, PipelineConfig
 from merging.merge import NEEDS_BASE, NEEDS_FISHERS
 from merging.stages import StageError, StageOutput, StageRunner
 from merging.store import ArtifactStore
-from merging.tasks import TaskContext
+from merging.tasks import ENSEMBLE, TaskContext
 
 log = logging.getLogger(__name__)
 
@@ -306,8 +306,39 @@ class Pipeline:
                 self.config.recipe_lr_of(entry),
             )
             stages.append(self.training_stage(entry.name, experiment, init))
+        names = [entry.name for entry in self.config.recipes]
+        if self.config.control:
+            stages.append(self.training_stage(CONTROL, self._control_experiment(), init))
+            names.append(CONTROL)
         results = self.run_parallel(stages)
-        return {entry.name: results[f"train/{entry.name}"] for entry in self.config.recipes}
+        return {name: results[f"train/{name}"] for name in names}
+
+    def _control_experiment(self) -> dict[str, Any]:
+        """The plain objective for every epoch the pool spent, at the recipes' rate."""
+        config = self.config
+        epochs = sum(
+            entry.epochs if entry.epochs is not None else config.recipe_epochs
+            for entry in config.recipes
+        )
+        backbone = config.experiment.model.backbone
+        seed = config.experiment.train.seed + len(config.recipes) + 1
+        return self.experiment_for(
+            backbone, {}, epochs, seed, config.recipe_lr_of(config.recipes[0])
+        )
+
+    def stage_baselines(self, trained: dict[str, Any], merged: dict[str, Any]) -> dict[str, Any]:
+        """The output ensemble and paired tests of every model against the best recipe."""
+        pool = {entry.name: f"models/{entry.name}" for entry in self.config.recipes}
+        others = {f"merged-{m}": f"merged/{m}" for m in merged}
+        if CONTROL in trained:
+            others[CONTROL] = f"models/{CONTROL}"
+        task = self.remote(tasks.evaluate_baselines, "baselines")
+        stage = ParallelStage(
+            "baselines",
+            submit=lambda: [task.remote(self.context, pool, others)],
+            finish=lambda values: StageOutput([], values[0]),
+        )
+        return self.run_parallel([stage])["baselines"]
 
     def stage_fishers(self) -> dict[str, dict[str, Any]]:
         """The Fisher of every recipe: Ray tasks over user shards, summed per recipe."""
@@ -366,9 +397,12 @@ class Pipeline:
         return {method: results[f"merge/{method}"] for method in spec.methods}
 
     def stage_metrics(
-        self, trained: dict[str, dict[str, Any]], merged: dict[str, dict[str, Any]]
+        self,
+        trained: dict[str, dict[str, Any]],
+        merged: dict[str, dict[str, Any]],
+        baselines: dict[str, Any],
     ) -> dict[str, Any]:
-        """One table of every model (from training and merge results) plus MostPop."""
+        """One table of every model (training, merges, the ensemble, MostPop) and the tests."""
 
         def work() -> StageOutput:
             any_result = next(iter(trained.values()))
@@ -376,8 +410,14 @@ class Pipeline:
             table.update(
                 {f"merged-{m}": result["metrics"]["model"] for m, result in merged.items()}
             )
+            table[ENSEMBLE] = baselines["ensemble"]
             table["mostpop"] = any_result["metrics"]["mostpop"]
-            document = {"protocol": any_result["metrics"]["protocol"], "models": table}
+            document = {
+                "protocol": any_result["metrics"]["protocol"],
+                "models": table,
+                "best_recipe": baselines["best_recipe"],
+                "vs_best_recipe": baselines["vs_best_recipe"],
+            }
             self.store.write_text(
                 f"{self.work}/metrics.json", json.dumps(document, indent=2) + "\n"
             )
@@ -394,7 +434,8 @@ class Pipeline:
                     "export", f"merge.publish is {choice!r} but merge.methods lacks it"
                 )
             return f"merged-{choice}", f"merged/{choice}"
-        candidates = {k: v for k, v in metrics["models"].items() if k != "mostpop"}
+        # The ensemble is M models, not one that could be exported.
+        candidates = {k: v for k, v in metrics["models"].items() if k not in ("mostpop", ENSEMBLE)}
         best = max(candidates, key=lambda name: candidates[name]["valid"]["full"]["ndcg@10"])
         return best, (
             f"merged/{best.removeprefix('merged-')}"
@@ -442,8 +483,9 @@ class Pipeline:
         base_result = self._base_result()
         fishers = self.stage_fishers()
         merged = self.stage_merges()
+        baselines = self.stage_baselines(trained, merged)
         everything = {**({BASE: base_result} if base_result else {}), **trained}
-        metrics = self.stage_metrics(everything, merged)
+        metrics = self.stage_metrics(everything, merged, baselines)
         label, model = self.published_model(metrics)
         merge_info = {
             "published": label,
@@ -495,6 +537,8 @@ class Pipeline:
                 "published model": label,
             },
             "metrics": metrics["models"],
+            "best_recipe": metrics["best_recipe"],
+            "vs_best_recipe": metrics["vs_best_recipe"],
             "trained": trained,
             "epoch_offsets": offsets,
             "recipes": names,

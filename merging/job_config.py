@@ -109,6 +109,9 @@ class ExportSpec(StrictModel):
     parity_sequences: int = Field(256, ge=8, description="sequences of the parity check at export")
 
 
+CONTROL = "control"  # the equal-compute plain model's name in the run
+
+
 class ReportSpec(StrictModel):
     """What the run report evaluates besides the metric table (README "The merge job")."""
 
@@ -147,6 +150,11 @@ class PipelineConfig(StrictModel):
         description="learning rate of the recipe fine-tunes (finetune setting; None: the "
         "experiment's lr); scratch runs always use the experiment's lr",
     )
+    control: bool = Field(
+        False,
+        description="also fine-tune the plain objective from the base for every epoch the pool "
+        "spent (the equal-compute control a merge must beat; costs the pool's training again)",
+    )
     resources: ResourceSpec = Field(default_factory=ResourceSpec)
     max_retries: int = Field(2, ge=0, description="Ray retries of a task after a crash or an error")
     fisher: JobFisherConfig = Field(default_factory=JobFisherConfig)
@@ -165,6 +173,10 @@ class PipelineConfig(StrictModel):
             raise ValueError(f"recipe names must be unique; repeated: {duplicated}")
         if not names:
             raise ValueError("the merge pool needs at least one recipe")
+        if self.control and self.setting == "scratch":
+            raise ValueError("control fine-tunes from the base: it needs setting: finetune")
+        if CONTROL in names:
+            raise ValueError(f"{CONTROL!r} names the equal-compute control, not a recipe")
         based = sorted(set(self.merge.methods) & NEEDS_BASE)
         if based and self.setting == "scratch":
             raise ValueError(

@@ -155,6 +155,62 @@ def evaluate_model(
     return Evaluator(data.split(), seed=eval_seed).metrics_document(checkpoint.model)
 
 
+ENSEMBLE = "ensemble"
+
+
+def evaluate_baselines(
+    context: TaskContext, pool: dict[str, str], others: dict[str, str]
+) -> dict[str, Any]:
+    """What a merge must beat, on the run's test users (README "The merge job").
+
+    The output ensemble of the pool (mean log-probability, M times the serving
+    cost) is evaluated; every other model and the ensemble are compared with the
+    best pool member on validation by a paired test on per-user test NDCG@10,
+    with the share of the ensemble's gain each reaches.
+    """
+    from merging.ensemble import ensemble_max_len, ensemble_scorer
+    from merging.significance import paired_comparison
+    from training.evaluate import Evaluator
+    from training.trainer import load_run_checkpoint
+
+    start_task(context, "baselines")
+    data = load_run_data(context.store_root, context.work)
+    evaluator = Evaluator(data.split())
+    models = {
+        name: load_run_checkpoint(local_checkpoint(context, relative)).model
+        for name, relative in {**pool, **others}.items()
+    }
+    results = {
+        name: {p: evaluator.evaluate_model(m, p) for p in ("valid", "test")}
+        for name, m in models.items()
+    }
+    members = [models[name] for name in pool]
+    scorer, length = ensemble_scorer(members), ensemble_max_len(members)
+    results[ENSEMBLE] = {p: evaluator.evaluate(scorer, p, length) for p in ("valid", "test")}
+
+    def ndcg(name: str, part: str) -> float:
+        return float(results[name][part].metrics["full"]["ndcg@10"])
+
+    best = max(pool, key=lambda name: ndcg(name, "valid"))
+    users = {name: parts["test"].per_user["full"]["ndcg@10"] for name, parts in results.items()}
+    gain = ndcg(ENSEMBLE, "test") - ndcg(best, "test")
+    return {
+        "best_recipe": best,
+        "ensemble": {p: results[ENSEMBLE][p].metrics for p in ("valid", "test")},
+        "ensemble_members": len(pool),
+        "vs_best_recipe": {
+            name: {
+                **paired_comparison(users[name], users[best]).to_dict(),
+                "ensemble_gain_share": (ndcg(name, "test") - ndcg(best, "test")) / gain
+                if gain > 0
+                else None,
+            }
+            for name in results
+            if name != best
+        },
+    }
+
+
 def shard(rows: list[int], shards: int) -> list[list[int]]:
     """Contiguous slices of `rows` (users), as even as possible; never an empty one."""
     parts = np.array_split(np.asarray(rows, dtype=np.int64), max(1, min(shards, len(rows))))
@@ -323,6 +379,7 @@ def write_run_report(context: TaskContext, info: dict[str, Any]) -> dict[str, An
         published=published,
         sample_histories=pad_left([test.histories[i] for i in rows], published.config.max_len),
         stage_seconds=info["stage_seconds"],
+        comparisons=(info["best_recipe"], info["vs_best_recipe"]),
         probe=validation_probe(data.split(), users) if users else None,
         grid_points=spec["grid_points"],
         line_points=spec["line_points"],

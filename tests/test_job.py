@@ -31,7 +31,9 @@ pytestmark = pytest.mark.usefixtures("ray_local")
 
 def reference_config():  # type: ignore[no-untyped-def]
     """The tiny job of `finished_run`, with merges that need the Grams and the base too."""
-    return tiny_pipeline(merge__methods=["uniform", "greedy", "fisher", "regmean", "ties"])
+    return tiny_pipeline(
+        merge__methods=["uniform", "greedy", "fisher", "regmean", "ties"], control=True
+    )
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +76,24 @@ def test_pipeline_publishes_a_verified_bundle_and_a_report(finished_run) -> None
         "merged-fisher",
         "merged-regmean",
         "merged-ties",
+        "control",
+        "ensemble",
         "mostpop",
     }
+    # Every model against the best recipe, in metrics.json and in the report.
+    best = result.metrics["best_recipe"]
+    assert best in ("plain", "cl4srec", "duorec")
+    tests = result.metrics["vs_best_recipe"]
+    assert set(tests) == set(models) - {best, "base", "mostpop"}
+    assert all(
+        0 <= row["p_ttest"] <= 1 or row["p_ttest"] != row["p_ttest"] for row in tests.values()
+    )
+    assert "## Against the best recipe" in report and "| ensemble |" in report
+    # The control spends every pool epoch (3 recipes x 1) on the plain objective.
+    control = yaml.safe_load(
+        (root / "work" / "reference" / "models" / "control" / "config.yaml").read_text()
+    )
+    assert control["train"]["epochs"] == 3 and control["recipe"]["name"] == "sasrec"
     for name in ("plain", "cl4srec", "duorec"):
         fisher = load_file(str(root / "work" / "reference" / "fisher" / f"{name}.safetensors"))
         grams = {k for k in fisher if k.startswith("gram:")}
