@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from merging.job import machine_cpus
+from merging.pipeline.job import machine_cpus
 from training.flags import add_override_flags
 
 

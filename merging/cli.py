@@ -270,7 +270,7 @@ def register_export(commands: argparse._SubParsersAction) -> None:
 
 
 def cmd_pipeline(args: argparse.Namespace) -> None:
-    from merging.job import load_pipeline_config, run_pipeline
+    from merging.pipeline.job import load_pipeline_config, run_pipeline
 
     config = load_pipeline_config(Path(args.config) if args.config else None, args.overrides)
     result = run_pipeline(config, args.artifacts, address=args.address, run_id=args.run_id)
@@ -308,8 +308,8 @@ def register_pipeline(commands: argparse._SubParsersAction) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from merging.demo import default_demo_config, run_demo
-    from merging.job import load_pipeline_config
+    from merging.pipeline.demo import default_demo_config, run_demo
+    from merging.pipeline.job import load_pipeline_config
 
     path = Path(args.config) if args.config else default_demo_config()
     config = load_pipeline_config(path, args.overrides)

@@ -314,17 +314,22 @@ def search_coefficients(
     return trials[best]["coefficients"], trials
 
 
-def _weighted(
+def _weighting(
     inputs: MergeInputs, config: MergeConfig, fishers: list[StateDict] | None
-) -> MergeOutcome:
-    weighting = FisherWeighting(
+) -> FisherWeighting:
+    return FisherWeighting(
         inputs.states,
         fishers,
         config.fisher_floor,
         config.normalize_fishers,
         inputs.parameter_names,
     )
-    return _searched(inputs, config, weighting)
+
+
+def _weighted(
+    inputs: MergeInputs, config: MergeConfig, fishers: list[StateDict] | None
+) -> MergeOutcome:
+    return _searched(inputs, config, _weighting(inputs, config, fishers))
 
 
 def merge_uniform(inputs: MergeInputs, config: MergeConfig) -> MergeOutcome:
@@ -389,13 +394,7 @@ def merge_fisher_grouped(inputs: MergeInputs, config: MergeConfig) -> MergeOutco
     """
     if inputs.fishers is None:
         raise ValueError("the fisher_grouped method needs one Fisher per model (--fishers)")
-    weighting = FisherWeighting(
-        inputs.states,
-        inputs.fishers,
-        config.fisher_floor,
-        config.normalize_fishers,
-        inputs.parameter_names,
-    )
+    weighting = _weighting(inputs, config, inputs.fishers)
     groups = sorted({parameter_group(n) for n in weighting.names})
     unknown = sorted(set(config.group_coefficients) - set(groups))
     if unknown:
@@ -430,13 +429,7 @@ def merge_regmean(inputs: MergeInputs, config: MergeConfig) -> MergeOutcome:
             "the regmean method needs the Fisher files with Grams (computed with fisher.grams "
             "true, the default since 2026-12-04)"
         )
-    weighting = FisherWeighting(
-        inputs.states,
-        inputs.fishers,
-        config.fisher_floor,
-        config.normalize_fishers,
-        inputs.parameter_names,
-    )
+    weighting = _weighting(inputs, config, inputs.fishers)
     grams = inputs.grams
 
     def combine(lam: list[float]) -> StateDict:

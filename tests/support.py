@@ -41,7 +41,7 @@ def tiny_experiment(**overrides: Any) -> ExperimentConfig:
 
 def tiny_pipeline(**overrides: Any):  # type: ignore[no-untyped-def]
     """A merge job that runs in well under a minute on 2 cores: 3 recipes, tiny model."""
-    from merging.job_config import PipelineConfig
+    from merging.pipeline.config import PipelineConfig
 
     values: dict[str, Any] = {
         "experiment": {

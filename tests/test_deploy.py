@@ -717,7 +717,7 @@ def check_pipeline_config(argv: list[str]) -> None:
     assert config is not None and config.startswith("/app/configs/"), config
     local = REPO / "configs" / Path(config).name
     assert local.exists(), f"{config}: no {local.relative_to(REPO)} in the repository"
-    job_config = pytest.importorskip("merging.job_config")
+    job_config = pytest.importorskip("merging.pipeline.config")
     from training.config import load_config, parse_override
 
     overrides = dict(parse_override(v) for f, v in itertools.pairwise(argv) if f == "--set")

@@ -20,10 +20,10 @@ import yaml
 from safetensors.torch import load_file
 
 from merging.bundle import verify_bundle
-from merging.job import LATEST, Pipeline, publish_bundle, run_pipeline
-from merging.stages import StageError
-from merging.store import ArtifactStore
-from merging.tasks import FAULT_DIR, FAULT_LABEL
+from merging.pipeline.job import LATEST, Pipeline, publish_bundle, run_pipeline
+from merging.pipeline.stages import StageError
+from merging.pipeline.store import ArtifactStore
+from merging.pipeline.tasks import FAULT_DIR, FAULT_LABEL
 from tests.support import tiny_pipeline
 
 pytestmark = pytest.mark.usefixtures("ray_local")
@@ -344,7 +344,7 @@ def test_demo_prints_a_request_that_the_service_answers(finished_run, tmp_path: 
 
 def test_item_features_travel_with_the_run_data(tmp_path: Path) -> None:
     """KDSR's features reach workers through the store, not the submitter's disk."""
-    from merging import tasks
+    from merging.pipeline import tasks
     from tests.modality_support import FEATURE_DIM, write_features
     from training.features import FEATURES_FILE
     from training.sources import load_source

@@ -16,7 +16,7 @@ from merging.landscape import (
     unflatten,
     validation_probe,
 )
-from merging.report import plot_line_profile, plot_weight_plane
+from merging.pipeline.report import plot_line_profile, plot_weight_plane
 from training.batching import pad_left
 from training.data import SequenceData
 from training.evaluate import Evaluator

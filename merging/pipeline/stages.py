@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import PurePosixPath
 from typing import Any
 
-from merging.store import ArtifactStore
+from merging.pipeline.store import ArtifactStore
 
 log = logging.getLogger(__name__)
 

@@ -12,9 +12,9 @@ import logging
 import shlex
 from pathlib import Path
 
-from merging.job import PipelineResult
-from merging.job_config import PipelineConfig
-from merging.store import ArtifactStore
+from merging.pipeline.config import PipelineConfig
+from merging.pipeline.job import PipelineResult
+from merging.pipeline.store import ArtifactStore
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def run_demo(
     port: int = 8000,
     serve: bool = True,
 ) -> PipelineResult:
-    from merging.job import run_pipeline
+    from merging.pipeline.job import run_pipeline
 
     result = run_pipeline(config, artifacts, run_id=run_id)
     store = ArtifactStore(artifacts)

@@ -50,6 +50,12 @@ def fisher_per_layer(fisher: Mapping[str, Tensor]) -> dict[str, float]:
     return {layer: sums[layer] / counts[layer] for layer in sums}
 
 
+def _save(fig: Any, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def plot_validation_curves(
     histories: Mapping[str, list[dict[str, Any]]],
     path: Path,
@@ -67,9 +73,7 @@ def plot_validation_curves(
     ax.set(xlabel="epoch", ylabel="validation NDCG@10 (full)", title="Validation curves")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_fisher_layers(fishers: Mapping[str, Mapping[str, Tensor]], path: Path) -> None:
@@ -87,9 +91,7 @@ def plot_fisher_layers(fishers: Mapping[str, Mapping[str, Tensor]], path: Path) 
     )
     ax.set(yscale="log", ylabel="mean diagonal Fisher", title="Fisher information per layer")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_weight_plane(
@@ -134,9 +136,7 @@ def plot_weight_plane(
         ylabel="direction 2",
     )
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_line_profile(profile: Mapping[str, list[float]], start: str, end: str, path: Path) -> None:
@@ -151,9 +151,7 @@ def plot_line_profile(profile: Mapping[str, list[float]], start: str, end: str, 
         left.axvline(t, color="grey", alpha=0.4)
     left.set_title(f"Between {start} and {end}")
     left.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_sorted_probabilities(model: SequenceRecommender, histories: Tensor, path: Path) -> None:
@@ -173,9 +171,7 @@ def plot_sorted_probabilities(model: SequenceRecommender, histories: Tensor, pat
     )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def metrics_section(metrics: Mapping[str, Mapping[str, Any]], exclude_seen: bool) -> str:

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from merging.store import ArtifactStore
+from merging.pipeline.store import ArtifactStore
 
 log = logging.getLogger(__name__)
 
@@ -343,7 +343,7 @@ def write_run_report(context: TaskContext, info: dict[str, Any]) -> dict[str, An
     """report.md and plots/ of the run into `report/`."""
     from merging.fisher import load_fisher
     from merging.landscape import validation_probe
-    from merging.report import write_report
+    from merging.pipeline.report import write_report
     from training.batching import pad_left
     from training.trainer import load_run_checkpoint
 

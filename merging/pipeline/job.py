@@ -32,12 +32,12 @@ from typing import Any
 
 import yaml
 
-from merging import tasks
-from merging.job_config import CONTROL, PipelineConfig
 from merging.merge import NEEDS_BASE, NEEDS_FISHERS
-from merging.stages import StageError, StageOutput, StageRunner
-from merging.store import ArtifactStore
-from merging.tasks import ENSEMBLE, TaskContext
+from merging.pipeline import tasks
+from merging.pipeline.config import CONTROL, PipelineConfig
+from merging.pipeline.stages import StageError, StageOutput, StageRunner
+from merging.pipeline.store import ArtifactStore
+from merging.pipeline.tasks import ENSEMBLE, TaskContext
 
 log = logging.getLogger(__name__)
 
