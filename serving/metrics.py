@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from datetime import datetime
 from typing import Any
 
 from prometheus_client import (
@@ -78,6 +80,21 @@ class Metrics:
             "when the serving bundle was swapped in",
             registry=self.registry,
         )
+        self.model_created = Gauge(
+            "fishrec_model_created_timestamp_seconds",
+            "when the serving bundle was created by the merge job (its manifest's `created`)",
+            registry=self.registry,
+        )
+        # The age is computed at scrape time, so it grows while the bundle stays.
+        self._created: float | None = None
+        self.model_age = Gauge(
+            "fishrec_model_age_seconds",
+            "seconds since the serving bundle was created (what a stale-model alert watches)",
+            registry=self.registry,
+        )
+        self.model_age.set_function(
+            lambda: time.time() - self._created if self._created is not None else float("nan")
+        )
         self.reloads = Counter(
             "fishrec_model_reloads",
             "bundle loads by result (success, failure)",
@@ -92,11 +109,13 @@ class Metrics:
 
         return BatchObserver(batch=batch, queue_depth=self.queue_depth.set)
 
-    def set_model(self, version: str, previous: str | None) -> None:
+    def set_model(self, version: str, previous: str | None, created: str | None = None) -> None:
         if previous is not None and previous != version:
             self.model_info.remove(previous)
         self.model_info.labels(version=version).set(1)
         self.model_loaded.set_to_current_time()
+        self._created = _seconds(created)
+        self.model_created.set(float("nan") if self._created is None else self._created)
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
         self.requests.labels(route, method, str(status)).inc()
@@ -104,3 +123,13 @@ class Metrics:
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def _seconds(created: str | None) -> float | None:
+    """A manifest's ISO-8601 `created` as Unix seconds (None when absent or unreadable)."""
+    if not created:
+        return None
+    try:
+        return datetime.fromisoformat(created.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None

@@ -197,7 +197,11 @@ class ModelManager:
         self.current = ServingModel(bundle, runner, batcher)
         self.last_error = None
         self.metrics.reloads.labels("success").inc()
-        self.metrics.set_model(bundle.run_id, previous.version if previous else None)
+        self.metrics.set_model(
+            bundle.run_id,
+            previous.version if previous else None,
+            bundle.manifest.get("created"),
+        )
         log.info(
             "serving bundle %s (%s)",
             bundle.run_id,

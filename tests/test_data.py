@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import subprocess
 import sys
@@ -417,3 +418,58 @@ def test_importing_data_pulls_in_neither_torch_nor_pyarrow() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     )
     assert result.stdout.split() == ["False", "False"]
+
+
+# ---- logs in several files ------------------------------------------------------------
+
+
+def _partition(path: Path, rows: list[str], compress: bool = False) -> None:
+    text = "user,item,timestamp\n" + "".join(f"{row}\n" for row in rows)
+    if compress:
+        path.write_bytes(gzip.compress(text.encode()))
+    else:
+        path.write_text(text)
+
+
+def test_a_folder_of_daily_partitions_is_one_log_in_time_order(tmp_path: Path) -> None:
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    _partition(logs / "2026-12-01.csv", ["u1,a,100", "u2,b,101"])
+    _partition(logs / "2026-12-02.csv.gz", ["u1,b,200", "u2,c,201"], compress=True)
+    _partition(logs / "2026-12-03.csv", ["u1,c,300", "u1,d,50"])  # a late row: time decides
+    (logs / ".partial.csv").write_text("garbage")  # hidden files are skipped
+    data = prepare(logs, tmp_path / "out")
+    sequences = {
+        user: [data.vocab.external(int(i)) for i in seq]
+        for user, seq in zip(data.users, data.sequences, strict=True)
+    }
+    assert sequences == {"u1": ["d", "a", "b", "c"], "u2": ["b", "c"]}
+    assert data.meta["format"] == "csv" and data.meta["source"] == "logs"
+    # A glob picks some partitions; load_data reads a raw folder too.
+    two = load_data(str(logs / "2026-12-0[12]*"))
+    assert two.num_interactions == 4
+    assert load_data(logs).num_interactions == 6
+
+
+def test_an_error_in_one_partition_names_its_file_and_line(tmp_path: Path) -> None:
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    _partition(logs / "a.csv", ["u1,a,100"])
+    _partition(logs / "b.csv", ["u1,b,200", "u2,c,not-a-time"])
+    with pytest.raises(DataError, match=r"b\.csv: line 3"):
+        prepare(logs, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_partitions_must_agree_on_timestamps_and_exist(tmp_path: Path) -> None:
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    _partition(logs / "a.csv", ["u1,a,100"])
+    (logs / "b.txt").write_text("u1 b c\n")  # a sequence file: no timestamps
+    with pytest.raises(DataError, match="timestamps in every file or in none"):
+        prepare(logs, tmp_path / "out")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="holds no file"):
+        prepare(tmp_path / "empty", tmp_path / "out")
+    with pytest.raises(DataError, match="matches no file"):
+        load_data(str(tmp_path / "nothing-*.csv"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -208,6 +209,50 @@ def test_operations_endpoints(server: LiveServer, client: httpx.Client) -> None:
     )
     assert "fishrec_batch_size_bucket" in metrics and "fishrec_queue_depth" in metrics
     assert client.get("/openapi.json").json()["paths"]["/v1/recommendations:batch"]
+
+
+MONITORING = Path(__file__).resolve().parents[1] / "deploy" / "monitoring"
+
+
+def test_alert_rules_and_dashboard_name_metrics_the_service_exports(
+    server: LiveServer, client: httpx.Client
+) -> None:
+    """deploy/monitoring: every rule parses as PromQL and reads only metrics that exist."""
+    import promql_parser
+    import yaml
+
+    recommend(client, [], k=1)  # labelled series exist once a request was answered
+    text = httpx.get(f"{server.url}/metrics").text
+    exported = {
+        line.split("{")[0].split(" ")[0]
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
+    rules = [
+        r
+        for g in yaml.safe_load((MONITORING / "alerts.yaml").read_text())["groups"]
+        for r in g["rules"]
+    ]
+    assert len(rules) >= 5
+    for rule in rules:
+        assert (
+            rule["labels"]["severity"] in ("warning", "critical") and rule["annotations"]["summary"]
+        )
+    dashboard = json.loads((MONITORING / "dashboard.json").read_text())
+    queries = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    expressions = [r["expr"] for r in rules] + queries
+    for expression in expressions:
+        promql_parser.parse(expression)  # raises on a syntax error
+    named = set(re.findall(r"\bfishrec_\w+", " ".join(expressions)))
+    assert {"fishrec_model_age_seconds", "fishrec_http_requests_total"} <= named
+    assert named <= exported, f"not exported: {sorted(named - exported)}"
+    # The served bundle was created by the test session: its age is minutes, not days.
+    age = next(
+        float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith("fishrec_model_age_seconds")
+    )
+    assert 0 <= age < 3600
 
 
 # ---- bad input -----------------------------------------------------------------------------

@@ -135,7 +135,12 @@ def register_data(commands: argparse._SubParsersAction) -> None:
         description="Read ratings.dat, sequence .txt, CSV/TSV, Parquet or RecBole .inter; "
         "order each user's items by time, optionally k-core filter, map ids, save.",
     )
-    prepare.add_argument("--input", required=True, help="the log file")
+    prepare.add_argument(
+        "--input",
+        required=True,
+        help="the log: a file, a folder of files (e.g. daily partitions, read in name order) "
+        "or a quoted glob such as 'logs/*.csv.gz'",
+    )
     prepare.add_argument("--output", required=True, help="folder to write (replaced atomically)")
     prepare.add_argument(
         "--format",

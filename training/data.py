@@ -36,6 +36,7 @@ from training.readers import (  # noqa: F401  (re-exported: the data API in one 
     _shorten,
     detect_format,
     read_interactions,
+    read_log,
 )
 
 logger = logging.getLogger(__name__)
@@ -433,23 +434,34 @@ def prepare(
     Every error is raised before anything is written, and the folder appears
     only once complete, so a failure leaves no partial output behind.
     """
-    input_path = Path(input_path)
-    fmt = detect_format(input_path) if fmt == "auto" else fmt
-    interactions = read_interactions(input_path, fmt, columns, sep)
-    data = build_sequences(interactions, k_core=k_core, source=input_path.name, fmt=fmt)
+    interactions, formats = read_log(input_path, fmt, columns, sep)
+    data = build_sequences(
+        interactions,
+        k_core=k_core,
+        source=_source_name(input_path),
+        fmt=",".join(sorted(set(formats))),
+    )
     data.save(Path(output))
     return data
 
 
-def load_data(path: Path) -> SequenceData:
-    """A canonical folder, or a raw file of any supported format (built in memory, no k-core)."""
-    path = Path(path)
-    if path.is_dir():
-        if not (path / META_FILE).is_file():
-            raise DataError(f"{path}: not a prepared data folder (no {META_FILE})")
-        return SequenceData.load(path)
-    fmt = detect_format(path)
-    return build_sequences(read_interactions(path, fmt), source=path.name, fmt=fmt)
+def _source_name(source: str | Path) -> str:
+    """How the data's meta names its input: the file or folder name, or the glob pattern."""
+    text = str(source)
+    return text if any(char in text for char in "*?[") else Path(text).name
+
+
+def load_data(path: str | Path) -> SequenceData:
+    """A canonical folder, or a raw log (a file, a folder of partitions or a glob pattern)
+    of any supported format, built in memory without k-core."""
+    if Path(path).is_dir() and (Path(path) / META_FILE).is_file():
+        return SequenceData.load(Path(path))
+    if Path(path).is_dir() and (Path(path) / SEQUENCES_FILE).is_file():
+        raise DataError(f"{path}: not a complete prepared data folder (no {META_FILE})")
+    interactions, formats = read_log(path)
+    return build_sequences(
+        interactions, source=_source_name(path), fmt=",".join(sorted(set(formats)))
+    )
 
 
 # --------------------------------------------------------------------------- files

@@ -442,6 +442,69 @@ def _arrow_seconds(path: Path, column: Any) -> np.ndarray:
     return _parse_timestamps(path, list(map(str, values)), range(1, len(values) + 1))
 
 
+# ---- logs in several files ---------------------------------------------------------
+
+
+def input_files(source: str | Path) -> list[Path]:
+    """The files of a log: one file, every file of a folder, or a glob pattern, in name order.
+
+    Daily partitions named by date (`2026-12-01.csv.gz`, ...) come out in time
+    order; hidden files (`.`-prefixed) are skipped.
+    """
+    text = str(source)
+    if any(char in text for char in "*?["):
+        root = Path(text).anchor or "."
+        pattern = text[len(root) :] if Path(text).is_absolute() else text
+        files = sorted(p for p in Path(root).glob(pattern) if p.is_file())
+        if not files:
+            raise DataError(f"{text}: the pattern matches no file")
+        return files
+    path = Path(source)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+        if not files:
+            raise DataError(f"{path}: the folder holds no file")
+        return files
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    return [path]
+
+
+def read_log(
+    source: str | Path,
+    fmt: str = "auto",
+    columns: ColumnNames = ColumnNames(),  # frozen, so safe as a default
+    sep: str | None = None,
+) -> tuple[Interactions, list[str]]:
+    """Every file of `source` read as one log, in name order; also the format of each.
+
+    Each file is read (and its format detected) on its own, so errors name the
+    file and the line. Either every file has timestamps or none has: a mix has
+    no time order.
+    """
+    files = input_files(source)
+    formats = [detect_format(f) if fmt == "auto" else fmt for f in files]
+    parts = [
+        read_interactions(f, kind, columns, sep) for f, kind in zip(files, formats, strict=True)
+    ]
+    if len(parts) == 1:
+        return parts[0], formats
+    timed = [p.timestamps is not None for p in parts]
+    if any(timed) and not all(timed):
+        untimed = [str(f) for f, t in zip(files, timed, strict=True) if not t]
+        raise DataError(
+            f"{source}: some files have timestamps and {untimed[:3]} do not; a log needs "
+            "timestamps in every file or in none (then the file order is the time order)"
+        )
+    stamps = [p.timestamps for p in parts if p.timestamps is not None]
+    joined = Interactions(
+        np.concatenate([p.users for p in parts]),
+        np.concatenate([p.items for p in parts]),
+        np.concatenate(stamps) if all(timed) else None,
+    )
+    return joined, formats
+
+
 # A reader: (path, column names, separator) -> Interactions; formats that fix their
 # own layout ignore the columns and the separator.
 Reader = Callable[[Path, ColumnNames, "str | None"], Interactions]
