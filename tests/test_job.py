@@ -251,7 +251,15 @@ def test_the_job_runs_on_an_existing_cluster_through_address(tmp_path: Path) -> 
             recipes=[{"name": "plain"}, {"name": "duorec"}],
             merge__methods=["uniform"],
             merge__publish="uniform",
+            retention__keep_runs=2,
         )
+        # Two runs published before (the newest is LATEST) and a failed run's work folder.
+        artifacts = ArtifactStore(str(tmp_path / "artifacts"))
+        for day, old in enumerate(["old-1", "old-2"], start=1):
+            manifest = {"created": f"2026-11-0{day}T03:00:00+00:00"}
+            artifacts.write_text(f"runs/{old}/manifest.json", json.dumps(manifest))
+        artifacts.write_text("LATEST", "old-2\n")
+        artifacts.write_text("work/failed-night/stages/data.json", "{}")
         config.write_text(yaml.safe_dump(small.model_dump(mode="json")))
         fishrec = str(Path(sys.executable).parent / "fishrec")
         done = subprocess.run(
@@ -275,6 +283,9 @@ def test_the_job_runs_on_an_existing_cluster_through_address(tmp_path: Path) -> 
         assert done.returncode == 0, done.stderr[-3000:]
         assert "connecting to the Ray cluster" in done.stderr
         verify_bundle(tmp_path / "artifacts" / "runs" / "on-cluster")
+        # Retention (keep 2): the oldest run and the stale work folder are gone.
+        assert artifacts.listdir("runs") == ["old-2", "on-cluster"]
+        assert artifacts.listdir("work") == ["on-cluster"]
     finally:
         # Stop only the head this test started (`ray stop` would stop every Ray instance).
         os.killpg(head.pid, signal.SIGTERM)

@@ -112,6 +112,17 @@ class ExportSpec(StrictModel):
 CONTROL = "control"  # the equal-compute plain model's name in the run
 
 
+class RetentionSpec(StrictModel):
+    """What a successful publish cleans up (README "The merge job")."""
+
+    keep_runs: int = Field(
+        0,
+        ge=0,
+        description="published runs to keep, newest first (0: all); LATEST and the run "
+        "before it are always kept, and the work folders of removed or unpublished runs go",
+    )
+
+
 class ReportSpec(StrictModel):
     """What the run report evaluates besides the metric table (README "The merge job")."""
 
@@ -161,6 +172,7 @@ class PipelineConfig(StrictModel):
     merge: JobMergeConfig = Field(default_factory=JobMergeConfig)
     export: ExportSpec = Field(default_factory=ExportSpec)
     report: ReportSpec = Field(default_factory=ReportSpec)
+    retention: RetentionSpec = Field(default_factory=RetentionSpec)
     num_cpus: int | None = Field(
         None, ge=1, description="size of a local Ray instance (None: the machine's CPU quota)"
     )

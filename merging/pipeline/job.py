@@ -35,13 +35,13 @@ import yaml
 from merging.merge import NEEDS_BASE, NEEDS_FISHERS
 from merging.pipeline import tasks
 from merging.pipeline.config import CONTROL, PipelineConfig
+from merging.pipeline.retention import LATEST, apply_retention
 from merging.pipeline.stages import StageError, StageOutput, StageRunner
 from merging.pipeline.store import ArtifactStore
 from merging.pipeline.tasks import ENSEMBLE, TaskContext
 
 log = logging.getLogger(__name__)
 
-LATEST = "LATEST"
 BASE = "base"
 
 
@@ -505,6 +505,7 @@ class Pipeline:
         self.stage_export(model, fields)
         self.stage_report(self._report_info(data, metrics, label, model, merged, base_result))
         bundle = self.stage_publish()
+        apply_retention(self.store, self.config.retention.keep_runs, self.run_id)
         return PipelineResult(self.run_id, bundle, metrics, dict(self.stage_seconds))
 
     def _base_result(self) -> dict[str, Any] | None:
