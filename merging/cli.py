@@ -273,7 +273,13 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
     from merging.pipeline.job import load_pipeline_config, run_pipeline
 
     config = load_pipeline_config(Path(args.config) if args.config else None, args.overrides)
-    result = run_pipeline(config, args.artifacts, address=args.address, run_id=args.run_id)
+    result = run_pipeline(
+        config,
+        args.artifacts,
+        address=args.address,
+        run_id=args.run_id,
+        force_publish=args.force_publish,
+    )
     print(f"published run {result.run_id}: {args.artifacts}/{result.bundle}")
 
 
@@ -296,6 +302,11 @@ def register_pipeline(commands: argparse._SubParsersAction) -> None:
         "stages that finished and verify.",
     )
     add_pipeline_arguments(parser, "pipeline YAML (see configs/pipeline-*.yaml)")
+    parser.add_argument(
+        "--force-publish",
+        action="store_true",
+        help="publish even if the quality gate refuses the new model (recorded in the manifest)",
+    )
     parser.add_argument(
         "--address",
         default=None,

@@ -20,6 +20,7 @@ import yaml
 from safetensors.torch import load_file
 
 from merging.bundle import verify_bundle
+from merging.pipeline.gate import GateRefused
 from merging.pipeline.job import LATEST, Pipeline, publish_bundle, run_pipeline
 from merging.pipeline.stages import StageError
 from merging.pipeline.store import ArtifactStore
@@ -385,3 +386,52 @@ def test_recipe_fine_tunes_use_their_own_learning_rate() -> None:
     assert tiny_pipeline(recipe_lr=None).recipe_lr_of(plain) == 3e-3
     # From scratch there is no base to stay near: the experiment's rate.
     assert tiny_pipeline(setting="scratch").recipe_lr_of(cl4srec) == 3e-3
+
+
+def test_the_gate_refuses_a_worse_model_until_forced(finished_run, tmp_path: Path) -> None:
+    """Champion/challenger: an untrained challenger is refused, LATEST stays; --force-publish wins."""
+    source, _ = finished_run
+    root = tmp_path / "artifacts"
+    shutil.copytree(source, root)  # the reference run is published and LATEST
+    worse = tiny_pipeline(
+        experiment__train__epochs=0,  # an untrained base and pool: clearly worse
+        recipe_epochs=0,
+        recipes=[{"name": "plain"}, {"name": "duorec"}],
+        merge__methods=["uniform"],
+        merge__publish="uniform",
+        merge__finetune_epochs=0,
+    )
+    with pytest.raises(GateRefused, match="refused") as refused:
+        run_pipeline(worse, str(root), run_id="worse")
+    assert "LATEST is unchanged" in str(refused.value)
+    assert (root / LATEST).read_text().strip() == "reference"
+    assert not (root / "runs" / "worse").exists()
+    outcome = json.loads((root / "work" / "worse" / "outcome.json").read_text())
+    assert outcome["outcome"] == "refused" and not outcome["gate"]["passed"]
+    gate = outcome["gate"]
+    assert gate["champion_run"] == "reference" and gate["challenger"] < gate["champion"]
+    assert gate["users"] > 0 and gate["metric"] == "ndcg@10"
+    # The CLI says so and exits non-zero (the scheduler marks the job failed).
+    config = tmp_path / "worse.yaml"
+    config.write_text(yaml.safe_dump(worse.model_dump(mode="json")))
+    fishrec = str(Path(sys.executable).parent / "fishrec")
+    cli = [
+        fishrec,
+        "pipeline",
+        "--config",
+        str(config),
+        "--artifacts",
+        str(root),
+        "--run-id",
+        "worse",
+    ]
+    done = subprocess.run(cli, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2 and "gate refused" in done.stderr
+    forced = subprocess.run([*cli, "--force-publish"], capture_output=True, text=True, timeout=600)
+    assert forced.returncode == 0, forced.stderr[-2000:]
+    assert (root / LATEST).read_text().strip() == "worse"
+    manifest = verify_bundle(root / "runs" / "worse")
+    assert manifest["gate"]["forced"] and not manifest["gate"]["passed"]
+    assert "## Quality gate" in (root / "runs" / "worse" / "report.md").read_text()
+    published = json.loads((root / "work" / "worse" / "outcome.json").read_text())
+    assert published["outcome"] == "published" and published["bundle"] == "runs/worse"

@@ -112,6 +112,22 @@ class ExportSpec(StrictModel):
 CONTROL = "control"  # the equal-compute plain model's name in the run
 
 
+class GateSpec(StrictModel):
+    """Champion/challenger before publishing (README "The merge job")."""
+
+    enabled: bool = Field(
+        True, description="compare with the bundle LATEST names before publishing"
+    )
+    metric: Literal["ndcg@10", "hr@10"] = Field(
+        "ndcg@10", description="test metric of both bundles on this run's test users"
+    )
+    tolerance: float = Field(
+        0.002,
+        ge=0.0,
+        description="publish when challenger >= champion - tolerance (absolute, metric units)",
+    )
+
+
 class RetentionSpec(StrictModel):
     """What a successful publish cleans up (README "The merge job")."""
 
@@ -173,6 +189,7 @@ class PipelineConfig(StrictModel):
     export: ExportSpec = Field(default_factory=ExportSpec)
     report: ReportSpec = Field(default_factory=ReportSpec)
     retention: RetentionSpec = Field(default_factory=RetentionSpec)
+    gate: GateSpec = Field(default_factory=GateSpec)
     num_cpus: int | None = Field(
         None, ge=1, description="size of a local Ray instance (None: the machine's CPU quota)"
     )

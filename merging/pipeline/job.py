@@ -32,9 +32,11 @@ from typing import Any
 
 import yaml
 
+from merging.bundle import utc_now
 from merging.merge import NEEDS_BASE, NEEDS_FISHERS
 from merging.pipeline import tasks
 from merging.pipeline.config import CONTROL, PipelineConfig
+from merging.pipeline.gate import GateDecision, GateRefused
 from merging.pipeline.retention import LATEST, apply_retention
 from merging.pipeline.stages import StageError, StageOutput, StageRunner
 from merging.pipeline.store import ArtifactStore
@@ -105,6 +107,9 @@ class ParallelStage:
     started: float = 0.0
 
 
+OUTCOME = "outcome.json"  # work/<run_id>/outcome.json: published or refused, with the gate
+
+
 @dataclass
 class PipelineResult:
     run_id: str
@@ -116,8 +121,15 @@ class PipelineResult:
 class Pipeline:
     """One run of the merge job; stage methods in the order they run."""
 
-    def __init__(self, config: PipelineConfig, store: ArtifactStore, run_id: str) -> None:
+    def __init__(
+        self,
+        config: PipelineConfig,
+        store: ArtifactStore,
+        run_id: str,
+        force_publish: bool = False,
+    ) -> None:
         self.config = config
+        self.force_publish = force_publish
         self.store = store
         self.run_id = run_id
         self.work = f"work/{run_id}"
@@ -127,8 +139,11 @@ class Pipeline:
         self.stage_seconds: dict[str, float] = {}
         self.runner = StageRunner(store, self.work, on_event=self.report_progress)
         recipes, merges = len(config.recipes), len(config.merge.methods)
-        # data, [base], recipes, Fishers, merges, metrics, export, report, publish
-        self.total_stages = 1 + (config.setting == "finetune") + 2 * recipes + merges + 4
+        # data, [base], recipes (+ control), Fishers, merges, baselines, metrics, export,
+        # report, gate, publish
+        self.total_stages = (
+            1 + (config.setting == "finetune") + 2 * recipes + config.control + merges + 6
+        )
         self.stages_done = 0
 
     # ---- progress and Ray plumbing -----------------------------------------------------
@@ -161,14 +176,20 @@ class Pipeline:
             runtime_env={"env_vars": env} if env else None,
         )
 
-    def run_parallel(self, stages: list[ParallelStage]) -> dict[str, dict[str, Any]]:
-        """Run stages whose tasks may overlap; every stage that succeeds is recorded."""
+    def run_parallel(
+        self, stages: list[ParallelStage], record: bool = True
+    ) -> dict[str, dict[str, Any]]:
+        """Run stages whose tasks may overlap; every stage that succeeds is recorded.
+
+        `record=False`: always run (no skip on resume, no marker), e.g. the quality
+        gate, whose answer depends on what LATEST names at the time.
+        """
         import ray
 
         results: dict[str, dict[str, Any]] = {}
         waiting: dict[Any, ParallelStage] = {}
         for stage in stages:
-            done = self.runner.completed(stage.name)
+            done = self.runner.completed(stage.name) if record else None
             if done is not None:
                 self.report_progress(stage.name, "skipped", done)
                 results[stage.name] = done["result"]
@@ -193,9 +214,12 @@ class Pipeline:
                 for ref in [r for r in waiting if waiting[r] is stage]:
                     waiting.pop(ref)
                 continue
-            results[stage.name] = self.runner.record(
-                stage.name, output, time.perf_counter() - stage.started
-            )
+            seconds = time.perf_counter() - stage.started
+            if record:
+                results[stage.name] = self.runner.record(stage.name, output, seconds)
+            else:
+                self.report_progress(stage.name, "finished", {"seconds": seconds})
+                results[stage.name] = output.result
         if failures:
             raise failures[0]
         return results
@@ -462,12 +486,12 @@ class Pipeline:
         )
         return self.run_parallel([stage])["report"]
 
-    def stage_publish(self) -> str:
+    def stage_publish(self, gate: dict[str, Any] | None = None) -> str:
         """Bundle + report + metrics as runs/<run_id>/, verified, then LATEST (README "The model bundle")."""
 
         def work() -> StageOutput:
             relative = publish_bundle(
-                self.store, self.work, self.run_id, self.context.scratch("publish")
+                self.store, self.work, self.run_id, self.context.scratch("publish"), gate
             )
             return StageOutput([], {"bundle": relative})
 
@@ -476,6 +500,14 @@ class Pipeline:
     # ---- the whole job ---------------------------------------------------------------------
 
     def run(self) -> PipelineResult:
+        """The whole job; work/<run_id>/outcome.json says how it ended (README "The merge job")."""
+        try:
+            return self._run()
+        except StageError as err:
+            self.write_outcome("failed", stage=err.stage, error=str(err.cause))
+            raise
+
+    def _run(self) -> PipelineResult:
         self.save_config()
         data = self.stage_data()
         self.stage_base()
@@ -504,9 +536,38 @@ class Pipeline:
         }
         self.stage_export(model, fields)
         self.stage_report(self._report_info(data, metrics, label, model, merged, base_result))
-        bundle = self.stage_publish()
+        gate = self.check_gate()
+        if gate is not None and not (gate["passed"] or gate["forced"]):
+            self.write_outcome("refused", gate=gate)
+            raise GateRefused(GateDecision(**gate).describe() + "; LATEST is unchanged")
+        bundle = self.stage_publish(gate)
         apply_retention(self.store, self.config.retention.keep_runs, self.run_id)
+        self.write_outcome("published", gate=gate, bundle=bundle)
         return PipelineResult(self.run_id, bundle, metrics, dict(self.stage_seconds))
+
+    def check_gate(self) -> dict[str, Any] | None:
+        """Champion/challenger (merging/pipeline/gate.py); None when the gate is off."""
+        spec = self.config.gate
+        if not spec.enabled:
+            return None
+        latest = self.store.read_text(LATEST).strip() if self.store.exists(LATEST) else None
+        champion = latest if latest and latest != self.run_id else None
+        task = self.remote(tasks.check_gate, "gate")
+        stage = ParallelStage(
+            "gate",
+            submit=lambda: [
+                task.remote(self.context, champion, spec.metric, spec.tolerance, self.force_publish)
+            ],
+            finish=lambda values: StageOutput([], values[0]),
+        )
+        decision = self.run_parallel([stage], record=False)["gate"]
+        log.info("%s", GateDecision(**decision).describe())
+        return decision
+
+    def write_outcome(self, outcome: str, **fields: Any) -> None:
+        """work/<run_id>/outcome.json: what the run ended with, for schedulers and ops."""
+        document = {"run_id": self.run_id, "outcome": outcome, "finished": utc_now(), **fields}
+        self.store.write_text(f"{self.work}/{OUTCOME}", json.dumps(document, indent=2) + "\n")
 
     def _base_result(self) -> dict[str, Any] | None:
         done = self.runner.completed(f"train/{BASE}")
@@ -551,7 +612,13 @@ class Pipeline:
         }
 
 
-def publish_bundle(store: ArtifactStore, work: str, run_id: str, scratch: Path) -> str:
+def publish_bundle(
+    store: ArtifactStore,
+    work: str,
+    run_id: str,
+    scratch: Path,
+    gate: dict[str, Any] | None = None,
+) -> str:
     """Assemble, verify and publish runs/<run_id>/, then point LATEST at it.
 
     LATEST moves only after the published folder verifies, so a reader of
@@ -568,9 +635,12 @@ def publish_bundle(store: ArtifactStore, work: str, run_id: str, scratch: Path) 
     shutil.copytree(report, staging, dirs_exist_ok=True)
     (staging / "metrics.json").write_text(store.read_text(f"{work}/metrics.json"))
     manifest = json.loads((staging / "manifest.json").read_text())
-    write_manifest(
-        staging, {k: v for k, v in manifest.items() if k not in ("schema", "files", "created")}
-    )
+    fields = {k: v for k, v in manifest.items() if k not in ("schema", "files", "created")}
+    if gate is not None:
+        fields["gate"] = gate
+        with (staging / "report.md").open("a") as report:
+            report.write(f"\n## Quality gate\n\n{GateDecision(**gate).describe()}.\n")
+    write_manifest(staging, fields)
     verify_bundle(staging)
     relative = f"runs/{run_id}"
     store.upload_folder(staging, relative)
@@ -587,11 +657,18 @@ def load_pipeline_config(path: Path | None, overrides: list[str]) -> PipelineCon
 
 
 def run_pipeline(
-    config: PipelineConfig, artifacts: str, address: str | None = None, run_id: str | None = None
+    config: PipelineConfig,
+    artifacts: str,
+    address: str | None = None,
+    run_id: str | None = None,
+    force_publish: bool = False,
 ) -> PipelineResult:
-    """Run (or resume, given the run id of an earlier attempt) the merge job."""
+    """Run (or resume, given the run id of an earlier attempt) the merge job.
+
+    `force_publish` publishes even when the quality gate refuses (recorded as forced).
+    """
     store = ArtifactStore(artifacts)
-    pipeline = Pipeline(config, store, run_id or new_run_id())
+    pipeline = Pipeline(config, store, run_id or new_run_id(), force_publish)
     log.info("run %s, artifacts %s", pipeline.run_id, store.root)
     with ray_session(address, config.num_cpus):
         return pipeline.run()

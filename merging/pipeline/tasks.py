@@ -339,6 +339,30 @@ def export_model(
     return {"onnx": manifest["onnx"], "quantized": manifest.get("quantized")}
 
 
+def check_gate(
+    context: TaskContext,
+    champion_run: str | None,
+    metric: str,
+    tolerance: float,
+    force: bool,
+) -> dict[str, Any]:
+    """The quality gate of merging/pipeline/gate.py: this run's bundle against runs/<champion>."""
+    from merging.pipeline.gate import decide
+
+    start_task(context, "gate")
+    data = load_run_data(context.store_root, context.work)
+    challenger = context.store.download_folder(
+        f"{context.work}/bundle", context.scratch("gate/new")
+    )
+    champion = (
+        context.store.download_folder(f"runs/{champion_run}", context.scratch("gate/champion"))
+        if champion_run
+        else None
+    )
+    decision = decide(challenger, champion, champion_run, data, metric, tolerance, force)
+    return decision.to_dict()
+
+
 def write_run_report(context: TaskContext, info: dict[str, Any]) -> dict[str, Any]:
     """report.md and plots/ of the run into `report/`."""
     from merging.fisher import load_fisher
