@@ -458,6 +458,8 @@ def load_data(path: str | Path) -> SequenceData:
         return SequenceData.load(Path(path))
     if Path(path).is_dir() and (Path(path) / SEQUENCES_FILE).is_file():
         raise DataError(f"{path}: not a complete prepared data folder (no {META_FILE})")
+    if Path(path).is_dir() and not any(Path(path).iterdir()):
+        raise DataError(f"{path}: not a prepared data folder (no {META_FILE}) and no log files")
     interactions, formats = read_log(path)
     return build_sequences(
         interactions, source=_source_name(path), fmt=",".join(sorted(set(formats)))
