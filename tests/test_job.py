@@ -284,6 +284,10 @@ def test_the_job_runs_on_an_existing_cluster_through_address(tmp_path: Path) -> 
         assert done.returncode == 0, done.stderr[-3000:]
         assert "connecting to the Ray cluster" in done.stderr
         verify_bundle(tmp_path / "artifacts" / "runs" / "on-cluster")
+        # The fake LATEST is not a bundle: the gate says so and publishes.
+        outcome = json.loads(artifacts.read_text("work/on-cluster/outcome.json"))
+        assert outcome["outcome"] == "published" and outcome["gate"]["champion"] is None
+        assert "old-2 is not a loadable bundle" in outcome["gate"]["note"]
         # Retention (keep 2): the oldest run and the stale work folder are gone.
         assert artifacts.listdir("runs") == ["old-2", "on-cluster"]
         assert artifacts.listdir("work") == ["on-cluster"]

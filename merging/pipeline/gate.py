@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from serving.bundle import load_bundle
+from serving.bundle import BundleError, load_bundle
 from training.data import EvalSplit, SequenceData
 from training.flags import CommandError
 
@@ -47,13 +47,15 @@ class GateDecision:
     users: int
     passed: bool
     forced: bool = False
+    note: str | None = None  # why there was no champion to compare with, if so
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def describe(self) -> str:
         if self.champion is None:
-            return f"no champion: the first run publishes ({self.metric} {self.challenger:.4f})"
+            why = self.note or "the first run publishes"
+            return f"gate: no champion ({why}); {self.metric} {self.challenger:.4f}"
         verdict = "passed" if self.passed else "refused"
         forced = " (forced: --force-publish)" if self.forced else ""
         return (
@@ -118,7 +120,16 @@ def decide(
     score = float(bundle_per_user(challenger, split, data)[metric].mean())
     if champion is None:
         return GateDecision(metric, tolerance, score, None, None, len(split), True, False)
-    reference = float(bundle_per_user(champion, split, data)[metric].mean())
+    try:
+        reference = float(bundle_per_user(champion, split, data)[metric].mean())
+    except BundleError as err:
+        # The service refuses such a bundle too, so nothing worse can be in service:
+        # publishing replaces a model that cannot be served.
+        log.warning("gate: champion %s is not a loadable bundle (%s)", champion_run, err)
+        note = f"champion {champion_run} is not a loadable bundle: {err}"
+        return GateDecision(
+            metric, tolerance, score, None, champion_run, len(split), True, note=note
+        )
     passed = score >= reference - tolerance
     return GateDecision(
         metric, tolerance, score, reference, champion_run, len(split), passed, force and not passed

@@ -536,13 +536,16 @@ class Pipeline:
         }
         self.stage_export(model, fields)
         self.stage_report(self._report_info(data, metrics, label, model, merged, base_result))
-        gate = self.check_gate()
+        # A run that already published is not judged again (its manifest has the decision).
+        published = self.runner.completed("publish") is not None
+        gate = None if published else self.check_gate()
         if gate is not None and not (gate["passed"] or gate["forced"]):
             self.write_outcome("refused", gate=gate)
             raise GateRefused(GateDecision(**gate).describe() + "; LATEST is unchanged")
         bundle = self.stage_publish(gate)
         apply_retention(self.store, self.config.retention.keep_runs, self.run_id)
-        self.write_outcome("published", gate=gate, bundle=bundle)
+        if not published:
+            self.write_outcome("published", gate=gate, bundle=bundle)
         return PipelineResult(self.run_id, bundle, metrics, dict(self.stage_seconds))
 
     def check_gate(self) -> dict[str, Any] | None:
