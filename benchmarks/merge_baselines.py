@@ -278,7 +278,7 @@ def why_evidence(
     template = load_run_checkpoint(runs[best]).model
     probe = validation_probe(data.split(), users=1000, seed=0)
     end = load_run_checkpoint(merged[1]).model.state_dict()
-    profile = line_profile(template.state_dict(), end, template, probe, points=11)
+    profile = line_profile(template.state_dict(), end, template, probe, points=15)
     return {
         "distance_from_base": {label: float(v.norm()) for label, v in vectors.items()},
         "base_norm": float(base_flat.norm()),

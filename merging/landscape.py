@@ -180,7 +180,7 @@ def line_profile(
     end: StateDict,
     template: SequenceRecommender,
     probe: Probe,
-    points: int = 11,
+    points: int = 15,
     extend: float = 0.2,
 ) -> dict[str, list[float]]:
     """The probe along θ(t) = (1 - t) start + t end, t from -extend to 1 + extend."""

@@ -149,7 +149,9 @@ class ReportSpec(StrictModel):
         "best recipe to the best merge (0: points only, no contours or line)",
     )
     grid_points: int = Field(7, ge=2, description="grid of the weight plane: N x N models")
-    line_points: int = Field(11, ge=2, description="models along the line (t from -0.2 to 1.2)")
+    line_points: int = Field(
+        15, ge=2, description="models along the line (t from -0.2 to 1.2; 15: steps of 0.1)"
+    )
 
 
 class PipelineConfig(StrictModel):

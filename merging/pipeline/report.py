@@ -229,7 +229,7 @@ def write_report(
     comparisons: tuple[str, Mapping[str, Mapping[str, Any]]] | None = None,
     probe: Probe | None = None,
     grid_points: int = 7,
-    line_points: int = 11,
+    line_points: int = 15,
 ) -> Path:
     """Write report.md and plots/*.png into `out`; returns the report's path.
 
