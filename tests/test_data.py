@@ -122,6 +122,36 @@ def test_csv_configured_columns_given_separator_and_file_order(tmp_path: Path) -
     assert log.timestamps is None and log.items.tolist() == ["x", "y"]
 
 
+def test_csv_quoted_line_breaks_gzip_by_content_and_blank_ids_trimmed(tmp_path: Path) -> None:
+    text = 'user,item,note,timestamp\n" u1 ",a,"two\nlines, and a comma",2\nu1,b,x,1\n'
+    path = tmp_path / "log.data"  # gzip recognised by its bytes, not the name
+    path.write_bytes(gzip.compress(text.encode()))
+    log = read_interactions(path, "csv")
+    assert log.users.tolist() == ["u1", "u1"] and log.items.tolist() == ["a", "b"]
+    assert log.timestamps.tolist() == [2.0, 1.0]
+
+
+def test_tab_separated_files_keep_quotes_as_text(tmp_path: Path) -> None:
+    path = write(tmp_path, "log.tsv", 'user\titem\ttimestamp\nu1\t"odd\t1\n')
+    assert read_interactions(path, "csv").items.tolist() == ['"odd']
+
+
+def test_errors_after_blank_lines_and_quoted_breaks_name_the_file_line(tmp_path: Path) -> None:
+    # pyarrow counts rows; the exact reader behind it counts lines.
+    text = 'user,item,note,timestamp\n\n1,a,"x\ny",2\n\n1,b,z,soon\n'
+    path = write(tmp_path, "log.csv", text)
+    with pytest.raises(DataError, match="line 6: expected a timestamp"):
+        read_interactions(path)
+    path = write(tmp_path, "log.csv", 'user,item,note,timestamp\n\n1,a,"x\ny",2\n\n1,b\n')
+    with pytest.raises(DataError, match="line 6: expected 4 fields"):
+        read_interactions(path)
+
+
+def test_duplicate_header_names_still_read(tmp_path: Path) -> None:
+    path = write(tmp_path, "log.csv", "user,item,x,x,timestamp\n1,a,0,0,2\n1,b,0,0,1\n")
+    assert externals(load_data(path)) == {"1": ["b", "a"]}
+
+
 def test_csv_missing_column_names_the_columns_found(tmp_path: Path) -> None:
     path = write(tmp_path, "log.csv", "user,product,timestamp\n1,x,2\n")
     with pytest.raises(DataError, match=r"log\.csv.*item.*columns found: \['user', 'product'"):

@@ -261,12 +261,12 @@ def _read_sequences(path: Path) -> Interactions:
 
 
 def _read_table(path: Path, sep: str) -> tuple[list[str], _Table]:
-    """(header, rows by column) of a delimited text file whose first line is a header."""
+    """(header, rows by column) of a delimited file, by the exact reader (errors name lines)."""
     text = _read_text(path)
     lines = text.splitlines()
     if not lines or not lines[0].strip():
         raise DataError(f"{path}: line 1: expected a header line, got an empty line")
-    quoted = sep != "\t" and '"' in text
+    quoted = _quotes_allowed(sep) and '"' in text
     header = next(_csv_rows(lines[0], sep)) if quoted else lines[0].split(sep)
     header = [name.strip() for name in header]
     expected = f"{len(header)} fields like the header {header}"
@@ -373,23 +373,121 @@ def _sniff_separator(path: Path) -> str:
 
 def _read_csv(path: Path, columns: ColumnNames, sep: str | None) -> Interactions:
     """CSV/TSV with a header; columns other than user, item and timestamp are ignored."""
-    header, table = _read_table(path, sep or _sniff_separator(path))
     names = _Candidates(
         (columns.user,), (columns.item,), (columns.timestamp,) if columns.timestamp else ()
     )
-    return _table_columns(path, header, table, names)
+    return _read_delimited(path, sep or _sniff_separator(path), names, header_types=False)
 
 
 def _read_recbole(path: Path, columns: ColumnNames) -> Interactions:
     """RecBole atomic `.inter`; `name:type` headers, RecBole's user_id/item_id as fallbacks."""
-    header, table = _read_table(path, "\t")
-    header = [name.split(":", 1)[0] for name in header]
     names = _Candidates(
         (columns.user, "user_id"),
         (columns.item, "item_id"),
         (columns.timestamp, "timestamp") if columns.timestamp else (),
     )
-    return _table_columns(path, header, table, names)
+    return _read_delimited(path, "\t", names, header_types=True)
+
+
+class _ExactReaderNeeded(Exception):
+    """pyarrow refused the file or a value: the exact reader reads it again to name the line."""
+
+
+def _read_delimited(path: Path, sep: str, names: _Candidates, header_types: bool) -> Interactions:
+    """A delimited table with a header, read by pyarrow; errors by the exact reader.
+
+    pyarrow parses quoting, undoes gzip and decodes only the wanted columns,
+    several times faster than the csv module, but its errors count rows, not
+    lines (blank lines and quoted line breaks shift them). A file it refuses is
+    read again by the csv module, which names the line; errors are rare, so
+    valid files never pay for the second reader.
+    """
+    try:
+        return _read_delimited_arrow(path, sep, names, header_types)
+    except _ExactReaderNeeded:
+        header, table = _read_table(path, sep)
+        if header_types:
+            header = [name.split(":", 1)[0] for name in header]
+        return _table_columns(path, header, table, names)
+
+
+def _read_delimited_arrow(
+    path: Path, sep: str, names: _Candidates, header_types: bool
+) -> Interactions:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.csv as pacsv
+
+    raw_header = _header_fields(path, sep)
+    header = [name.strip() for name in raw_header]
+    if header_types:
+        header = [name.split(":", 1)[0] for name in header]
+    roles = [names.user, names.item] + ([names.timestamp] if names.timestamp else [])
+    found = [next((header.index(n) for n in role if n in header), None) for role in roles]
+    if None in found or len(set(raw_header)) != len(raw_header):
+        # A missing column (named after the rows' widths are checked, as the exact
+        # reader does) or duplicate names (pyarrow selects by name): the exact reader.
+        raise _ExactReaderNeeded
+    wanted = [raw_header[index] for index in found if index is not None]
+    try:
+        with pa.input_stream(str(path), compression="gzip" if _is_gzip(path) else None) as f:
+            table = pacsv.read_csv(
+                f,
+                parse_options=pacsv.ParseOptions(
+                    delimiter=sep, quote_char='"' if _quotes_allowed(sep) else False
+                ),
+                convert_options=pacsv.ConvertOptions(
+                    include_columns=wanted,
+                    column_types=dict.fromkeys(wanted, pa.string()),
+                    strings_can_be_null=False,
+                ),
+            )
+    except (pa.ArrowInvalid, UnicodeDecodeError):
+        raise _ExactReaderNeeded from None
+    if table.num_rows == 0:
+        raise DataError(f"{path}: no interactions below the header")
+    users, items = (
+        pc.utf8_trim_whitespace(table.column(name)).to_numpy(zero_copy_only=False).astype(object)
+        for name in wanted[:2]
+    )
+    timestamps = None
+    if names.timestamp:
+        timestamps = _arrow_timestamps(path, table.column(wanted[2]))
+    return Interactions(users, items, timestamps)
+
+
+def _arrow_timestamps(path: Path, column: Any) -> np.ndarray:
+    """Numbers in one cast; ISO date-times by the shared parser; a bad one by the exact reader."""
+    import pyarrow as pa
+
+    try:
+        stamps = column.cast(pa.float64()).to_numpy(zero_copy_only=False)
+        if np.isfinite(stamps).all():
+            return stamps
+    except pa.ArrowInvalid:
+        pass  # not all numbers: ISO 8601 date-times, or an error to locate
+    values = column.to_pylist()
+    try:  # the line numbers are right only without blank lines: the exact reader decides
+        return _parse_timestamps(path, values, range(2, len(values) + 2))
+    except DataError:
+        raise _ExactReaderNeeded from None
+
+
+def _is_gzip(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        return handle.read(2) == b"\x1f\x8b"
+
+
+def _quotes_allowed(sep: str) -> bool:
+    """Tab-separated files (RecBole, TSV exports) never quote: a `"` there is text."""
+    return sep != "\t"
+
+
+def _header_fields(path: Path, sep: str) -> list[str]:
+    line = _first_line(path)
+    if not line.strip():
+        raise DataError(f"{path}: line 1: expected a header line, got an empty line")
+    return next(_csv_rows(line, sep)) if _quotes_allowed(sep) else line.split(sep)
 
 
 def _read_parquet(path: Path, columns: ColumnNames) -> Interactions:
