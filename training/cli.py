@@ -314,13 +314,14 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from training.data import load_data
     from training.evaluate import Evaluator
 
-    data = load_data(Path(args.data))
+    data = with_protocol_flags(load_data(Path(args.data)), args)
     checkpoint = checkpoint_for_data(Path(args.checkpoint), data)
     evaluator = Evaluator(data.split(), seed=args.seed, exclude_seen=not args.no_exclude_seen)
     document = evaluator.metrics_document(checkpoint.model)
     print_metrics({"model": document["model"], "mostpop": document["mostpop"]})
     print(
-        f"(history items {'excluded' if evaluator.exclude_seen else 'ranked'} in the full setting)"
+        f"(protocol {evaluator.split.protocol}: {len(evaluator.split.test)} test users; history "
+        f"items {'excluded' if evaluator.exclude_seen else 'ranked'} in the full setting)"
     )
     if args.out:
         Path(args.out).write_text(json.dumps(document, indent=2) + "\n")
@@ -334,14 +335,41 @@ def add_candidate_flags(parser: argparse.ArgumentParser) -> None:
         help="rank history items too in the full setting (RecBole style)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random100 candidates")
+    parser.add_argument(
+        "--split",
+        choices=["leave_one_out", "temporal"],
+        default=None,
+        help="evaluation protocol (default: the data's own, leave_one_out unless it says)",
+    )
+    parser.add_argument("--cutoff", default=None, help="temporal: epoch seconds or ISO 8601")
+    parser.add_argument(
+        "--last-days", type=float, default=None, help="temporal: cut-off N days before the end"
+    )
+
+
+def with_protocol_flags(data: Any, args: argparse.Namespace) -> Any:
+    """The data under the protocol of --split/--cutoff/--last-days (if given)."""
+    from pydantic import ValidationError
+
+    from training.config import SplitSpec
+
+    if args.split is None and args.cutoff is None and args.last_days is None:
+        return data
+    try:
+        spec = SplitSpec(
+            protocol=args.split or "temporal", cutoff=args.cutoff, last_days=args.last_days
+        )
+    except ValidationError as error:
+        raise CommandError(f"--split: {error.errors()[0]['msg']}") from None
+    return data.with_split(spec)
 
 
 def register_evaluate(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
         "evaluate",
         help="rank metrics of a checkpoint under the three candidate settings",
-        description="Leave-one-out NDCG@10/@20, HR@10/@20 and MRR under full, random100 and "
-        "popular100 candidates, for the model and for MostPop.",
+        description="NDCG@10/@20, HR@10/@20 and MRR under full, random100 and popular100 "
+        "candidates, for the model and for MostPop, under leave-one-out or a temporal cut-off.",
     )
     parser.add_argument("--checkpoint", required=True, help="checkpoint or run folder")
     parser.add_argument(
@@ -359,7 +387,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
     from training.diagnostics import compare_models, representation_quality
     from training.evaluate import Evaluator, format_table
 
-    data = load_data(Path(args.data))
+    data = with_protocol_flags(load_data(Path(args.data)), args)
     a, b = (checkpoint_for_data(Path(path), data) for path in (args.a, args.b))
     evaluator = Evaluator(data.split(), seed=args.seed, exclude_seen=not args.no_exclude_seen)
     comparison = compare_models(a.model, b.model, evaluator, args.part, args.setting)

@@ -14,6 +14,8 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from training.readers import parse_time
+
 
 class StrictModel(BaseModel):
     """Base of every config model: unknown keys are errors, not silently ignored."""
@@ -90,12 +92,45 @@ class SyntheticSpec(StrictModel):
     )
 
 
+class SplitSpec(StrictModel):
+    """The evaluation protocol (training/splits.py, README "Evaluation")."""
+
+    protocol: Literal["leave_one_out", "temporal"] = Field(
+        "leave_one_out",
+        description="leave_one_out: each user's last item is the test; temporal: a global "
+        "cut-off time, tested on each user's first interaction after it",
+    )
+    cutoff: float | str | None = Field(
+        None, description="temporal: the cut-off as epoch seconds or ISO 8601 (naive = UTC)"
+    )
+    last_days: float | None = Field(
+        None, gt=0, description="temporal: the cut-off this many days before the newest interaction"
+    )
+
+    @model_validator(mode="after")
+    def _one_cutoff(self) -> SplitSpec:
+        given = [name for name in ("cutoff", "last_days") if getattr(self, name) is not None]
+        if self.protocol == "temporal" and len(given) != 1:
+            raise ValueError("the temporal split needs exactly one of cutoff and last_days")
+        if self.protocol == "leave_one_out" and given:
+            raise ValueError(f"{given[0]} belongs to the temporal split (protocol: temporal)")
+        if isinstance(self.cutoff, str):
+            try:
+                parse_time(self.cutoff)
+            except ValueError:
+                raise ValueError(
+                    f"cutoff {self.cutoff!r} is neither epoch seconds nor ISO 8601"
+                ) from None
+        return self
+
+
 class DataSpec(StrictModel):
     path: str = Field(
         "synthetic",
         description="'synthetic' for the embedded data set, a prepared data folder, or a raw file",
     )
     synthetic: SyntheticSpec = Field(default_factory=SyntheticSpec)
+    split: SplitSpec = Field(default_factory=SplitSpec, description="evaluation protocol")
     features: str | None = Field(
         None,
         description="item feature file of `fishrec data features` (None: features.safetensors "

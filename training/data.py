@@ -3,8 +3,10 @@
 Readers (training/readers.py, one per format) turn a raw log into
 `Interactions`. `build_sequences` orders each user's interactions in time,
 applies an optional iterative k-core and numbers the items 1..N (0 is padding,
-N+1 the [MASK] token of BERT4Rec). `SequenceData.split` is the leave-one-out
-protocol of SASRec/BERT4Rec (README "Evaluation"). `SequenceData.save` writes
+N+1 the [MASK] token of BERT4Rec), keeping each interaction's timestamp when the
+log has them. `SequenceData.split` applies the data's evaluation protocol
+(training/splits.py: leave-one-out by default, or a temporal cut-off).
+`SequenceData.save` writes
 the canonical folder that every later stage reads; its fingerprint ties models
 to their data.
 
@@ -13,6 +15,7 @@ This module must not import torch: the data tools run without it.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import functools
 import hashlib
@@ -26,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from training.config import SplitSpec
 from training.files import replace_directory, sha256_file, staging_dir
 from training.readers import (  # noqa: F401  (re-exported: the data API in one import)
     FORMATS,
@@ -38,6 +42,7 @@ from training.readers import (  # noqa: F401  (re-exported: the data API in one 
     read_interactions,
     read_log,
 )
+from training.splits import SPLITS, EvalSplit, Split  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -160,30 +165,6 @@ class Vocabulary:
 
 
 @dataclass(frozen=True, eq=False)
-class EvalSplit:
-    """Leave-one-out evaluation cases: one history and one target per evaluated user."""
-
-    users: np.ndarray  # int64 row indices into SequenceData.users
-    histories: list[np.ndarray]  # int64 internal ids, oldest first
-    targets: np.ndarray  # int64 internal ids
-    seen: list[np.ndarray]  # the distinct items of the user's whole sequence, sorted
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-
-@dataclass(frozen=True, eq=False)
-class Split:
-    """Leave-one-out (README "Evaluation"): last item test, second-to-last validation, the rest train."""
-
-    train: list[np.ndarray]  # seq[:-2] for users with >= 3 items; whole sequence otherwise
-    valid: EvalSplit  # history seq[:-2], target seq[-2]
-    test: EvalSplit  # history seq[:-1], target seq[-1]
-    popularity: np.ndarray  # int64 [num_items + 1]: occurrences in `train` (index 0 is 0)
-    num_items: int
-
-
-@dataclass(frozen=True, eq=False)
 class SequenceData:
     """One chronological sequence of internal item ids per user, with the vocabulary.
 
@@ -194,10 +175,17 @@ class SequenceData:
     users: tuple[str, ...]  # external user ids, same order
     vocab: Vocabulary
     meta: dict[str, Any] = field(default_factory=dict)
+    # float64 epoch seconds per interaction, same layout; None: the log had no times
+    timestamps: list[np.ndarray] | None = None
+    split_spec: SplitSpec = field(default_factory=SplitSpec)
 
     def __post_init__(self) -> None:
         if len(self.sequences) != len(self.users):
             raise DataError(f"{len(self.sequences)} sequences but {len(self.users)} users")
+        if self.timestamps is not None and list(map(len, self.timestamps)) != list(
+            map(len, self.sequences)
+        ):
+            raise DataError("timestamps must have one entry per interaction")
 
     @property
     def num_users(self) -> int:
@@ -233,15 +221,31 @@ class SequenceData:
             digest.update(len(blob).to_bytes(8, "little") + blob)
         digest.update(offsets.astype("<i8").tobytes())
         digest.update(items.astype("<i8").tobytes())
+        if self.timestamps is not None:  # data without times keeps its fingerprint
+            digest.update(b"timestamps\n" + self._flat_timestamps.astype("<f8").tobytes())
         return "sha256:" + digest.hexdigest()
 
     @functools.cached_property
+    def _flat_timestamps(self) -> np.ndarray:
+        assert self.timestamps is not None
+        if not self.timestamps:
+            return np.zeros(0, np.float64)
+        return np.concatenate(self.timestamps).astype(np.float64)
+
+    @functools.cached_property
     def _split(self) -> Split:
-        return _leave_one_out(self.sequences, self.num_items)
+        protocol = SPLITS[self.split_spec.protocol]
+        return protocol(self.sequences, self.timestamps, self.num_items, self.split_spec)
 
     def split(self) -> Split:
-        """The leave-one-out split (computed once, then cached)."""
+        """The split of the data's protocol (`split_spec`; computed once, then cached)."""
         return self._split
+
+    def with_split(self, spec: SplitSpec) -> SequenceData:
+        """The same data under another evaluation protocol."""
+        if spec == self.split_spec:
+            return self
+        return dataclasses.replace(self, split_spec=spec)
 
     def save(self, directory: Path) -> None:
         """Write the canonical folder atomically: a temporary folder renamed into place."""
@@ -264,6 +268,8 @@ class SequenceData:
         # int32 halves the file; ids beyond 2**31 would need int64, which load also accepts.
         small = self.num_items < np.iinfo(np.int32).max
         tensors = {"items": items.astype(np.int32 if small else np.int64), "offsets": offsets}
+        if self.timestamps is not None:
+            tensors["timestamps"] = self._flat_timestamps
         # Bytes written by us, not save_file: its file is private (mode 600) whatever the umask.
         blob = save(tensors, metadata={"schema": "fishrec.sequences/1"})
         (folder / SEQUENCES_FILE).write_bytes(blob)
@@ -271,7 +277,7 @@ class SequenceData:
         _write_json(folder / USERS_FILE, {"schema": USERS_SCHEMA, "users": list(self.users)})
         files = {name: sha256_file(folder / name) for name in _CONTENT_FILES}
         meta = {
-            **self.meta,
+            **{key: value for key, value in self.meta.items() if key != "split"},
             "schema": DATA_SCHEMA,
             "num_users": self.num_users,
             "num_items": self.num_items,
@@ -279,6 +285,8 @@ class SequenceData:
             "fingerprint": self.fingerprint,
             "files": files,
         }
+        if self.split_spec != SplitSpec():
+            meta["split"] = self.split_spec.model_dump()
         _write_json(folder / META_FILE, meta)
 
     @classmethod
@@ -289,43 +297,24 @@ class SequenceData:
         if not isinstance(meta, dict) or meta.get("schema") != DATA_SCHEMA:
             raise DataError(f"{directory / META_FILE}: expected schema {DATA_SCHEMA!r}")
         _verify_files(directory, meta.get("files"))
-        items, offsets = _load_flat(directory / SEQUENCES_FILE)
+        items, offsets, stamps = _load_flat(directory / SEQUENCES_FILE)
         vocab = Vocabulary.load(directory / VOCAB_FILE)
         users = _load_users(directory / USERS_FILE)
         _check_layout(directory, items, offsets, vocab.num_items, len(users))
+        if stamps is not None and len(stamps) != len(items):
+            raise DataError(f"{directory / SEQUENCES_FILE}: one timestamp per item expected")
         sequences = np.split(items, offsets[1:-1]) if len(users) else []
-        data = cls(sequences, users, vocab, meta)
+        timestamps = None
+        if stamps is not None:
+            timestamps = np.split(stamps, offsets[1:-1]) if len(users) else []
+        spec = SplitSpec.model_validate(meta.get("split", {}))
+        data = cls(sequences, users, vocab, meta, timestamps, spec)
         if meta.get("fingerprint") != data.fingerprint:
             raise DataError(
                 f"{directory}: content fingerprint {data.fingerprint} differs from meta.json's "
                 f"{meta.get('fingerprint')}"
             )
         return data
-
-
-def _leave_one_out(sequences: list[np.ndarray], num_items: int) -> Split:
-    train: list[np.ndarray] = []
-    evaluated: list[int] = []
-    for row, seq in enumerate(sequences):
-        # Fewer than 3 items leave no training item once validation and test are held out.
-        if len(seq) >= 3:
-            train.append(seq[:-2])
-            evaluated.append(row)
-        else:
-            train.append(seq)
-    rows = np.asarray(evaluated, dtype=np.int64)
-    seqs = [sequences[row] for row in evaluated]
-    seen = [np.unique(seq) for seq in seqs]
-    valid = EvalSplit(
-        rows, [s[:-2] for s in seqs], np.array([s[-2] for s in seqs], dtype=np.int64), seen
-    )
-    test = EvalSplit(
-        rows, [s[:-1] for s in seqs], np.array([s[-1] for s in seqs], dtype=np.int64), seen
-    )
-    flat = np.concatenate(train) if train else np.zeros(0, np.int64)
-    popularity = np.bincount(flat, minlength=num_items + 1).astype(np.int64)
-    popularity[PAD_ID] = 0
-    return Split(train, valid, test, popularity, num_items)
 
 
 # --------------------------------------------------------------------------- building
@@ -386,6 +375,7 @@ def build_sequences(
         else np.lexsort((stamps, user_codes))
     )
     user_codes, item_codes = user_codes[order], item_codes[order]
+    stamps = None if stamps is None else stamps[order].astype(np.float64)
     present_users, lengths = np.unique(user_codes, return_counts=True)
     distinct, first_seen = np.unique(item_codes, return_index=True)
     by_appearance = distinct[np.argsort(first_seen)]
@@ -393,6 +383,7 @@ def build_sequences(
     internal_of[by_appearance] = np.arange(1, len(by_appearance) + 1)
     flat = internal_of[item_codes]
     sequences = np.split(flat, np.cumsum(lengths)[:-1])
+    timestamps = None if stamps is None else np.split(stamps, np.cumsum(lengths)[:-1])
     vocab = Vocabulary(tuple(item_names[code] for code in by_appearance))
     users = tuple(user_names[code] for code in present_users)
     meta = {
@@ -406,7 +397,7 @@ def build_sequences(
         },
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
-    data = SequenceData(sequences, users, vocab, meta)
+    data = SequenceData(sequences, users, vocab, meta, timestamps)
     logger.info(
         "built %d users, %d items, %d interactions from %s (k-core %s; raw %d/%d/%d)",
         data.num_users,
@@ -495,7 +486,7 @@ def _verify_files(directory: Path, files: Any) -> None:
             )
 
 
-def _load_flat(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def _load_flat(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
@@ -503,9 +494,17 @@ def _load_flat(path: Path) -> tuple[np.ndarray, np.ndarray]:
         tensors = load_file(str(path))
     except (SafetensorError, OSError) as error:
         raise DataError(f"{path}: expected a safetensors file: {error}") from None
-    if set(tensors) != {"items", "offsets"}:
-        raise DataError(f"{path}: expected tensors ['items', 'offsets'], got {sorted(tensors)}")
-    return tensors["items"].astype(np.int64), tensors["offsets"].astype(np.int64)
+    if set(tensors) - {"timestamps"} != {"items", "offsets"}:
+        raise DataError(
+            f"{path}: expected tensors ['items', 'offsets'] (and 'timestamps'), "
+            f"got {sorted(tensors)}"
+        )
+    stamps = tensors.get("timestamps")
+    return (
+        tensors["items"].astype(np.int64),
+        tensors["offsets"].astype(np.int64),
+        None if stamps is None else stamps.astype(np.float64),
+    )
 
 
 def _load_users(path: Path) -> tuple[str, ...]:

@@ -277,7 +277,7 @@ class Evaluator:
         """The metrics.json structure of README "Architecture" for a model (or any scorer) and MostPop."""
         document: dict = {
             "protocol": {
-                "split": "leave-one-out",
+                "split": self.split.protocol,
                 "exclude_seen": self.exclude_seen,
                 "ties": "expected over random order",
                 "negatives": NUM_NEGATIVES,

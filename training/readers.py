@@ -223,15 +223,21 @@ def _parse_timestamps(path: Path, values: list[str], numbers: Sequence[int]) -> 
 
 
 def _parse_one_timestamp(path: Path, value: str, number: int) -> float:
+    try:
+        return parse_time(value)
+    except ValueError:
+        raise _line_error(path, number, "a timestamp (number or ISO 8601)", value) from None
+
+
+def parse_time(value: float | str) -> float:
+    """Epoch seconds from a number or an ISO 8601 date-time (naive times are UTC)."""
+    if isinstance(value, int | float):
+        return float(value)
     text = value.strip()
     try:
         return float(text)
     except ValueError:
-        pass
-    try:
-        moment = dt.datetime.fromisoformat(text)
-    except ValueError:
-        raise _line_error(path, number, "a timestamp (number or ISO 8601)", value) from None
+        moment = dt.datetime.fromisoformat(text)  # a ValueError names neither: callers do
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=dt.UTC)
     return moment.timestamp()

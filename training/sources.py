@@ -12,6 +12,9 @@ SYNTHETIC = "synthetic"
 
 
 def load_source(spec: DataSpec) -> SequenceData:
+    """The data of `spec`, under its evaluation protocol."""
     if spec.path == SYNTHETIC:
-        return generate(SyntheticConfig(seed=spec.synthetic.seed, **spec.synthetic.overrides))
-    return load_data(Path(spec.path))
+        data = generate(SyntheticConfig(seed=spec.synthetic.seed, **spec.synthetic.overrides))
+    else:
+        data = load_data(Path(spec.path))
+    return data.with_split(spec.split)

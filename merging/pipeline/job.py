@@ -249,6 +249,8 @@ class Pipeline:
                 "num_users": data.num_users,
                 "num_items": data.num_items,
                 "num_interactions": data.num_interactions,
+                "protocol": data.split().protocol,
+                "test_users": len(data.split().test),
             }
             if self.needs_features():
                 result["features"] = self.stage_features(data, local / "data")
@@ -598,6 +600,7 @@ class Pipeline:
                 f"{data['num_interactions']} interactions, {data['fingerprint'][:19]}...)",
                 "backbone": self.config.experiment.model.backbone,
                 "setting": self.config.setting,
+                "protocol": data.get("protocol", "leave-one-out"),
                 "Fisher estimator": self.config.fisher.estimator,
                 "published model": label,
             },

@@ -174,26 +174,31 @@ def plot_sorted_probabilities(model: SequenceRecommender, histories: Tensor, pat
     _save(fig, path)
 
 
-def metrics_section(metrics: Mapping[str, Mapping[str, Any]], exclude_seen: bool) -> str:
+def metrics_section(
+    metrics: Mapping[str, Mapping[str, Any]], exclude_seen: bool, protocol: str
+) -> str:
     lines = []
     for part in ("valid", "test"):
         rows = {name: doc[part] for name, doc in metrics.items()}
         lines += [f"### {part}", "", format_table(rows), ""]
     note = "excluded" if exclude_seen else "ranked"
     lines.append(
-        f"Settings: {', '.join(SETTINGS)}; history items {note} in `full`; "
+        f"Protocol: {protocol}. Settings: {', '.join(SETTINGS)}; history items {note} in `full`; "
         "ties counted by their expectation under a random order."
     )
     return "\n".join(lines)
 
 
-def comparison_section(best: str, rows: Mapping[str, Mapping[str, Any]]) -> list[str]:
+def comparison_section(
+    best: str, rows: Mapping[str, Mapping[str, Any]], protocol: str = "leave-one-out"
+) -> list[str]:
     """Every model against the best recipe: paired per-user test NDCG@10."""
     users = next(iter(rows.values()))["users"] if rows else 0
     lines = [
         "## Against the best recipe",
         "",
-        f"Best recipe on validation: **{best}**. Test NDCG@10 (full ranking), paired over "
+        f"Best recipe on validation: **{best}**. Test NDCG@10 ({protocol}, full ranking), "
+        "paired over "
         f"{users} users; the ensemble averages the pool's log-probabilities (M times the "
         "serving cost): a merge that keeps 100% of its gain matches it at 1x.",
         "",
@@ -230,6 +235,7 @@ def write_report(
     probe: Probe | None = None,
     grid_points: int = 7,
     line_points: int = 15,
+    protocol: str = "leave-one-out",
 ) -> Path:
     """Write report.md and plots/*.png into `out`; returns the report's path.
 
@@ -240,9 +246,9 @@ def write_report(
     plots.mkdir(parents=True, exist_ok=True)
     sections = [f"# {title}", ""]
     sections += [f"- **{key}**: {value}" for key, value in summary.items()]
-    sections += ["", "## Metrics", "", metrics_section(metrics, exclude_seen), ""]
+    sections += ["", "## Metrics", "", metrics_section(metrics, exclude_seen, protocol), ""]
     if comparisons is not None:
-        sections += comparison_section(*comparisons)
+        sections += comparison_section(*comparisons, protocol=protocol)
 
     plot_validation_curves(histories, plots / "validation_curves.png", epoch_offsets)
     sections += [

@@ -407,6 +407,7 @@ def write_run_report(context: TaskContext, info: dict[str, Any]) -> dict[str, An
         probe=validation_probe(data.split(), users) if users else None,
         grid_points=spec["grid_points"],
         line_points=spec["line_points"],
+        protocol=data.split().protocol,
     )
     context.store.upload_folder(out, f"{context.work}/report")
     return {"report": "report/report.md"}
