@@ -220,6 +220,7 @@ def cmd_export(args: argparse.Namespace) -> None:
         full_scores=args.full_scores,
         manifest_fields=fields,
         parity_sequences=args.parity_sequences,
+        checkpoint_copy=args.with_checkpoint,
     )
     parity = manifest["onnx"]["parity"]
     print(
@@ -262,6 +263,11 @@ def register_export(commands: argparse._SubParsersAction) -> None:
         type=int,
         default=256,
         help="how many real histories the parity check runs on",
+    )
+    parser.add_argument(
+        "--with-checkpoint",
+        action="store_true",
+        help="also copy the weights and config into checkpoint/ (what `fishrec warm-start` reads)",
     )
     parser.set_defaults(func=cmd_export)
 

@@ -51,12 +51,13 @@ from merging.bundle import (
     write_manifest,
 )
 from training.batching import pad_left
-from training.checkpoint import write_json
+from training.checkpoint import write_checkpoint, write_json
 from training.data import SequenceData, Split
 from training.evaluate import Evaluator
 from training.files import atomic_directory
 from training.model import ModelConfig, SequenceRecommender
 from training.trainer import load_run_checkpoint
+from training.warm_start import BUNDLE_CHECKPOINT
 
 log = logging.getLogger(__name__)
 
@@ -497,6 +498,7 @@ def export_bundle(
     full_scores: bool = False,
     manifest_fields: dict | None = None,
     parity_sequences: int = 256,
+    checkpoint_copy: bool = False,
 ) -> dict:
     """Export a checkpoint (or run folder) as a bundle folder `out`; return its manifest.
 
@@ -504,7 +506,9 @@ def export_bundle(
     (training popularity of `data`'s split) and manifest.json into a staging folder
     that replaces `out` only once every check passed. `manifest_fields` sets the
     fields the caller owns (run_id, created, recipes, merge, metrics); run_id
-    defaults to the name of `out` (bundles live in runs/<run_id>/).
+    defaults to the name of `out` (bundles live in runs/<run_id>/). With
+    `checkpoint_copy` the model's weights and config also go into checkpoint/
+    (safetensors + JSON): what the next run warm-starts from (training/warm_start.py).
     """
     out = Path(out)
     fields = caller_fields(out, manifest_fields or {})
@@ -536,6 +540,8 @@ def export_bundle(
         onnx_fields["parity"] = parity.to_json(True)
         quantized = export_int8(model, staging, graph, split, histories) if quantize else None
         data.vocab.save(staging / VOCAB_FILE)
+        if checkpoint_copy:
+            write_checkpoint(staging / BUNDLE_CHECKPOINT, model, config, loaded.info)
         write_json(staging / POPULAR_FILE, popular_json(split.popularity))
         manifest = write_manifest(
             staging,

@@ -439,3 +439,61 @@ def test_the_gate_refuses_a_worse_model_until_forced(finished_run, tmp_path: Pat
     assert "## Quality gate" in (root / "runs" / "worse" / "report.md").read_text()
     published = json.loads((root / "work" / "worse" / "outcome.json").read_text())
     assert published["outcome"] == "published" and published["bundle"] == "runs/worse"
+
+
+def test_a_nightly_run_warm_starts_from_the_published_model(finished_run, tmp_path: Path) -> None:
+    """base.init_from latest: rows carried over by external id; the catalogue grew."""
+    from tests.support import SMALL_DATA
+    from training.checkpoint import load_checkpoint
+    from training.data import Vocabulary
+    from training.warm_start import load_bundle_source
+
+    source, _ = finished_run
+    root = tmp_path / "artifacts"
+    shutil.copytree(source, root)
+    more_items = SMALL_DATA.model_dump(exclude={"seed"}) | {"num_items": SMALL_DATA.num_items + 20}
+    nightly = tiny_pipeline(
+        experiment__data__synthetic__overrides=more_items,
+        base__init_from="latest",
+        base__warm_epochs=1,
+        gate__enabled=False,
+    )
+    run_pipeline(nightly, str(root), run_id="nightly")
+    stage = json.loads((root / "work" / "nightly" / "stages" / "warm-start.json").read_text())
+    warm = stage["result"]
+    assert warm["source_run"] == "reference" and warm["kept"] > 0 and warm["new"] > 0
+    published, old_vocab = load_bundle_source(root / "runs" / "reference")
+    new_vocab = Vocabulary.load(root / "runs" / "nightly" / "vocab.json")
+    assert len(set(new_vocab.items) - set(old_vocab.items)) == warm["new"]
+    assert len(set(old_vocab.items) - set(new_vocab.items)) == warm["dropped"]
+    start = load_checkpoint(root / "work" / "nightly" / "models" / "warm-start")
+    kept = next(item for item in new_vocab.items if item in old_vocab)
+    assert torch_equal(
+        start.model.item_embedding.weight[new_vocab.index(kept)],
+        published.model.item_embedding.weight[old_vocab.index(kept)],
+    )
+    history = json.loads(
+        (root / "work" / "nightly" / "models" / "base" / "history.json").read_text()
+    )
+    assert [entry["epoch"] for entry in history] == [1]  # base.warm_epochs
+    report = (root / "runs" / "nightly" / "report.md").read_text()
+    assert f"warm-started from run reference: {warm['kept']} items kept" in report
+    # The next night starts from this run's bundle: it carries its checkpoint too.
+    assert (root / "runs" / "nightly" / "checkpoint" / "model.safetensors").is_file()
+
+
+def test_warm_start_before_anything_is_published_trains_from_scratch(tmp_path: Path) -> None:
+    config = tiny_pipeline(base__init_from="latest")
+    pipeline = Pipeline(config, ArtifactStore(str(tmp_path)), "first")
+    assert pipeline.stage_warm_start() is None
+    marker = json.loads((tmp_path / "work" / "first" / "stages" / "warm-start.json").read_text())
+    assert marker["result"] == {"source_run": None}
+    missing = Pipeline(tiny_pipeline(base__init_from="nope"), ArtifactStore(str(tmp_path)), "x")
+    with pytest.raises(StageError, match="runs/nope is not a published run"):
+        missing.stage_warm_start()
+
+
+def torch_equal(a, b) -> bool:  # type: ignore[no-untyped-def]
+    import torch
+
+    return bool(torch.equal(a, b))

@@ -434,12 +434,40 @@ def register_compare(commands: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=cmd_compare)
 
 
+def cmd_warm_start(args: argparse.Namespace) -> None:
+    from training.data import load_data
+    from training.warm_start import load_bundle_source, write_warm_start
+
+    data = load_data(Path(args.data))
+    source, vocab = load_bundle_source(Path(args.source))
+    change = write_warm_start(source, vocab, data, Path(args.out), seed=args.seed)
+    print(f"{args.out}: {change.describe()}; continue it with fishrec train --init {args.out}")
+
+
+def register_warm_start(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "warm-start",
+        help="carry a published model over to new data (item rows matched by external id)",
+        description="Write a checkpoint of --data that starts from the model a bundle carries: "
+        "every non-item weight copied, kept items' rows and output bias copied by external id, "
+        "new items freshly initialised, vanished items dropped. Train it with --init.",
+    )
+    parser.add_argument(
+        "--from", dest="source", required=True, help="a bundle folder with checkpoint/"
+    )
+    parser.add_argument("--data", required=True, help="the new data (folder or raw file)")
+    parser.add_argument("--out", required=True, help="checkpoint folder to write")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the new items' rows")
+    parser.set_defaults(func=cmd_warm_start)
+
+
 # ---- entry point --------------------------------------------------------------------
 
 
 def register(commands: argparse._SubParsersAction) -> None:
-    """Add the training package's subcommands (data, train, evaluate, compare)."""
+    """Add the training package's subcommands (data, train, evaluate, compare, warm-start)."""
     register_data(commands)
     register_train(commands)
     register_evaluate(commands)
     register_compare(commands)
+    register_warm_start(commands)

@@ -13,6 +13,7 @@ from pydantic import Field, model_validator
 
 from merging.fisher import FisherConfig
 from merging.merge import MERGE_METHODS, NEEDS_BASE, MergeConfig
+from serving.settings import check_run_id
 from training.config import ExperimentConfig, StrictModel
 
 
@@ -107,6 +108,11 @@ class ExportSpec(StrictModel):
     )
     full_scores: bool = Field(False, description="add the all_scores output to the graph")
     parity_sequences: int = Field(256, ge=8, description="sequences of the parity check at export")
+    checkpoint_copy: bool = Field(
+        True,
+        description="also put the model's safetensors and config into the bundle's checkpoint/ "
+        "(what base.init_from warm-starts from; the service never reads it)",
+    )
 
 
 CONTROL = "control"  # the equal-compute plain model's name in the run
@@ -126,6 +132,27 @@ class GateSpec(StrictModel):
         ge=0.0,
         description="publish when challenger >= champion - tolerance (absolute, metric units)",
     )
+
+
+class BaseSpec(StrictModel):
+    """Where the shared base starts (finetune setting; README "The merge job")."""
+
+    init_from: str | None = Field(
+        None,
+        description="warm start: 'latest' (the run LATEST names; a cold start when nothing is "
+        "published yet) or a published run id; None trains the base from scratch",
+    )
+    warm_epochs: int | None = Field(
+        None,
+        ge=0,
+        description="epochs of a warm-started base (None: the experiment's train.epochs)",
+    )
+
+    @model_validator(mode="after")
+    def _run_id(self) -> BaseSpec:
+        if self.init_from not in (None, "latest"):
+            check_run_id(self.init_from)
+        return self
 
 
 class RetentionSpec(StrictModel):
@@ -184,6 +211,7 @@ class PipelineConfig(StrictModel):
         description="also fine-tune the plain objective from the base for every epoch the pool "
         "spent (the equal-compute control a merge must beat; costs the pool's training again)",
     )
+    base: BaseSpec = Field(default_factory=BaseSpec)
     resources: ResourceSpec = Field(default_factory=ResourceSpec)
     max_retries: int = Field(2, ge=0, description="Ray retries of a task after a crash or an error")
     fisher: JobFisherConfig = Field(default_factory=JobFisherConfig)
@@ -206,6 +234,10 @@ class PipelineConfig(StrictModel):
             raise ValueError("the merge pool needs at least one recipe")
         if self.control and self.setting == "scratch":
             raise ValueError("control fine-tunes from the base: it needs setting: finetune")
+        if self.base.init_from and self.setting == "scratch":
+            raise ValueError(
+                "base.init_from warm-starts the shared base: it needs setting: finetune"
+            )
         if CONTROL in names:
             raise ValueError(f"{CONTROL!r} names the equal-compute control, not a recipe")
         based = sorted(set(self.merge.methods) & NEEDS_BASE)

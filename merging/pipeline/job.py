@@ -32,7 +32,7 @@ from typing import Any
 
 import yaml
 
-from merging.bundle import utc_now
+from merging.bundle import MANIFEST, utc_now
 from merging.merge import NEEDS_BASE, NEEDS_FISHERS
 from merging.pipeline import tasks
 from merging.pipeline.config import CONTROL, PipelineConfig
@@ -45,6 +45,7 @@ from merging.pipeline.tasks import ENSEMBLE, TaskContext
 log = logging.getLogger(__name__)
 
 BASE = "base"
+WARM = "warm-start"  # models/warm-start: the published model on this run's catalogue
 
 
 def new_run_id() -> str:
@@ -304,14 +305,56 @@ class Pipeline:
             finish=lambda values: StageOutput([f"models/{name}"], values[0]),
         )
 
-    def stage_base(self) -> None:
+    def stage_warm_start(self) -> dict[str, Any] | None:
+        """base.init_from: the published model carried over to this run's items, or None.
+
+        The source run is chosen once and recorded: a resumed run continues from
+        the same model even if LATEST moved meanwhile.
+        """
+        wanted = self.config.base.init_from
+        if wanted is None:
+            return None
+        source = (
+            self.store.read_text(LATEST).strip()
+            if wanted == "latest" and self.store.exists(LATEST)
+            else None
+        )
+        source = wanted if wanted != "latest" else source
+        if source is None:
+            log.info("warm start: nothing is published yet, so the base starts from scratch")
+            result = self.runner.run(WARM, lambda: StageOutput([], {"source_run": None}))
+            return result if result["source_run"] else None
+        if wanted != "latest" and not self.store.exists(f"runs/{source}/{MANIFEST}"):
+            raise StageError(WARM, f"base.init_from: runs/{source} is not a published run")
+        task = self.remote(tasks.warm_start, WARM)
+        seed = self.config.experiment.train.seed
+        stage = ParallelStage(
+            name=WARM,
+            submit=lambda: [task.remote(self.context, source, WARM, seed)],
+            finish=lambda values: StageOutput([f"models/{WARM}"], values[0]),
+        )
+        result = self.run_parallel([stage])[WARM]
+        log.info(
+            "warm start from run %s: %d items kept, %d new, %d dropped",
+            result["source_run"],
+            result["kept"],
+            result["new"],
+            result["dropped"],
+        )
+        return result
+
+    def stage_base(self, warm: dict[str, Any] | None = None) -> None:
         if self.config.setting != "finetune":
             return
         train = self.config.experiment.train
+        epochs = train.epochs
+        if warm is not None and self.config.base.warm_epochs is not None:
+            epochs = self.config.base.warm_epochs
         experiment = self.experiment_for(
-            self.config.experiment.model.backbone, {}, train.epochs, train.seed
+            self.config.experiment.model.backbone, {}, epochs, train.seed
         )
-        self.run_parallel([self.training_stage(BASE, experiment, None)])
+        init = f"models/{WARM}" if warm is not None else None
+        self.run_parallel([self.training_stage(BASE, experiment, init)])
 
     def stage_recipes(self) -> dict[str, dict[str, Any]]:
         """Every recipe of the pool, trained concurrently (fine-tuned from the base or from scratch)."""
@@ -512,7 +555,8 @@ class Pipeline:
     def _run(self) -> PipelineResult:
         self.save_config()
         data = self.stage_data()
-        self.stage_base()
+        warm = self.stage_warm_start()
+        self.stage_base(warm)
         trained = self.stage_recipes()
         base_result = self._base_result()
         fishers = self.stage_fishers()
@@ -521,6 +565,7 @@ class Pipeline:
         everything = {**({BASE: base_result} if base_result else {}), **trained}
         metrics = self.stage_metrics(everything, merged, baselines)
         label, model = self.published_model(metrics)
+        data = {**data, "warm_start": warm}
         merge_info = {
             "published": label,
             "methods": {m: {"coefficients": r["coefficients"]} for m, r in merged.items()},
@@ -601,6 +646,7 @@ class Pipeline:
                 "backbone": self.config.experiment.model.backbone,
                 "setting": self.config.setting,
                 "protocol": data.get("protocol", "leave-one-out"),
+                "base": describe_warm_start(self.config.base.init_from, data.get("warm_start")),
                 "Fisher estimator": self.config.fisher.estimator,
                 "published model": label,
             },
@@ -616,6 +662,18 @@ class Pipeline:
             "stage_seconds": dict(self.stage_seconds),
             "report": self.config.report.model_dump(),
         }
+
+
+def describe_warm_start(init_from: str | None, warm: dict[str, Any] | None) -> str:
+    """The report's line on where the base started."""
+    if init_from is None:
+        return "trained from scratch"
+    if warm is None:
+        return f"from scratch (base.init_from {init_from}: nothing was published yet)"
+    return (
+        f"warm-started from run {warm['source_run']}: {warm['kept']} items kept, "
+        f"{warm['new']} new (fresh rows), {warm['dropped']} dropped"
+    )
 
 
 def publish_bundle(

@@ -110,6 +110,26 @@ def local_checkpoint(context: TaskContext, relative: str) -> Path:
 # ---- training ------------------------------------------------------------------------
 
 
+def warm_start(context: TaskContext, source_run: str, name: str, seed: int) -> dict[str, Any]:
+    """The published model of runs/<source_run> carried over to this run's catalogue.
+
+    Its bundle is verified by the service's own reader first; kept items' rows
+    are matched by external id (training/warm_start.py). Writes models/<name>.
+    """
+    from merging.bundle import verify_bundle
+    from training.warm_start import load_bundle_source, write_warm_start
+
+    start_task(context, f"warm-start/{name}")
+    bundle = context.store.download_folder(f"runs/{source_run}", context.scratch("warm/bundle"))
+    verify_bundle(bundle)
+    source, vocab = load_bundle_source(bundle)
+    data = load_run_data(context.store_root, context.work)
+    out = context.scratch("warm/out") / name
+    change = write_warm_start(source, vocab, data, out, seed, {"source_run": source_run})
+    context.store.upload_folder(out, f"{context.work}/models/{name}")
+    return {"source_run": source_run, **change.to_json()}
+
+
 def train_model(
     context: TaskContext, name: str, experiment: dict[str, Any], init: str | None
 ) -> dict[str, Any]:
