@@ -101,6 +101,11 @@ def test_times_are_part_of_the_fingerprint(timed: SequenceData) -> None:
     assert len({timed.fingerprint, shifted.fingerprint, untimed.fingerprint}) == 3
 
 
+def test_a_cutoff_without_test_users_is_an_error(timed: SequenceData) -> None:
+    with pytest.raises(DataError, match="leaves no test case"):
+        timed.with_split(SplitSpec(protocol="temporal", cutoff=100)).split()
+
+
 def test_temporal_split_needs_timestamps(tmp_path: Path) -> None:
     path = tmp_path / "seq.txt"
     path.write_text("u1 a b c\nu2 b c d\n")

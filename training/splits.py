@@ -130,6 +130,11 @@ def temporal(
         if before >= 1 and before < len(seq):
             test_rows.append(row)
             _add_case(test_cases, history, int(seq[before]))
+    if not test_rows:
+        raise DataError(
+            f"the temporal cut-off {format_time(cutoff)} leaves no test case: no user has "
+            "interactions both before and after it (move the cut-off or add data)"
+        )
     return Split(
         train,
         _cases(valid_rows, *valid_cases),
