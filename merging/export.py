@@ -50,6 +50,7 @@ from merging.bundle import (
     verify_bundle,
     write_manifest,
 )
+from serving.runtime import NO_IDS, Filters, graph_feed
 from training.batching import pad_left
 from training.checkpoint import write_checkpoint, write_json
 from training.data import SequenceData, Split
@@ -66,7 +67,7 @@ log = logging.getLogger(__name__)
 # the opset-20 decomposition (Where/Softmax/IsNaN over [B, heads, L, L]). Running it
 # needs onnxruntime >= 1.23 (its CPU Attention kernel) and writes IR version 11.
 OPSET = 23
-INPUTS = ("item_ids", "k", "exclude_seen")
+INPUTS = ("item_ids", "k", "exclude_seen", "exclude_ids", "candidate_ids", "blocked_ids")
 OUTPUTS = ("scores", "indices")
 FULL_SCORES_OUTPUT = "all_scores"
 
@@ -147,15 +148,30 @@ class TopKRecommender(nn.Module):
         self.full_scores = full_scores
 
     def forward(
-        self, item_ids: Tensor, k: Tensor, exclude_seen: Tensor
+        self,
+        item_ids: Tensor,
+        k: Tensor,
+        exclude_seen: Tensor,
+        exclude_ids: Tensor,
+        candidate_ids: Tensor,
+        blocked_ids: Tensor,
     ) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
+        """Top-k of (B, L) histories; the three id inputs are 0-padded (0 is never an item).
+
+        exclude_ids (B, E): never returned for that row; candidate_ids (B, C): a
+        row with any non-zero id returns only among them; blocked_ids (U,): never
+        returned for any row (items marked unavailable).
+        """
         logits = self.model.logits(item_ids)  # (B, N)
         # A leading column for id 0 makes column i score item id i, so the ids
-        # themselves index the scatter; rows that keep their history scatter
-        # into column 0 only, which is dropped.
+        # themselves index the scatters; padding ids land in column 0, which is dropped.
         padded = torch.cat([torch.zeros_like(logits[:, :1]), logits], dim=1)  # (B, 1 + N)
         seen = torch.where(exclude_seen[:, None], item_ids, torch.zeros_like(item_ids))  # (B, L)
-        scores = padded.scatter(1, seen, float("-inf"))[:, 1:]  # (B, N)
+        banned = torch.cat([seen, exclude_ids, blocked_ids.expand(item_ids.shape[0], -1)], dim=1)
+        scores = padded.scatter(1, banned, float("-inf"))
+        allowed = torch.zeros_like(padded).scatter(1, candidate_ids, 1.0) > 0  # (B, 1 + N)
+        restricted = (candidate_ids > 0).any(dim=1, keepdim=True)  # (B, 1)
+        scores = torch.where(restricted & ~allowed, float("-inf"), scores)[:, 1:]  # (B, N)
         count = k[0].item()
         torch._check(count >= 1)
         torch._check(count <= self.num_items)
@@ -165,10 +181,18 @@ class TopKRecommender(nn.Module):
         return top, index + 1
 
 
-def example_inputs(num_items: int) -> tuple[Tensor, Tensor, Tensor]:
+def no_filters(batch: int) -> tuple[Tensor, Tensor, Tensor]:
+    """exclude_ids, candidate_ids, blocked_ids that change nothing (one padding id each)."""
+    zeros = torch.zeros((batch, 1), dtype=torch.int64)
+    return zeros, zeros, torch.zeros(1, dtype=torch.int64)
+
+
+def example_inputs(num_items: int) -> tuple[Tensor, ...]:
     """Export-time example: every dynamic size >= 2, so the exporter specialises none of them."""
     item_ids = torch.tensor([[0, 1, 2], [1, 2, 3]], dtype=torch.int64).clamp(max=num_items)
-    return item_ids, torch.tensor([min(2, num_items)]), torch.tensor([True, False])
+    some = torch.tensor([[0, 1], [0, 0]], dtype=torch.int64).clamp(max=num_items)
+    filters = (some, torch.zeros((2, 3), dtype=torch.int64), torch.zeros(2, dtype=torch.int64))
+    return item_ids, torch.tensor([min(2, num_items)]), torch.tensor([True, False]), *filters
 
 
 def export_onnx(model: SequenceRecommender, path: Path, *, full_scores: bool = False) -> dict:
@@ -183,6 +207,19 @@ def export_onnx(model: SequenceRecommender, path: Path, *, full_scores: bool = F
     graph = TopKRecommender(model, full_scores).eval()
     batch = torch.export.Dim("batch", min=1)
     seq = torch.export.Dim("seq", min=1)
+    excluded, candidates = (
+        torch.export.Dim("excluded", min=1),
+        torch.export.Dim("candidates", min=1),
+    )
+    blocked = torch.export.Dim("blocked", min=1)
+    shapes = (
+        {0: batch, 1: seq},
+        None,
+        {0: batch},
+        {0: batch, 1: excluded},
+        {0: batch, 1: candidates},
+        {0: blocked},
+    )
     outputs = (*OUTPUTS, FULL_SCORES_OUTPUT) if full_scores else OUTPUTS
     try:
         with quiet_tools():
@@ -190,7 +227,7 @@ def export_onnx(model: SequenceRecommender, path: Path, *, full_scores: bool = F
                 graph,
                 example_inputs(model.config.num_items),
                 dynamo=True,
-                dynamic_shapes=({0: batch, 1: seq}, None, {0: batch}),
+                dynamic_shapes=shapes,
                 input_names=list(INPUTS),
                 output_names=list(outputs),
                 opset_version=OPSET,
@@ -277,18 +314,23 @@ class OnnxRecommender:
         self.num_items = num_items
         self.outputs = [output.name for output in self.session.get_outputs()]
 
-    def run(self, item_ids: np.ndarray, k: int, exclude_seen: np.ndarray) -> dict[str, np.ndarray]:
+    def run(
+        self,
+        item_ids: np.ndarray,
+        k: int,
+        exclude_seen: np.ndarray,
+        filters: Filters | None = None,
+    ) -> dict[str, np.ndarray]:
         """Graph outputs by name for left-padded `item_ids` (B, L)."""
-        feed = {
-            "item_ids": np.ascontiguousarray(item_ids, dtype=np.int64),
-            "k": np.array([check_k(k, self.num_items)], dtype=np.int64),
-            "exclude_seen": np.ascontiguousarray(exclude_seen, dtype=np.bool_),
-        }
+        k = check_k(k, self.num_items)
+        feed = graph_feed(self.session, item_ids, k, exclude_seen, filters)
         return dict(zip(self.outputs, self.session.run(None, feed), strict=True))
 
-    def all_scores(self, item_ids: np.ndarray, exclude_seen: np.ndarray) -> np.ndarray:
+    def all_scores(
+        self, item_ids: np.ndarray, exclude_seen: np.ndarray, filters: Filters | None = None
+    ) -> np.ndarray:
         """(B, N) scores of every item, column j = item j + 1, from a top-k of all items."""
-        out = self.run(item_ids, self.num_items, exclude_seen)
+        out = self.run(item_ids, self.num_items, exclude_seen, filters)
         return scatter_topk(out["scores"], out["indices"], self.num_items)
 
 
@@ -299,22 +341,42 @@ def scatter_topk(scores: np.ndarray, indices: np.ndarray, num_items: int) -> np.
     return full
 
 
-def torch_scores(model: SequenceRecommender, item_ids: Tensor, exclude_seen: Tensor) -> Tensor:
-    """The torch reference: (B, N) scores with the same exclusion, in eager mode."""
+def torch_filters(filters: Filters | None, batch: int) -> tuple[Tensor, Tensor, Tensor]:
+    if filters is None:
+        return no_filters(batch)
+    return (
+        torch.from_numpy(filters.exclude_ids),
+        torch.from_numpy(filters.candidate_ids),
+        torch.from_numpy(filters.blocked_ids),
+    )
+
+
+def torch_scores(
+    model: SequenceRecommender,
+    item_ids: Tensor,
+    exclude_seen: Tensor,
+    filters: Filters | None = None,
+) -> Tensor:
+    """The torch reference: (B, N) scores with the same exclusion and filters, in eager mode."""
     graph = TopKRecommender(model, full_scores=True).eval()
     k = torch.tensor([1])
     with torch.inference_mode():
-        return graph(item_ids, k, exclude_seen)[2]
+        return graph(item_ids, k, exclude_seen, *torch_filters(filters, len(item_ids)))[2]
 
 
 def torch_topk(
-    model: SequenceRecommender, item_ids: Tensor, k: int, exclude_seen: Tensor
+    model: SequenceRecommender,
+    item_ids: Tensor,
+    k: int,
+    exclude_seen: Tensor,
+    filters: Filters | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The torch reference of the graph's (scores, indices) for `k` items."""
     count = check_k(k, model.config.num_items)
     graph = TopKRecommender(model).eval()
+    extra = torch_filters(filters, len(item_ids))
     with torch.inference_mode():
-        scores, indices = graph(item_ids, torch.tensor([count]), exclude_seen)
+        scores, indices = graph(item_ids, torch.tensor([count]), exclude_seen, *extra)
     return scores, indices
 
 
@@ -394,19 +456,33 @@ def measure_parity(
     k = min(k, graph.num_items)
     rng = np.random.default_rng(seed)
     worst, agreeing = 0.0, 0
-    for rows in parity_batches(histories):
+    for number, rows in enumerate(parity_batches(histories)):
         item_ids = pad_left(rows)
         exclude = torch.from_numpy(rng.random(len(rows)) < 0.5)
-        expected = torch_scores(model, item_ids, exclude).numpy()  # (B, N)
+        filters = random_filters(rng, len(rows), graph.num_items) if number % 2 else None
+        expected = torch_scores(model, item_ids, exclude, filters).numpy()  # (B, N)
         ids, flags = item_ids.numpy(), exclude.numpy()
-        worst = max(worst, score_diff(graph.all_scores(ids, flags), expected))
-        out = graph.run(ids, k, flags)
+        worst = max(worst, score_diff(graph.all_scores(ids, flags, filters), expected))
+        out = graph.run(ids, k, flags, filters)
         reference = -np.sort(-expected, axis=1)[:, :k]
         worst = max(worst, score_diff(out["scores"], reference))
         if FULL_SCORES_OUTPUT in out:
             worst = max(worst, score_diff(out[FULL_SCORES_OUTPUT], expected))
         agreeing += int(topk_agrees(out["indices"], expected, reference).sum())
     return Parity(worst, agreeing / len(histories), len(histories))
+
+
+def random_filters(rng: np.random.Generator, batch: int, num_items: int) -> Filters:
+    """Exclusions on every row, candidates on half of them, a few blocked items."""
+    excluded = [rng.integers(0, num_items + 1, size=int(rng.integers(0, 8))) for _ in range(batch)]
+    candidates = [
+        rng.integers(1, num_items + 1, size=int(rng.integers(1, 4 * PARITY_K)))
+        if rng.random() < 0.5
+        else NO_IDS
+        for _ in range(batch)
+    ]
+    blocked = rng.integers(1, num_items + 1, size=int(rng.integers(0, 4)))
+    return Filters.of_rows(excluded, candidates, blocked)
 
 
 def score_diff(actual: np.ndarray, expected: np.ndarray) -> float:
@@ -426,7 +502,8 @@ def topk_agrees(indices: np.ndarray, expected: np.ndarray, reference: np.ndarray
     distinct = np.array([len(set(row)) == len(row) for row in indices.tolist()])
     picked = np.take_along_axis(expected, np.clip(indices - 1, 0, num_items - 1), axis=1)
     picked = -np.sort(-picked, axis=1)
-    close = (picked == reference) | (np.abs(picked - reference) <= TIE_TOLERANCE)
+    with np.errstate(invalid="ignore"):  # -inf - -inf: both excluded, equal by the first test
+        close = (picked == reference) | (np.abs(picked - reference) <= TIE_TOLERANCE)
     return valid & distinct & close.all(1)
 
 

@@ -28,7 +28,98 @@ PROC_CGROUP = Path("/proc/self/cgroup")
 
 # The interface of model.onnx (bundle contract fishrec.bundle/1).
 INPUTS = {"item_ids": "tensor(int64)", "k": "tensor(int64)", "exclude_seen": "tensor(bool)"}
+# Business rules inside the graph; bundles exported before them lack these inputs and
+# serve without filters (README "Serving").
+FILTER_INPUTS = {
+    "exclude_ids": "tensor(int64)",
+    "candidate_ids": "tensor(int64)",
+    "blocked_ids": "tensor(int64)",
+}
 OUTPUTS = {"scores": "tensor(float)", "indices": "tensor(int64)"}
+NO_IDS = np.zeros(0, dtype=np.int64)
+
+
+class FiltersUnsupported(ValueError):
+    """A request asks for filters that the serving bundle's graph cannot apply."""
+
+
+@dataclass(frozen=True)
+class Filters:
+    """The graph's filter inputs for one batch: 0-padded internal ids (0 is never an item)."""
+
+    exclude_ids: np.ndarray  # (B, E): never returned for that row
+    candidate_ids: np.ndarray  # (B, C): a row with any non-zero id returns only among them
+    blocked_ids: np.ndarray  # (U,): never returned for any row
+
+    @classmethod
+    def none(cls, batch: int) -> Filters:
+        zeros = np.zeros((batch, 1), dtype=np.int64)
+        return cls(zeros, zeros, np.zeros(1, dtype=np.int64))
+
+    @classmethod
+    def of_rows(
+        cls, excluded: list[np.ndarray], candidates: list[np.ndarray], blocked: np.ndarray
+    ) -> Filters:
+        return cls(padded(excluded), padded(candidates), blocked if len(blocked) else NO_BLOCKED)
+
+    @property
+    def active(self) -> bool:
+        return bool(self.exclude_ids.any() or self.candidate_ids.any() or self.blocked_ids.any())
+
+    def feed(self) -> dict[str, np.ndarray]:
+        return {
+            "exclude_ids": np.ascontiguousarray(self.exclude_ids, dtype=np.int64),
+            "candidate_ids": np.ascontiguousarray(self.candidate_ids, dtype=np.int64),
+            "blocked_ids": np.ascontiguousarray(self.blocked_ids, dtype=np.int64),
+        }
+
+
+NO_BLOCKED = np.zeros(1, dtype=np.int64)
+
+
+def padded(rows: list[np.ndarray]) -> np.ndarray:
+    """(B, max(1, longest)) int64, each row's ids then zeros."""
+    out = np.zeros((len(rows), max(1, max((len(r) for r in rows), default=0))), dtype=np.int64)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = row
+    return out
+
+
+def has_filter_inputs(session: ort.InferenceSession) -> bool:
+    """Whether the graph takes the filter inputs (all of them, with their types)."""
+    inputs = {node.name: node.type for node in session.get_inputs()}
+    present = [name for name in FILTER_INPUTS if name in inputs]
+    if present and (
+        len(present) < len(FILTER_INPUTS)
+        or any(inputs[name] != FILTER_INPUTS[name] for name in present)
+    ):
+        raise BundleError(
+            f"model inputs {inputs} have only part of the filter inputs {FILTER_INPUTS}"
+        )
+    return bool(present)
+
+
+def graph_feed(
+    session: ort.InferenceSession,
+    item_ids: np.ndarray,
+    k: int,
+    exclude_seen: np.ndarray,
+    filters: Filters | None = None,
+) -> dict[str, np.ndarray]:
+    """The inputs of one run: filters fed when the graph has them (refused if it has not)."""
+    feed = {
+        "item_ids": np.ascontiguousarray(item_ids, dtype=np.int64),
+        "k": np.array([k], dtype=np.int64),
+        "exclude_seen": np.ascontiguousarray(exclude_seen, dtype=np.bool_),
+    }
+    if has_filter_inputs(session):
+        feed.update((filters or Filters.none(len(item_ids))).feed())
+    elif filters is not None and filters.active:
+        raise FiltersUnsupported(
+            "the serving bundle was exported before per-request filters and availability "
+            "(its graph has no exclude_ids/candidate_ids/blocked_ids inputs): re-export it"
+        )
+    return feed
 
 
 # ---- CPU quota -------------------------------------------------------------------------

@@ -243,7 +243,14 @@ def test_bundle_files_and_manifest(sasrec_bundle: Path, small_data: SequenceData
 
     assert onnx_fields["onnx_version"] == onnx.__version__
     assert onnx_fields["onnxruntime_version"] == onnxruntime.__version__
-    assert [i["name"] for i in onnx_fields["inputs"]] == ["item_ids", "k", "exclude_seen"]
+    assert [i["name"] for i in onnx_fields["inputs"]] == [
+        "item_ids",
+        "k",
+        "exclude_seen",
+        "exclude_ids",
+        "candidate_ids",
+        "blocked_ids",
+    ]
     assert onnx_fields["inputs"][0] == {
         "name": "item_ids",
         "type": "int64",
@@ -399,15 +406,12 @@ NO_TORCH_CHILD = textwrap.dedent(
         sys.exit("torch was importable")
     except ImportError:
         pass
+    from serving.runtime import graph_feed  # the service's own feed, torch-free
     folder, ids, flags = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
-    feed = {
-        "item_ids": np.array(ids, dtype=np.int64),
-        "k": np.array([5], dtype=np.int64),
-        "exclude_seen": np.array(flags, dtype=bool),
-    }
     out = {}
     for name in ("model.onnx", "model.int8.onnx"):
         session = onnxruntime.InferenceSession(f"{folder}/{name}", providers=["CPUExecutionProvider"])
+        feed = graph_feed(session, np.array(ids), 5, np.array(flags, dtype=bool))
         scores, indices = session.run(["scores", "indices"], feed)
         out[name] = {"scores": scores.tolist(), "indices": indices.tolist()}
     print(json.dumps(out))

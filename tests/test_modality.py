@@ -292,11 +292,9 @@ NO_TORCH_CHILD = textwrap.dedent(
     session = onnxruntime.InferenceSession(
         sys.argv[1] + "/model.onnx", providers=["CPUExecutionProvider"]
     )
-    feed = {
-        "item_ids": np.array(json.loads(sys.argv[2]), dtype=np.int64),
-        "k": np.array([5], dtype=np.int64),
-        "exclude_seen": np.array([True, False]),
-    }
+    from serving.runtime import graph_feed
+    items = np.array(json.loads(sys.argv[2]), dtype=np.int64)
+    feed = graph_feed(session, items, 5, np.array([True, False]))
     scores, indices = session.run(["scores", "indices"], feed)
     assert "torch" not in sys.modules
     print(json.dumps({"num_items": bundle.num_items, "scores": scores.tolist(),

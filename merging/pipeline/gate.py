@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from serving.bundle import BundleError, load_bundle
+from serving.runtime import graph_feed
 from training.data import EvalSplit, SequenceData
 from training.flags import CommandError
 
@@ -83,7 +84,7 @@ def bundle_per_user(
     )
     ndcg = np.zeros(len(split), dtype=np.float64)
     hit = np.zeros(len(split), dtype=np.float64)
-    k = np.array([min(K, len(own))], dtype=np.int64)
+    k = min(K, len(own))
     for start in range(0, len(split), batch):
         rows = range(start, min(start + batch, len(split)))
         histories = [mapped[split.histories[i]] for i in rows]
@@ -94,9 +95,7 @@ def bundle_per_user(
             if len(history):
                 items[row, width - len(history) :] = history
         exclude = np.ones(len(histories), dtype=bool)
-        _, indices = session.run(
-            ["scores", "indices"], {"item_ids": items, "k": k, "exclude_seen": exclude}
-        )
+        _, indices = session.run(["scores", "indices"], graph_feed(session, items, k, exclude))
         for row, user in enumerate(rows):
             target = mapped[split.targets[user]]  # 0: unknown to this bundle, a miss
             found = np.flatnonzero(indices[row] == target) if target else []
