@@ -95,6 +95,13 @@ class Bundle:
         """How many of the newest history items the model reads."""
         return int(self.manifest["max_history"])
 
+    @property
+    def supports_filters(self) -> bool:
+        """Whether the graph applies exclude_items, candidates and availability itself
+        (bundles exported before them do not)."""
+        inputs = self.manifest.get("onnx", {}).get("inputs", [])
+        return any(entry.get("name") == "exclude_ids" for entry in inputs)
+
     def model_file(self, quantized: bool) -> Path:
         """model.int8.onnx when asked for and present, else model.onnx."""
         if quantized and isinstance(self.manifest.get("quantized"), dict):

@@ -95,6 +95,23 @@ class Metrics:
         self.model_age.set_function(
             lambda: time.time() - self._created if self._created is not None else float("nan")
         )
+        self.unavailable_items = Gauge(
+            "fishrec_unavailable_items",
+            "items of the availability file that are never returned",
+            registry=self.registry,
+        )
+        self.availability_reloads = Counter(
+            "fishrec_availability_reloads",
+            "reads of a changed availability file by result (success, failure)",
+            ["result"],
+            registry=self.registry,
+        )
+        self.filtered_requests = Counter(
+            "fishrec_filtered_requests",
+            "histories answered with exclude_items or candidates, by rule",
+            ["rule"],
+            registry=self.registry,
+        )
         self.reloads = Counter(
             "fishrec_model_reloads",
             "bundle loads by result (success, failure)",

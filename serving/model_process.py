@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from serving.bundle import BundleError
-from serving.runtime import OnnxModel, Ranked, Row
+from serving.runtime import NO_IDS, OnnxModel, Ranked, Row
 
 log = logging.getLogger(__name__)
 
@@ -84,31 +84,45 @@ def json_frame(kind: bytes, content: dict[str, Any]) -> bytes:
     return frame(kind, json.dumps(content).encode())
 
 
-def encode_rows(rows: list[Row]) -> bytes:
-    """[n, lengths.., ks.., exclude_seen..] then every history, all int64."""
+def encode_rows(rows: list[Row], blocked: np.ndarray) -> bytes:
+    """All int64: [n, lengths.., ks.., exclude_seen.., exclude lengths.., candidate lengths..
+    (-1: no candidates), blocked length], then every history, exclusion, candidate list and
+    the blocked ids."""
     head = [len(rows)]
     head += [len(row.history) for row in rows]
     head += [row.k for row in rows]
     head += [int(row.exclude_seen) for row in rows]
-    histories = [np.asarray(row.history, dtype=INT) for row in rows]
-    return np.concatenate([np.asarray(head, dtype=INT), *histories]).tobytes()
+    head += [len(row.exclude) for row in rows]
+    head += [-1 if row.candidates is None else len(row.candidates) for row in rows]
+    head += [len(blocked)]
+    arrays = [np.asarray(row.history, dtype=INT) for row in rows]
+    arrays += [np.asarray(row.exclude, dtype=INT) for row in rows]
+    arrays += [np.asarray(row.candidates, dtype=INT) for row in rows if row.candidates is not None]
+    return np.concatenate([np.asarray(head, dtype=INT), *arrays, blocked.astype(INT)]).tobytes()
 
 
-def decode_rows(payload: bytes) -> list[Row]:
+def decode_rows(payload: bytes) -> tuple[list[Row], np.ndarray]:
     values = np.frombuffer(payload, dtype=INT)
-    n = int(values[0])
-    lengths, ks, exclude = (
-        values[1 : 1 + n],
-        values[1 + n : 1 + 2 * n],
-        values[1 + 2 * n : 1 + 3 * n],
-    )
-    ids = values[1 + 3 * n :]
-    if n < 1 or len(exclude) != n or int(lengths.sum()) != len(ids):
+    n = int(values[0]) if len(values) else 0
+    head = values[1 : 2 + 5 * n]
+    if n < 1 or len(head) != 5 * n + 1:
+        raise ValueError(f"malformed batch frame ({len(payload)} bytes)")
+    lengths, ks, exclude_seen, excluded, candidates = (head[i * n : (i + 1) * n] for i in range(5))
+    sizes = np.concatenate([lengths, excluded, candidates[candidates >= 0], head[-1:]])
+    ids = values[2 + 5 * n :]
+    if (sizes < 0).any() or int(sizes.sum()) != len(ids):
         raise ValueError(f"malformed batch frame ({len(payload)} bytes for {n} rows)")
-    histories = np.split(ids, np.cumsum(lengths)[:-1])
-    return [
-        Row(history, int(k), bool(e)) for history, k, e in zip(histories, ks, exclude, strict=True)
+    parts = iter(np.split(ids, np.cumsum(sizes)[:-1]))
+    histories = [next(parts) for _ in range(n)]
+    exclusions = [next(parts) for _ in range(n)]
+    lists = [None if size < 0 else next(parts) for size in candidates]
+    rows = [
+        Row(history, int(k), bool(seen), exclude, cands)
+        for history, k, seen, exclude, cands in zip(
+            histories, ks, exclude_seen, exclusions, lists, strict=True
+        )
     ]
+    return rows, next(parts)
 
 
 def encode_answers(answers: list[Ranked]) -> bytes:
@@ -199,7 +213,7 @@ class ModelProcess:
         self._answers = asyncio.get_running_loop().create_task(self._read_answers())
         log.info("model process %d serves %s", self._process.pid, self.path.name)
 
-    async def run(self, rows: list[Row]) -> list[Ranked]:
+    async def run(self, rows: list[Row], blocked: np.ndarray = NO_IDS) -> list[Ranked]:
         if not self.usable:
             async with self._restarting:
                 if not self.usable:  # a child that died between batches costs no request
@@ -207,7 +221,7 @@ class ModelProcess:
         assert self._writer is not None
         answer: asyncio.Future[tuple[bytes, bytes]] = asyncio.get_running_loop().create_future()
         self._waiting.append(answer)  # no await since `usable`: the reader cannot miss it
-        self._writer.write(frame(BATCH, encode_rows(rows)))
+        self._writer.write(frame(BATCH, encode_rows(rows, blocked)))
         kind, payload = await answer
         if kind == ERROR:
             raise ModelProcessError(json.loads(payload)["error"])
@@ -277,10 +291,10 @@ class ModelThread:
     async def start(self) -> None:
         self._model = await asyncio.to_thread(self.spec.open)
 
-    async def run(self, rows: list[Row]) -> list[Ranked]:
+    async def run(self, rows: list[Row], blocked: np.ndarray = NO_IDS) -> list[Ranked]:
         assert self._model is not None, "start() first"
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._model.run, rows)
+        return await loop.run_in_executor(self._executor, self._model.run, rows, blocked)
 
     async def close(self) -> None:
         await asyncio.to_thread(self._executor.shutdown, wait=True)
@@ -327,7 +341,7 @@ def serve(sock: socket.socket, spec: ModelSpec) -> int:
     while (received := receive(sock)) is not None:
         _, payload = received
         try:
-            answer = frame(ANSWER, encode_answers(model.run(decode_rows(payload))))
+            answer = frame(ANSWER, encode_answers(model.run(*decode_rows(payload))))
         except Exception as err:  # the batch fails, the model keeps serving
             log.exception("batch failed")
             answer = json_frame(ERROR, {"error": f"{type(err).__name__}: {err}"})

@@ -29,16 +29,21 @@ Answer = dict[str, Any]
 
 @dataclass(frozen=True)
 class Plan:
-    """What one request needs: a row for the model (or None: fallback) and its unknown ids."""
+    """What one request needs: a row for the model (or None), its filters and unknown ids."""
 
-    row: Row | None
-    unknown: list[str]
+    row: Row | None  # None: no model run (the popular fallback, or nothing eligible)
+    unknown: list[str]  # unknown ids of the history
+    unknown_filter: list[str]  # unknown ids of exclude_items and candidates
+    exclude: np.ndarray  # internal ids never to return
+    candidates: np.ndarray | None  # return only among these (None: every item)
+    fallback: bool  # answered with the popular items
 
 
 def check_limits(
-    request: RecommendationRequest, settings: Settings, num_items: int, loc: list[str | int]
+    request: RecommendationRequest, settings: Settings, bundle: Bundle, loc: list[str | int]
 ) -> None:
     """Configured limits that the schema cannot know (they depend on settings and the bundle)."""
+    num_items = bundle.num_items
     max_k = min(settings.max_k, num_items)
     if request.k > max_k:
         raise LimitExceeded(
@@ -52,18 +57,59 @@ def check_limits(
             f"the history has {len(request.items)} items; at most {settings.max_history} are "
             f"accepted (the model reads the newest ones)",
         )
+    if len(request.exclude_items) > settings.max_exclude_items:
+        raise LimitExceeded(
+            [*loc, "exclude_items"],
+            f"{len(request.exclude_items)} ids to exclude; at most {settings.max_exclude_items}",
+        )
+    if request.candidates is not None and len(request.candidates) > settings.max_candidates:
+        raise LimitExceeded(
+            [*loc, "candidates"],
+            f"{len(request.candidates)} candidates; at most {settings.max_candidates}",
+        )
+    uses_filters = bool(request.exclude_items) or request.candidates is not None
+    if uses_filters and not bundle.supports_filters:
+        field = "exclude_items" if request.exclude_items else "candidates"
+        raise LimitExceeded(
+            [*loc, field],
+            f"the serving bundle {bundle.run_id} was exported before per-request filters (its "
+            "graph has no exclude_ids/candidate_ids inputs); re-export it to use them",
+        )
+
+
+def _encode(bundle: Bundle, externals: list[Any]) -> tuple[np.ndarray, list[str]]:
+    known, unknown = bundle.vocab.encode([str(item) for item in externals])
+    return np.asarray(known, dtype=np.int64), list(dict.fromkeys(unknown))
 
 
 def plan(request: RecommendationRequest, bundle: Bundle) -> Plan:
-    known, unknown = bundle.vocab.encode([str(item) for item in request.items])
-    unknown = list(dict.fromkeys(unknown))  # each unknown id once, in order of appearance
-    if not known:
-        return Plan(None, unknown)
-    return Plan(Row(np.asarray(known, dtype=np.int64), request.k, request.exclude_seen), unknown)
+    """The request in the bundle's internal ids (after check_limits)."""
+    history, unknown = _encode(bundle, request.items)
+    exclude, unknown_excluded = _encode(bundle, request.exclude_items)
+    candidates, unknown_candidates = None, []
+    if request.candidates is not None:
+        candidates, unknown_candidates = _encode(bundle, request.candidates)
+    unknown_filter = list(dict.fromkeys(unknown_excluded + unknown_candidates))
+    if candidates is not None and not len(candidates):
+        return Plan(None, unknown, unknown_filter, exclude, candidates, fallback=False)
+    if not len(history):
+        return Plan(None, unknown, unknown_filter, exclude, candidates, fallback=True)
+    row = Row(history, request.k, request.exclude_seen, exclude, candidates)
+    return Plan(row, unknown, unknown_filter, exclude, candidates, fallback=False)
 
 
-def popular(bundle: Bundle, k: int) -> Ranked:
-    return Ranked(ids=bundle.popular[:k], scores=bundle.popular_scores[:k])
+def popular(bundle: Bundle, k: int, plan: Plan, blocked: np.ndarray) -> Ranked:
+    """The most popular eligible items (the same rules as the graph's, applied in numpy)."""
+    ids, scores = bundle.popular, bundle.popular_scores
+    if len(plan.exclude) or len(blocked) or plan.candidates is not None:
+        keep = ~np.isin(ids, np.concatenate([plan.exclude, blocked]))
+        if plan.candidates is not None:
+            keep &= np.isin(ids, plan.candidates)
+        ids, scores = ids[keep], scores[keep]
+    return Ranked(ids=ids[:k], scores=scores[:k])
+
+
+NOTHING = Ranked(ids=np.zeros(0, dtype=np.int64), scores=np.zeros(0, dtype=np.float32))
 
 
 def respond(bundle: Bundle, ranked: Ranked, plan: Plan) -> Answer:
@@ -77,7 +123,8 @@ def respond(bundle: Bundle, ranked: Ranked, plan: Plan) -> Answer:
         ],
         "model_version": bundle.run_id,
         "unknown_items": plan.unknown,
-        "fallback": None if plan.row is not None else "popular",
+        "unknown_filter_items": plan.unknown_filter,
+        "fallback": "popular" if plan.fallback else None,
     }
 
 
@@ -91,11 +138,17 @@ async def recommend(
     answers = iter(await model.batcher.submit(rows) if rows else [])
     responses = []
     for request, p in zip(requests, plans, strict=True):
-        if p.unknown:
-            metrics.unknown_items.inc(len(p.unknown))
-        if p.row is None:
-            metrics.fallbacks.inc()
-            responses.append(respond(bundle, popular(bundle, request.k), p))
-        else:
+        if p.unknown or p.unknown_filter:
+            metrics.unknown_items.inc(len(p.unknown) + len(p.unknown_filter))
+        if request.exclude_items:
+            metrics.filtered_requests.labels("exclude_items").inc()
+        if request.candidates is not None:
+            metrics.filtered_requests.labels("candidates").inc()
+        if p.row is not None:
             responses.append(respond(bundle, next(answers), p))
+        elif p.fallback:
+            metrics.fallbacks.inc()
+            responses.append(respond(bundle, popular(bundle, request.k, p, model.blocked()), p))
+        else:
+            responses.append(respond(bundle, NOTHING, p))
     return responses

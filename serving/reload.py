@@ -20,11 +20,15 @@ import logging
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+import numpy as np
+
+from serving.availability import FILE as AVAILABILITY_FILE
+from serving.availability import Availability
 from serving.batcher import MicroBatcher
 from serving.bundle import Bundle, BundleError, bundle_folder, load_bundle, read_latest
 from serving.metrics import Metrics
 from serving.model_process import ModelProcess, ModelRunner, ModelSpec, ModelThread
-from serving.runtime import Ranked, Row, cpu_quota, serving_threads
+from serving.runtime import NO_IDS, Ranked, Row, cpu_quota, serving_threads
 from serving.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -41,11 +45,22 @@ class ServingModel:
     bundle: Bundle
     runner: ModelRunner
     batcher: MicroBatcher[Row, Ranked]
+    availability: Availability | None = None
     loaded_at: datetime = field(default_factory=lambda: datetime.now(UTC))
 
     @property
     def version(self) -> str:
         return self.bundle.run_id
+
+    def blocked(self) -> np.ndarray:
+        """Internal ids of the unavailable items (none for a bundle without filter inputs)."""
+        if self.availability is None or not self.bundle.supports_filters:
+            return NO_IDS
+        return self.availability.blocked_ids(self.bundle)
+
+    async def run(self, rows: list[Row]) -> list[Ranked]:
+        """One batch on the model, with the availability list as it is now."""
+        return await self.runner.run(rows, self.blocked())
 
 
 class ModelManager:
@@ -59,6 +74,9 @@ class ModelManager:
         self._lock = asyncio.Lock()
         self._seen_latest: str | None = None
         self._watcher: asyncio.Task[None] | None = None
+        self.availability = Availability(
+            settings.availability_file or settings.artifacts / AVAILABILITY_FILE, metrics
+        )
 
     # ---- lifecycle -------------------------------------------------------------------
 
@@ -99,7 +117,8 @@ class ModelManager:
         return read_latest(self.settings.artifacts)
 
     async def poll(self) -> None:
-        """One look at LATEST: load it when it changed or nothing is loaded; never raises."""
+        """One look at LATEST and the availability file: load what changed; never raises."""
+        await asyncio.to_thread(self.availability.poll)
         try:
             wanted = self.wanted()
         except BundleError as err:
@@ -118,6 +137,7 @@ class ModelManager:
 
     async def reload(self, run_id: str | None) -> tuple[bool, str | None]:
         """POST /v1/admin/reload: (changed, previous version); ReloadError when refused."""
+        await asyncio.to_thread(self.availability.poll)
         target = run_id
         if target is None:
             try:
@@ -183,8 +203,15 @@ class ModelManager:
 
     async def _swap(self, bundle: Bundle, runner: ModelRunner) -> None:
         settings = self.settings
+        serving = ServingModel(bundle, runner, None, self.availability)  # type: ignore[arg-type]
+        if not bundle.supports_filters and self.availability.items:
+            log.warning(
+                "bundle %s has no filter inputs: the %d unavailable items cannot be held back",
+                bundle.run_id,
+                len(self.availability.items),
+            )
         batcher: MicroBatcher[Row, Ranked] = MicroBatcher(
-            runner.run,
+            serving.run,
             max_batch_size=settings.max_batch_size,
             max_wait_s=settings.max_wait_ms / 1000,
             max_queue=settings.max_queue,
@@ -193,8 +220,9 @@ class ModelManager:
             max_in_flight=settings.batches_in_flight,
         )
         batcher.start()
+        serving.batcher = batcher
         previous = self.current
-        self.current = ServingModel(bundle, runner, batcher)
+        self.current = serving
         self.last_error = None
         self.metrics.reloads.labels("success").inc()
         self.metrics.set_model(

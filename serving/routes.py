@@ -136,7 +136,7 @@ async def model_info(request: Request) -> ModelInfo:
 async def recommendations(body: RecommendationRequest, request: Request) -> Response:
     """Top-k next items for one history."""
     model = current_model(request)
-    check_limits(body, request.app.state.settings, model.bundle.num_items, [])
+    check_limits(body, request.app.state.settings, model.bundle, [])
     (answer,) = await recommend(model, [body], request.app.state.metrics)
     return json_response(answer)
 
@@ -157,7 +157,7 @@ async def recommendations_batch(body: BatchRequest, request: Request) -> Respons
             f"{len(body.requests)} histories; at most {request.app.state.settings.max_batch_requests} per batch",
         )
     for i, entry in enumerate(body.requests):
-        check_limits(entry, request.app.state.settings, model.bundle.num_items, ["requests", i])
+        check_limits(entry, request.app.state.settings, model.bundle, ["requests", i])
     answers = await recommend(model, body.requests, request.app.state.metrics)
     return json_response({"results": answers, "model_version": model.version})
 

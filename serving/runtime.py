@@ -13,7 +13,7 @@ import logging
 import math
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +37,7 @@ FILTER_INPUTS = {
 }
 OUTPUTS = {"scores": "tensor(float)", "indices": "tensor(int64)"}
 NO_IDS = np.zeros(0, dtype=np.int64)
+NO_IDS.setflags(write=False)  # shared by every row without exclusions
 
 
 class FiltersUnsupported(ValueError):
@@ -244,11 +245,13 @@ def length_groups(lengths: list[int]) -> list[list[int]]:
 
 @dataclass(frozen=True)
 class Row:
-    """One history to score: internal ids oldest first (no padding), how many items, exclusion."""
+    """One history to score: internal ids oldest first (no padding), how many items, rules."""
 
     history: np.ndarray  # (L,) int64, L >= 1
     k: int
     exclude_seen: bool
+    exclude: np.ndarray = field(default_factory=lambda: NO_IDS)  # never to return for this row
+    candidates: np.ndarray | None = None  # return only among these (None: every item)
 
 
 @dataclass(frozen=True)
@@ -293,6 +296,7 @@ class OnnxModel:
         except Exception as err:  # onnxruntime raises its own exception types for bad graphs
             raise BundleError(f"{path}: onnxruntime cannot load the model ({err})") from err
         self.check_interface()
+        self.filters = has_filter_inputs(self.session)
 
     def check_interface(self) -> None:
         inputs = {node.name: node.type for node in self.session.get_inputs()}
@@ -308,8 +312,10 @@ class OnnxModel:
                     f"{self.path}: model {kind} {wrong} do not match the bundle contract {expected}"
                 )
 
-    def run(self, rows: list[Row]) -> list[Ranked]:
+    def run(self, rows: list[Row], blocked: np.ndarray = NO_IDS) -> list[Ranked]:
         """Score a batch of rows; rows of similar length share a session run, each keeps its k.
+
+        `blocked`: internal ids no row may return (items marked unavailable).
 
         Rows are padded to the longest row of their run, and the transformer's cost
         grows with the padded length while batching saves little on a CPU, so one
@@ -318,11 +324,12 @@ class OnnxModel:
         lengths = [min(len(row.history), self.max_history) for row in rows]
         ranked: list[Ranked | None] = [None] * len(rows)
         for group in length_groups(lengths):
-            for i, answer in zip(group, self.run_padded([rows[i] for i in group]), strict=True):
+            answers = self.run_padded([rows[i] for i in group], blocked)
+            for i, answer in zip(group, answers, strict=True):
                 ranked[i] = answer
         return ranked  # type: ignore[return-value]  # every index belongs to one group
 
-    def run_padded(self, rows: list[Row]) -> list[Ranked]:
+    def run_padded(self, rows: list[Row], blocked: np.ndarray = NO_IDS) -> list[Ranked]:
         """One session run over `rows`, left-padded to the longest."""
         width = max(len(row.history) for row in rows)
         item_ids = np.zeros((len(rows), width), dtype=np.int64)  # (B, L) left-padded
@@ -330,10 +337,13 @@ class OnnxModel:
             item_ids[i, width - len(row.history) :] = row.history
         k = min(max(row.k for row in rows), self.num_items)
         exclude = np.fromiter((row.exclude_seen for row in rows), dtype=bool, count=len(rows))
-        scores, indices = self.session.run(
-            ["scores", "indices"],
-            {"item_ids": item_ids, "k": np.array([k], dtype=np.int64), "exclude_seen": exclude},
-        )  # (B, k), (B, k)
+        filters = Filters.of_rows(
+            [row.exclude for row in rows],
+            [NO_IDS if row.candidates is None else row.candidates for row in rows],
+            blocked,
+        )
+        feed = graph_feed(self.session, item_ids, k, exclude, filters)
+        scores, indices = self.session.run(["scores", "indices"], feed)  # (B, k), (B, k)
         ranked = []
         for i, row in enumerate(rows):
             row_scores, row_ids = scores[i, : row.k], indices[i, : row.k]
@@ -360,3 +370,24 @@ class OnnxModel:
                     raise BundleError(f"{self.path}: warm-up scores are not all finite")
                 if np.any(np.diff(answer.scores) > 0):
                     raise BundleError(f"{self.path}: warm-up scores are not in descending order")
+        if self.filters:
+            self.warm_up_filters(rng, batch_size, history)
+
+    def warm_up_filters(self, rng: np.random.Generator, batch_size: int, history: int) -> None:
+        """The filter inputs must hold: nothing excluded or blocked comes back, only candidates."""
+        blocked = rng.integers(1, self.num_items + 1, size=3)
+        batch = []
+        for i in range(batch_size):
+            candidates = rng.integers(1, self.num_items + 1, size=20) if i % 2 else None
+            exclude = rng.integers(1, self.num_items + 1, size=5)
+            batch.append(
+                Row(
+                    rng.integers(1, self.num_items + 1, size=history), 10, True, exclude, candidates
+                )
+            )
+        for row, answer in zip(batch, self.run(batch, blocked), strict=True):
+            returned = set(answer.ids.tolist())
+            if returned & (set(row.exclude.tolist()) | set(blocked.tolist())):
+                raise BundleError(f"{self.path}: warm-up returned an excluded or blocked item")
+            if row.candidates is not None and not returned <= set(row.candidates.tolist()):
+                raise BundleError(f"{self.path}: warm-up returned an item outside the candidates")

@@ -12,7 +12,14 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StringConstraints
 
-from serving.settings import RUN_ID_PATTERN, SCHEMA_MAX_BATCH, SCHEMA_MAX_HISTORY, SCHEMA_MAX_K
+from serving.settings import (
+    RUN_ID_PATTERN,
+    SCHEMA_MAX_BATCH,
+    SCHEMA_MAX_CANDIDATES,
+    SCHEMA_MAX_EXCLUDE,
+    SCHEMA_MAX_HISTORY,
+    SCHEMA_MAX_K,
+)
 
 # External item ids are strings in the vocabulary; integer ids (MovieLens) are accepted too.
 ItemId = Annotated[str, StringConstraints(min_length=1, max_length=256, strict=True)] | StrictInt
@@ -32,6 +39,20 @@ class RecommendationRequest(Strict):
     )
     k: int = Field(10, ge=1, le=SCHEMA_MAX_K, description="how many items to return")
     exclude_seen: bool = Field(True, description="never recommend an item of the history")
+    exclude_items: list[ItemId] = Field(
+        default_factory=list,
+        max_length=SCHEMA_MAX_EXCLUDE,
+        description="external ids never to return (e.g. already in the basket); applied in the "
+        "model graph, so k items come back whenever k eligible items exist",
+        examples=[["2355"]],
+    )
+    candidates: list[ItemId] | None = Field(
+        None,
+        max_length=SCHEMA_MAX_CANDIDATES,
+        description="return only among these external ids (e.g. one category or one shop's "
+        "stock); none known: no item is eligible and the answer is empty",
+        examples=[["1", "2", "3", "260", "1196"]],
+    )
 
 
 class BatchRequest(Strict):
@@ -54,6 +75,10 @@ class RecommendationResponse(BaseModel):
     items: list[ScoredItem] = Field(description="best first; at most k")
     model_version: str = Field(description="run id of the bundle that answered")
     unknown_items: list[str] = Field(description="ids of the history not in the vocabulary")
+    unknown_filter_items: list[str] = Field(
+        default_factory=list,
+        description="ids of exclude_items and candidates not in the vocabulary (ignored)",
+    )
     fallback: Literal["popular"] | None = Field(
         description="'popular' when no known item was left and the answer is the most popular items"
     )

@@ -15,6 +15,8 @@ RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 SCHEMA_MAX_K = 1000
 SCHEMA_MAX_HISTORY = 10_000
 SCHEMA_MAX_BATCH = 1000
+SCHEMA_MAX_EXCLUDE = 10_000
+SCHEMA_MAX_CANDIDATES = 100_000
 
 
 def check_run_id(run_id: str) -> str:
@@ -105,6 +107,17 @@ class Settings(BaseSettings):
     )
     max_k: int = Field(
         100, ge=1, le=SCHEMA_MAX_K, description="largest k (also capped by the catalogue size)"
+    )
+    max_exclude_items: int = Field(
+        1000, ge=0, le=SCHEMA_MAX_EXCLUDE, description="most ids in one request's exclude_items"
+    )
+    max_candidates: int = Field(
+        10_000, ge=0, le=SCHEMA_MAX_CANDIDATES, description="most ids in one request's candidates"
+    )
+    availability_file: Path | None = Field(
+        None,
+        description="external ids never to return, one per line, re-read when it changes "
+        "(default: <artifacts>/unavailable.txt; a missing file means all are available)",
     )
     max_batch_requests: int = Field(
         256, ge=1, le=SCHEMA_MAX_BATCH, description="most histories in one batch request"

@@ -26,9 +26,10 @@ from tests.serving_support import write_foreign_model
 
 ROWS = [
     Row(np.array([5, 6, 7]), 3, True),
-    Row(np.array([9]), 10, False),
-    Row(np.arange(1, 40), 5, True),  # longer than the model reads: the newest 20 count
+    Row(np.array([9]), 10, False, np.array([4, 8]), np.array([1, 2, 3, 4, 5])),
+    Row(np.arange(1, 40), 5, True, candidates=np.zeros(0, np.int64)),  # newest 20 count
 ]
+BLOCKED = np.array([11, 12], dtype=np.int64)
 
 
 def spec_for(model_file: Path) -> ModelSpec:
@@ -44,10 +45,14 @@ def spec_for(model_file: Path) -> ModelSpec:
 
 
 def test_frames_round_trip() -> None:
-    decoded = decode_rows(encode_rows(ROWS))
-    assert [(list(r.history), r.k, r.exclude_seen) for r in decoded] == [
-        (list(r.history), r.k, r.exclude_seen) for r in ROWS
-    ]
+    decoded, blocked = decode_rows(encode_rows(ROWS, BLOCKED))
+
+    def fields(row: Row) -> tuple:
+        cands = None if row.candidates is None else list(row.candidates)
+        return list(row.history), row.k, row.exclude_seen, list(row.exclude), cands
+
+    assert [fields(r) for r in decoded] == [fields(r) for r in ROWS]
+    assert blocked.tolist() == BLOCKED.tolist()
     answers = [
         Ranked(ids=np.array([3, 1], dtype=np.int64), scores=np.array([0.5, -1.0], np.float32)),
         Ranked(ids=np.zeros(0, np.int64), scores=np.zeros(0, np.float32)),  # all scores dropped
@@ -57,7 +62,7 @@ def test_frames_round_trip() -> None:
         np.testing.assert_array_equal(got.ids, sent.ids)
         np.testing.assert_array_equal(got.scores, sent.scores)
     with pytest.raises(ValueError, match="malformed batch frame"):
-        decode_rows(encode_rows(ROWS)[:-8])  # one item id short
+        decode_rows(encode_rows(ROWS, BLOCKED)[:-8])  # one id short
     with pytest.raises(ModelProcessError, match="malformed answer frame"):
         decode_answers(encode_answers(answers)[:-4])
 

@@ -89,7 +89,13 @@ def test_answers_are_the_models_top_k(
     assert response.status_code == 200
     assert response.headers["x-request-id"]
     body = response.json()
-    assert set(body) == {"items", "model_version", "unknown_items", "fallback"}
+    assert set(body) == {
+        "items",
+        "model_version",
+        "unknown_items",
+        "unknown_filter_items",
+        "fallback",
+    }
     RecommendationResponse.model_validate(body)  # the documented response schema
     assert body["model_version"] == "r1"
     assert body["unknown_items"] == [] and body["fallback"] is None
