@@ -51,6 +51,7 @@ def create_app(settings: Settings) -> FastAPI:
         RequestContextMiddleware,
         metrics=metrics,
         max_body_bytes=settings.max_body_bytes,
+        max_drain_bytes=settings.max_drain_bytes,
         api_key=settings.api_key_value(),
         log_requests=settings.log_requests,
         paths=frozenset(getattr(route, "path", "") for route in app.routes),

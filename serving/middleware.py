@@ -40,7 +40,11 @@ def new_request_id() -> str:
 
 
 class BodyTooLarge(Exception):
-    pass
+    """The body passed max_body_bytes; `complete`: its last part has been read already."""
+
+    def __init__(self, complete: bool = False) -> None:
+        super().__init__("request body too large")
+        self.complete = complete
 
 
 class RequestContextMiddleware:
@@ -52,10 +56,12 @@ class RequestContextMiddleware:
         api_key: str | None = None,
         log_requests: bool = False,
         paths: frozenset[str] = frozenset(),
+        max_drain_bytes: int = 32 * 1024 * 1024,
     ) -> None:
         self.app = app
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
+        self.max_drain_bytes = max_drain_bytes
         self.api_key = None if api_key is None else api_key.encode()
         self.log_requests = log_requests
         self.paths = paths  # the app's route paths: labels for requests refused before routing
@@ -87,7 +93,12 @@ class RequestContextMiddleware:
                 return
             try:
                 body = await self.read_body(scope, receive)
-            except BodyTooLarge:
+            except BodyTooLarge as refused:
+                # Read and discard the rest first: a server that answers and closes while
+                # the client is still sending resets the connection, and the client never
+                # sees the 413 (it gets ECONNRESET). Past max_drain_bytes it is closed anyway.
+                if not refused.complete:
+                    await self.drain(scope, receive)
                 await self.send_error(send_with_id, 413, "payload_too_large", self.too_large(), rid)
                 return
             await self.app(scope, replay(body, receive), send_with_id)
@@ -128,10 +139,24 @@ class RequestContextMiddleware:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_body_bytes:
-                raise BodyTooLarge
+                raise BodyTooLarge(complete=not message.get("more_body", False))
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks)
+
+    async def drain(self, scope: Scope, receive: Receive) -> None:
+        """Discard the rest of a refused body, up to max_drain_bytes in all."""
+        declared = header(scope, b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_drain_bytes:
+            return  # too much to wait for: the connection closes under the client
+        drained = 0
+        while drained <= self.max_drain_bytes:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            drained += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                return
 
     async def send_error(self, send: Send, status: int, error: str, message: str, rid: str) -> None:
         body = json.dumps({"error": error, "message": message, "request_id": rid}).encode()
@@ -140,7 +165,7 @@ class RequestContextMiddleware:
             (b"content-length", str(len(body)).encode()),
         ]
         if status == 413:
-            headers.append((b"connection", b"close"))  # the rest of the body is never read
+            headers.append((b"connection", b"close"))  # what was not drained is never read
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 

@@ -99,6 +99,12 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(
         256 * 1024, ge=1024, description="largest request body, counted on the stream"
     )
+    max_drain_bytes: int = Field(
+        32 * 1024 * 1024,
+        ge=0,
+        description="a body over max_body_bytes is read and discarded up to this size before "
+        "the 413 goes out, so that an ordinary client reads it instead of a reset connection",
+    )
     max_history: int = Field(
         1000,
         ge=1,

@@ -340,6 +340,27 @@ def test_oversize_bodies_are_refused_on_the_stream(client: httpx.Client) -> None
     assert "65536 bytes" in chunked.json()["message"]
 
 
+@pytest.mark.parametrize("chunked", [False, True])
+def test_a_plain_client_reads_the_413_of_a_10_mb_body(server: LiveServer, chunked: bool) -> None:
+    """http.client sends all 10 MB before reading: the server must drain, not reset."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    address = urlsplit(server.url)
+    connection = http.client.HTTPConnection(address.hostname, address.port, timeout=30)
+    body = b"[" + b"1," * (5 * 1024 * 1024) + b"1]"  # 10 MiB of JSON
+    headers = {"Content-Type": "application/json", **AUTH}
+    if chunked:
+        parts = (body[i : i + 65536] for i in range(0, len(body), 65536))
+        connection.request("POST", "/v1/recommendations", parts, headers, encode_chunked=True)
+    else:
+        connection.request("POST", "/v1/recommendations", body, headers)
+    response = connection.getresponse()
+    assert response.status == 413
+    assert json.loads(response.read())["error"] == "payload_too_large"
+    connection.close()
+
+
 def test_api_key(server: LiveServer) -> None:
     with httpx.Client(base_url=server.url) as anonymous:
         assert_error(anonymous.post("/v1/recommendations", json={"items": []}), 401)
