@@ -50,6 +50,7 @@ from merging.bundle import (
     verify_bundle,
     write_manifest,
 )
+from serving.bundle import ITEM_VECTORS
 from serving.runtime import NO_IDS, Filters, graph_feed
 from training.batching import pad_left
 from training.checkpoint import write_checkpoint, write_json
@@ -617,6 +618,7 @@ def export_bundle(
         onnx_fields["parity"] = parity.to_json(True)
         quantized = export_int8(model, staging, graph, split, histories) if quantize else None
         data.vocab.save(staging / VOCAB_FILE)
+        np.save(staging / ITEM_VECTORS, item_vectors(model), allow_pickle=False)
         if checkpoint_copy:
             write_checkpoint(staging / BUNDLE_CHECKPOINT, model, config, loaded.info)
         write_json(staging / POPULAR_FILE, popular_json(split.popularity))
@@ -637,6 +639,12 @@ def export_bundle(
         verify_bundle(staging)
     log.info("wrote bundle %s (run id %s)", out, manifest["run_id"])
     return manifest
+
+
+def item_vectors(model: SequenceRecommender) -> np.ndarray:
+    """(N, D) float32: the representation of each item the output layer scores against."""
+    with torch.inference_mode():
+        return model.output_weight().float().numpy()
 
 
 def caller_fields(out: Path, fields: dict[str, Any]) -> dict[str, Any]:

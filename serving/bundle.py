@@ -34,6 +34,7 @@ POPULAR_SCHEMA = "fishrec.popular/1"
 MANIFEST = "manifest.json"
 VOCAB = "vocab.json"
 POPULAR = "popular.json"
+ITEM_VECTORS = "item_vectors.npy"  # (N, D) float32 item representations: similar items
 LATEST = "LATEST"
 RUNS = "runs"
 
@@ -85,6 +86,8 @@ class Bundle:
     vocab: Vocab
     popular: np.ndarray  # (N,) int64 internal ids, most popular first
     popular_scores: np.ndarray  # (N,) float32 share of training interactions, same order
+    # (N, D) float32 unit rows (row i - 1 is item i); None for bundles exported without them
+    item_vectors: np.ndarray | None = None
 
     @property
     def num_items(self) -> int:
@@ -182,7 +185,26 @@ def load_bundle(folder: Path) -> Bundle:
     run_id = manifest.get("run_id")
     if not isinstance(run_id, str) or not run_id:
         raise BundleError(f"{folder / MANIFEST}: 'run_id' must be a non-empty string")
-    return Bundle(folder, run_id, manifest, vocab, popular, shares)
+    vectors = read_item_vectors(folder / ITEM_VECTORS, num_items)
+    return Bundle(folder, run_id, manifest, vocab, popular, shares, vectors)
+
+
+def read_item_vectors(path: Path, num_items: int) -> np.ndarray | None:
+    """The item representations as unit rows (cosine = dot product), if the bundle has them."""
+    if not path.exists():
+        return None
+    try:
+        vectors = np.load(path, allow_pickle=False)  # never pickle
+    except (ValueError, OSError) as err:
+        raise BundleError(f"{path}: not a numpy array file ({err})") from err
+    if vectors.dtype != np.float32 or vectors.ndim != 2 or len(vectors) != num_items:
+        raise BundleError(
+            f"{path}: expected float32 ({num_items}, D), got {vectors.dtype} {vectors.shape}"
+        )
+    if not np.isfinite(vectors).all():
+        raise BundleError(f"{path}: item vectors must be finite")
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors / np.where(norms > 0, norms, 1.0)
 
 
 def check_schema(folder: Path, manifest: dict[str, Any]) -> None:

@@ -11,7 +11,7 @@ from serving.bundle import Bundle
 from serving.metrics import Metrics
 from serving.reload import ServingModel
 from serving.runtime import Ranked, Row
-from serving.schemas import RecommendationRequest
+from serving.schemas import RecommendationRequest, SimilarItemsRequest
 from serving.settings import Settings
 
 
@@ -57,16 +57,7 @@ def check_limits(
             f"the history has {len(request.items)} items; at most {settings.max_history} are "
             f"accepted (the model reads the newest ones)",
         )
-    if len(request.exclude_items) > settings.max_exclude_items:
-        raise LimitExceeded(
-            [*loc, "exclude_items"],
-            f"{len(request.exclude_items)} ids to exclude; at most {settings.max_exclude_items}",
-        )
-    if request.candidates is not None and len(request.candidates) > settings.max_candidates:
-        raise LimitExceeded(
-            [*loc, "candidates"],
-            f"{len(request.candidates)} candidates; at most {settings.max_candidates}",
-        )
+    check_filter_limits(request, settings, loc)
     uses_filters = bool(request.exclude_items) or request.candidates is not None
     if uses_filters and not bundle.supports_filters:
         field = "exclude_items" if request.exclude_items else "candidates"
@@ -77,6 +68,41 @@ def check_limits(
         )
 
 
+def check_filter_limits(
+    request: RecommendationRequest | SimilarItemsRequest, settings: Settings, loc: list[str | int]
+) -> None:
+    if len(request.exclude_items) > settings.max_exclude_items:
+        raise LimitExceeded(
+            [*loc, "exclude_items"],
+            f"{len(request.exclude_items)} ids to exclude; at most {settings.max_exclude_items}",
+        )
+    if request.candidates is not None and len(request.candidates) > settings.max_candidates:
+        raise LimitExceeded(
+            [*loc, "candidates"],
+            f"{len(request.candidates)} candidates; at most {settings.max_candidates}",
+        )
+
+
+@dataclass(frozen=True)
+class EncodedFilters:
+    """exclude_items and candidates in internal ids, with the ids the bundle does not know."""
+
+    exclude: np.ndarray
+    candidates: np.ndarray | None  # None: every item is a candidate
+    unknown: list[str]
+
+
+def encode_filters(
+    bundle: Bundle, exclude_items: list[Any], candidates: list[Any] | None
+) -> EncodedFilters:
+    exclude, unknown = _encode(bundle, exclude_items)
+    known_candidates = None
+    if candidates is not None:
+        known_candidates, unknown_candidates = _encode(bundle, candidates)
+        unknown = list(dict.fromkeys(unknown + unknown_candidates))
+    return EncodedFilters(exclude, known_candidates, unknown)
+
+
 def _encode(bundle: Bundle, externals: list[Any]) -> tuple[np.ndarray, list[str]]:
     known, unknown = bundle.vocab.encode([str(item) for item in externals])
     return np.asarray(known, dtype=np.int64), list(dict.fromkeys(unknown))
@@ -85,11 +111,8 @@ def _encode(bundle: Bundle, externals: list[Any]) -> tuple[np.ndarray, list[str]
 def plan(request: RecommendationRequest, bundle: Bundle) -> Plan:
     """The request in the bundle's internal ids (after check_limits)."""
     history, unknown = _encode(bundle, request.items)
-    exclude, unknown_excluded = _encode(bundle, request.exclude_items)
-    candidates, unknown_candidates = None, []
-    if request.candidates is not None:
-        candidates, unknown_candidates = _encode(bundle, request.candidates)
-    unknown_filter = list(dict.fromkeys(unknown_excluded + unknown_candidates))
+    filters = encode_filters(bundle, request.exclude_items, request.candidates)
+    exclude, candidates, unknown_filter = filters.exclude, filters.candidates, filters.unknown
     if candidates is not None and not len(candidates):
         return Plan(None, unknown, unknown_filter, exclude, candidates, fallback=False)
     if not len(history):

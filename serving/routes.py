@@ -16,7 +16,13 @@ from fastapi.responses import JSONResponse, Response
 
 from serving.errors import ERRORS, ApiError
 from serving.lean_route import Endpoint, LeanJsonRoute
-from serving.recommend import LimitExceeded, check_limits, recommend
+from serving.recommend import (
+    LimitExceeded,
+    check_filter_limits,
+    check_limits,
+    encode_filters,
+    recommend,
+)
 from serving.reload import ModelManager, ReloadError, ServingModel
 from serving.schemas import (
     BatchRequest,
@@ -29,7 +35,10 @@ from serving.schemas import (
     RecommendationResponse,
     ReloadRequest,
     ReloadResponse,
+    SimilarItemsRequest,
+    SimilarItemsResponse,
 )
+from serving.similar import similar_items
 
 # (method, path, route options, endpoint) for every route, in the order they are added.
 ROUTES: list[tuple[str, str, dict[str, Any], Endpoint]] = []
@@ -160,6 +169,41 @@ async def recommendations_batch(body: BatchRequest, request: Request) -> Respons
         check_limits(entry, request.app.state.settings, model.bundle, ["requests", i])
     answers = await recommend(model, body.requests, request.app.state.metrics)
     return json_response({"results": answers, "model_version": model.version})
+
+
+@route(
+    "lean_post",
+    "/v1/similar-items",
+    response_model=SimilarItemsResponse,
+    responses={**ERRORS, 404: {"model": ErrorResponse, "description": "unknown item_id"}},
+    tags=["recommendations"],
+)
+async def similar(body: SimilarItemsRequest, request: Request) -> Response:
+    """The k items most similar to one item (cosine of the model's item representations)."""
+    model = current_model(request)
+    bundle = model.bundle
+    check_filter_limits(body, request.app.state.settings, [])
+    if bundle.item_vectors is None:
+        raise ApiError(
+            409,
+            "unsupported",
+            f"the serving bundle {bundle.run_id} was exported without item vectors; re-export it",
+        )
+    known, _ = bundle.vocab.encode([str(body.item_id)])
+    if not known:
+        raise ApiError(404, "item_not_found", f"item {body.item_id!r} is not in the vocabulary")
+    filters = encode_filters(bundle, body.exclude_items, body.candidates)
+    ranked = similar_items(
+        bundle.item_vectors, known[0], body.k, filters.exclude, filters.candidates, model.blocked()
+    )
+    external = bundle.vocab.external
+    items = [
+        {"item_id": external(i), "score": s}
+        for i, s in zip(ranked.ids.tolist(), ranked.scores.tolist(), strict=True)
+    ]
+    return json_response(
+        {"items": items, "model_version": bundle.run_id, "unknown_filter_items": filters.unknown}
+    )
 
 
 @route(

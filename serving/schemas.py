@@ -84,6 +84,27 @@ class RecommendationResponse(BaseModel):
     )
 
 
+class SimilarItemsRequest(Strict):
+    """Items like one item, by the model's item representations."""
+
+    item_id: ItemId = Field(description="external id of the item", examples=["1193"])
+    k: int = Field(10, ge=1, le=SCHEMA_MAX_K, description="how many items to return")
+    exclude_items: list[ItemId] = Field(
+        default_factory=list, max_length=SCHEMA_MAX_EXCLUDE, description="ids never to return"
+    )
+    candidates: list[ItemId] | None = Field(
+        None, max_length=SCHEMA_MAX_CANDIDATES, description="return only among these ids"
+    )
+
+
+class SimilarItemsResponse(BaseModel):
+    items: list[ScoredItem] = Field(description="most similar first (cosine); at most k")
+    model_version: str = Field(description="run id of the bundle that answered")
+    unknown_filter_items: list[str] = Field(
+        description="ids of exclude_items and candidates not in the vocabulary (ignored)"
+    )
+
+
 class BatchResponse(BaseModel):
     results: list[RecommendationResponse] = Field(description="one per request, in order")
     model_version: str

@@ -241,3 +241,49 @@ def test_unavailable_items_disappear_within_a_reload_interval_under_load(
         for thread in threads:
             thread.join()
     assert failures == []
+
+
+# ---- similar items -------------------------------------------------------------------------------
+
+
+def test_similar_items_match_a_numpy_cosine_reference(
+    client: httpx.Client, vocab: list[str], trained_run: Path
+) -> None:
+    with torch.no_grad():
+        weights = load_run_checkpoint(trained_run).model.output_weight().numpy()
+    unit = weights / np.linalg.norm(weights, axis=1, keepdims=True)
+    rng = np.random.default_rng(1)
+    for item in rng.integers(1, len(vocab) + 1, size=8).tolist():
+        cosine = unit @ unit[item - 1]
+        excluded = rng.integers(1, len(vocab) + 1, size=5).tolist()
+        candidates = rng.integers(1, len(vocab) + 1, size=60).tolist() if item % 2 else None
+        body: dict[str, Any] = {
+            "item_id": vocab[item - 1],
+            "k": 10,
+            "exclude_items": [vocab[i - 1] for i in excluded],
+        }
+        if candidates is not None:
+            body["candidates"] = [vocab[i - 1] for i in candidates]
+        response = client.post("/v1/similar-items", json=body)
+        assert response.status_code == 200, response.text
+        answer = response.json()
+        got = [vocab.index(entry["item_id"]) + 1 for entry in answer["items"]]
+        eligible = [
+            i
+            for i in range(1, len(vocab) + 1)
+            if i != item and i not in excluded and (candidates is None or i in candidates)
+        ]
+        expected = sorted(eligible, key=lambda i: -cosine[i - 1])[:10]
+        assert got == expected
+        scores = [entry["score"] for entry in answer["items"]]
+        np.testing.assert_allclose(scores, cosine[np.array(expected) - 1], atol=1e-5)
+
+
+def test_similar_items_errors(client: httpx.Client, vocab: list[str]) -> None:
+    missing = client.post("/v1/similar-items", json={"item_id": "no-such-item"})
+    assert missing.status_code == 404 and missing.json()["error"] == "item_not_found"
+    too_many = client.post(
+        "/v1/similar-items", json={"item_id": vocab[0], "exclude_items": vocab[:51]}
+    )
+    assert too_many.status_code == 422
+    assert client.post("/v1/similar-items", json={"item_id": vocab[0], "k": 0}).status_code == 422
