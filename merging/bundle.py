@@ -1,7 +1,8 @@
 """The writing side of the model bundle (contract fishrec.bundle/1, README "The model bundle").
 
-A bundle folder holds model.onnx, vocab.json, popular.json, manifest.json and
-optionally model.int8.onnx (the job may add report files). `write_manifest`
+A bundle folder holds model.onnx, vocab.json, popular.json, item_vectors.npy,
+manifest.json and optionally model.int8.onnx and checkpoint/ (the job adds report
+files). `write_manifest`
 writes manifest.json with the sha256 of every other file in the folder;
 `verify_bundle` checks a written folder with serving's own reader
 (`serving.bundle.load_bundle`, torch-free, so merging may import it), so that a
