@@ -95,6 +95,12 @@ class Metrics:
         self.model_age.set_function(
             lambda: time.time() - self._created if self._created is not None else float("nan")
         )
+        self.answers = Counter(
+            "fishrec_answers",
+            "histories answered, by the model version that answered (canary rollouts)",
+            ["version"],
+            registry=self.registry,
+        )
         self.unavailable_items = Gauge(
             "fishrec_unavailable_items",
             "items of the availability file that are never returned",

@@ -160,6 +160,7 @@ async def recommend(
     rows = [p.row for p in plans if p.row is not None]
     answers = iter(await model.batcher.submit(rows) if rows else [])
     responses = []
+    metrics.answers.labels(model.version).inc(len(requests))
     for request, p in zip(requests, plans, strict=True):
         if p.unknown or p.unknown_filter:
             metrics.unknown_items.inc(len(p.unknown) + len(p.unknown_filter))

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
+import random
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -69,6 +71,7 @@ class ModelManager:
         self.metrics = metrics
         self.threads = settings.intra_op_threads or serving_threads(settings.cpus or cpu_quota())
         self.current: ServingModel | None = None
+        self.canary: ServingModel | None = None  # FISHREC_CANARY_BUNDLE, once it loaded
         self.last_error: str | None = None
         self.stopping = False
         self._lock = asyncio.Lock()
@@ -96,9 +99,10 @@ class ModelManager:
             self._watcher.cancel()
             await asyncio.gather(self._watcher, return_exceptions=True)
         async with self._lock:
-            if self.current is not None:
-                await self.current.batcher.close()
-                await self.current.runner.close()
+            for model in (self.current, self.canary):
+                if model is not None:
+                    await model.batcher.close()
+                    await model.runner.close()
 
     async def _watch(self) -> None:
         interval = self.settings.reload_interval_s
@@ -119,6 +123,7 @@ class ModelManager:
     async def poll(self) -> None:
         """One look at LATEST and the availability file: load what changed; never raises."""
         await asyncio.to_thread(self.availability.poll)
+        await self.poll_canary()
         try:
             wanted = self.wanted()
         except BundleError as err:
@@ -134,6 +139,38 @@ class ModelManager:
         # A refusal is logged and counted in load; the current model keeps serving.
         with contextlib.suppress(BundleError):
             await self.load(wanted)
+
+    async def poll_canary(self) -> None:
+        """Load FISHREC_CANARY_BUNDLE until it is serving (a refusal is retried next poll)."""
+        wanted = self.settings.canary_bundle
+        if wanted is None or self.canary is not None or self.stopping:
+            return
+        async with self._lock:
+            try:
+                bundle = await asyncio.to_thread(self._verified, wanted)
+                runner = await self._started(bundle)
+            except Exception as err:  # logged and counted; the main model is unaffected
+                self._failed(wanted, err, canary=True)
+                return
+            self.canary = self._serving(bundle, runner)
+        log.info(
+            "canary bundle %s answers %.1f%% of requests",
+            wanted,
+            100 * self.settings.canary_share,
+            extra={"model_version": wanted},
+        )
+
+    def route(self, user: str | None) -> ServingModel | None:
+        """The model that answers a caller: the canary for its share (sticky per user)."""
+        if self.canary is None or self.current is None:
+            return self.current
+        share = self.settings.canary_share
+        if user is None:
+            point = random.random()
+        else:  # the same user always lands on the same side
+            digest = hashlib.sha256(user.encode("utf-8", "surrogatepass")).digest()
+            point = int.from_bytes(digest[:8], "big") / 2**64
+        return self.canary if point < share else self.current
 
     async def reload(self, run_id: str | None) -> tuple[bool, str | None]:
         """POST /v1/admin/reload: (changed, previous version); ReloadError when refused."""
@@ -201,7 +238,8 @@ class ModelManager:
         await runner.start()
         return runner
 
-    async def _swap(self, bundle: Bundle, runner: ModelRunner) -> None:
+    def _serving(self, bundle: Bundle, runner: ModelRunner) -> ServingModel:
+        """A started runner with its own batcher."""
         settings = self.settings
         serving = ServingModel(bundle, runner, None, self.availability)  # type: ignore[arg-type]
         if not bundle.supports_filters and self.availability.items:
@@ -221,6 +259,10 @@ class ModelManager:
         )
         batcher.start()
         serving.batcher = batcher
+        return serving
+
+    async def _swap(self, bundle: Bundle, runner: ModelRunner) -> None:
+        serving = self._serving(bundle, runner)
         previous = self.current
         self.current = serving
         self.last_error = None
@@ -240,10 +282,11 @@ class ModelManager:
             await previous.batcher.close()  # in-flight rows of the old model finish on it
             await previous.runner.close()
 
-    def _failed(self, run_id: str | None, err: Exception) -> None:
+    def _failed(self, run_id: str | None, err: Exception, canary: bool = False) -> None:
         self.metrics.reloads.labels("failure").inc()
         serving = self.current.version if self.current is not None else None
-        self.last_error = f"bundle {run_id!r} refused: {err}"
+        if not canary:
+            self.last_error = f"bundle {run_id!r} refused: {err}"
         log.error(
             "bundle %s refused (%s); %s",
             run_id,

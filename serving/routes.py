@@ -27,6 +27,7 @@ from serving.reload import ModelManager, ReloadError, ServingModel
 from serving.schemas import (
     BatchRequest,
     BatchResponse,
+    CanaryInfo,
     ErrorResponse,
     Health,
     ModelInfo,
@@ -60,6 +61,17 @@ def current_model(request: Request) -> ServingModel:
         reason = "shutting down" if manager.stopping else (manager.last_error or "loading")
         raise ApiError(503, "not_ready", f"no model is serving: {reason}", {"Retry-After": "1"})
     return model
+
+
+def routed_model(request: Request, user: str | None = None) -> ServingModel:
+    """The model that answers this caller: the canary for its share, else the current one."""
+    current_model(request)  # 503 while nothing serves
+    model = manager_of(request).route(user or request.headers.get(USER_HEADER))
+    assert model is not None
+    return model
+
+
+USER_HEADER = "x-user-id"
 
 
 def json_response(content: Any) -> Response:
@@ -127,11 +139,20 @@ async def prometheus(request: Request) -> Response:
 async def model_info(request: Request) -> ModelInfo:
     """The serving bundle: run id, provenance, metrics, parity of its export."""
     model = current_model(request)
+    canary = manager_of(request).canary
     return ModelInfo(
         model_version=model.version,
         loaded_at=model.loaded_at.isoformat(),
         model_file=model.runner.path.name,
         bundle=model.bundle.summary(),
+        canary=None
+        if canary is None
+        else CanaryInfo(
+            model_version=canary.version,
+            share=request.app.state.settings.canary_share,
+            loaded_at=canary.loaded_at.isoformat(),
+            bundle=canary.bundle.summary(),
+        ),
     )
 
 
@@ -144,7 +165,7 @@ async def model_info(request: Request) -> ModelInfo:
 )
 async def recommendations(body: RecommendationRequest, request: Request) -> Response:
     """Top-k next items for one history."""
-    model = current_model(request)
+    model = routed_model(request, body.user_id)
     check_limits(body, request.app.state.settings, model.bundle, [])
     (answer,) = await recommend(model, [body], request.app.state.metrics)
     return json_response(answer)
@@ -159,7 +180,7 @@ async def recommendations(body: RecommendationRequest, request: Request) -> Resp
 )
 async def recommendations_batch(body: BatchRequest, request: Request) -> Response:
     """Top-k next items for many histories, all from the same model version."""
-    model = current_model(request)
+    model = routed_model(request)
     if len(body.requests) > request.app.state.settings.max_batch_requests:
         raise LimitExceeded(
             ["requests"],
@@ -180,7 +201,7 @@ async def recommendations_batch(body: BatchRequest, request: Request) -> Respons
 )
 async def similar(body: SimilarItemsRequest, request: Request) -> Response:
     """The k items most similar to one item (cosine of the model's item representations)."""
-    model = current_model(request)
+    model = routed_model(request)
     bundle = model.bundle
     check_filter_limits(body, request.app.state.settings, [])
     if bundle.item_vectors is None:

@@ -39,6 +39,11 @@ class RecommendationRequest(Strict):
     )
     k: int = Field(10, ge=1, le=SCHEMA_MAX_K, description="how many items to return")
     exclude_seen: bool = Field(True, description="never recommend an item of the history")
+    user_id: Annotated[str, StringConstraints(min_length=1, max_length=256)] | None = Field(
+        None,
+        description="who asks (optional; the X-User-Id header does the same): keeps a caller "
+        "on the same side of a canary rollout",
+    )
     exclude_items: list[ItemId] = Field(
         default_factory=list,
         max_length=SCHEMA_MAX_EXCLUDE,
@@ -129,11 +134,21 @@ class Readiness(BaseModel):
     reason: str | None = Field(None, description="why the service is not ready")
 
 
+class CanaryInfo(BaseModel):
+    model_version: str
+    share: float = Field(description="share of requests it answers (sticky per user)")
+    loaded_at: str
+    bundle: dict[str, Any] = Field(description="the canary bundle manifest's summary")
+
+
 class ModelInfo(BaseModel):
     model_version: str
     loaded_at: str = Field(description="when this bundle was swapped in (ISO-8601 UTC)")
     model_file: str = Field(description="model.onnx or model.int8.onnx")
     bundle: dict[str, Any] = Field(description="the bundle manifest's summary")
+    canary: CanaryInfo | None = Field(
+        None, description="the second bundle of a canary rollout (FISHREC_CANARY_BUNDLE)"
+    )
 
 
 class ReloadRequest(Strict):

@@ -40,6 +40,14 @@ class Settings(BaseSettings):
         None,
         description="serve this run id and ignore LATEST (no background reload); default: LATEST",
     )
+    canary_bundle: str | None = Field(
+        None,
+        description="a second run id served to canary_share of the requests (sticky per "
+        "user_id / X-User-Id); promote it by publishing it as LATEST",
+    )
+    canary_share: float = Field(
+        0.05, ge=0.0, le=1.0, description="share of requests the canary bundle answers"
+    )
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="port to listen on (0: any free port)")
 
@@ -142,7 +150,7 @@ class Settings(BaseSettings):
         "(each log line costs about as much CPU as the rest of a request; /metrics counts all)",
     )
 
-    @field_validator("bundle")
+    @field_validator("bundle", "canary_bundle")
     @classmethod
     def _plain_run_id(cls, value: str | None) -> str | None:
         return None if value is None else check_run_id(value)
