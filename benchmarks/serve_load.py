@@ -51,7 +51,7 @@ import numpy as np
 
 from serving.bundle import load_bundle
 from serving.recommend import plan, popular, respond
-from serving.runtime import OnnxModel, Ranked, Row, cpu_quota, default_threads
+from serving.runtime import NO_IDS, OnnxModel, Ranked, Row, cpu_quota, default_threads
 from serving.schemas import RecommendationRequest, RecommendationResponse
 
 log = logging.getLogger("serve_load")
@@ -108,12 +108,12 @@ class Connection:
 
 
 def encode_requests(
-    host: str, port: int, bodies: list[bytes], headers: dict[str, str]
+    host: str, port: int, bodies: list[bytes], headers: dict[str, str], route: str = ROUTE
 ) -> list[bytes]:
     extra = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
     return [
         (
-            f"POST {ROUTE} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+            f"POST {route} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\n{extra}\r\n"
         ).encode()
         + body
@@ -219,7 +219,8 @@ def run_client(spec: dict[str, Any]) -> None:
 
         uvloop.install()
     bodies = [line.encode() for line in Path(spec["payloads"]).read_text().splitlines()]
-    raw = encode_requests(spec["host"], spec["port"], bodies, spec.get("headers", {}))
+    headers = spec.get("headers", {})
+    raw = encode_requests(spec["host"], spec["port"], bodies, headers, spec.get("route", ROUTE))
     if spec.get("rate"):
         coroutine = open_loop(spec["host"], spec["port"], raw, spec["rate"], spec["duration"])
     else:
@@ -252,7 +253,7 @@ def run_torch_server(spec: dict[str, Any]) -> None:
     def recommend(body: RecommendationRequest) -> dict[str, Any]:
         p = plan(body, bundle)
         if p.row is None:
-            return respond(bundle, popular(bundle, body.k), p)
+            return respond(bundle, popular(bundle, body.k, p, NO_IDS), p)
         with lock, torch.no_grad():
             logits = model.logits(torch.from_numpy(p.row.history)[None])[0]  # (N,)
             if body.exclude_seen:
@@ -299,7 +300,8 @@ def run_ray_server(spec: dict[str, Any]) -> None:
         async def __call__(self, request: Any) -> dict[str, Any]:
             body = RecommendationRequest.model_validate_json(await request.body())
             p = plan(body, self.bundle)
-            ranked = popular(self.bundle, body.k) if p.row is None else await self.rank(p.row)
+            fallback = popular(self.bundle, body.k, p, NO_IDS) if p.row is None else None
+            ranked = fallback or await self.rank(p.row)
             return respond(self.bundle, ranked, p)
 
     serve.run(Recommender.bind(spec["bundle"], spec["threads"]), route_prefix=ROUTE, name="fishrec")
@@ -528,9 +530,48 @@ def measure_system(
             half = load(server.port, payloads, args.duration, headers, rate=best / 2)
             log.info("fishrec at half the best throughput (%.0f/s): %s", best / 2, fmt(half))
             out["half_load"] = half
+            out["rules"] = measure_rules(server.port, payloads, args.duration, headers)
         return out
     finally:
         server.stop()
+
+
+RULES_CONCURRENCY = 32
+
+
+def rule_payloads(payloads: Path) -> dict[str, tuple[str, Path]]:
+    """The same histories with 20 excluded ids, with 500 candidates; and similar-items bodies."""
+    rng = np.random.default_rng(1)
+    bodies = [json.loads(line) for line in payloads.read_text().splitlines()]
+    catalogue = sorted({item for body in bodies for item in body["items"]})
+    variants: dict[str, list[dict[str, Any]]] = {
+        "exclude_items 20": [
+            {**b, "exclude_items": rng.choice(catalogue, 20).tolist()} for b in bodies
+        ],
+        "candidates 500": [
+            {**b, "candidates": rng.choice(catalogue, 500, replace=False).tolist()} for b in bodies
+        ],
+        "similar items": [{"item_id": b["items"][-1], "k": K} for b in bodies if b["items"]],
+    }
+    out = {}
+    for label, entries in variants.items():
+        path = payloads.with_name(label.replace(" ", "-") + ".jsonl")
+        path.write_text("\n".join(json.dumps(entry) for entry in entries) + "\n")
+        route = "/v1/similar-items" if label == "similar items" else ROUTE
+        out[label] = (route, path)
+    return out
+
+
+def measure_rules(
+    port: int, payloads: Path, duration: float, headers: dict[str, str]
+) -> dict[str, Any]:
+    """fishrec at c=32 with per-request rules and on /v1/similar-items, beside the plain route."""
+    results = {}
+    for label, (route, path) in rule_payloads(payloads).items():
+        result = load(port, path, duration, headers, concurrency=RULES_CONCURRENCY, route=route)
+        log.info("fishrec c=%d, %s: %s", RULES_CONCURRENCY, label, fmt(result))
+        results[label] = result
+    return results
 
 
 def fmt_limit(limit: dict[str, float]) -> str:
@@ -574,6 +615,15 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> None:
         print(
             f"  {label:28s} {value:6.2f}  (>= {target}: {'met' if value >= target else 'NOT met'})"
         )
+    rules = systems["fishrec"].get("rules", {})
+    plain = systems["fishrec"]["closed_loop"].get(str(RULES_CONCURRENCY), {}).get("rps")
+    if rules and plain:
+        print(f"\nfishrec at c={RULES_CONCURRENCY}, against the plain route ({plain:.0f} req/s):")
+        for label, result in rules.items():
+            print(
+                f"  {label:18s} {result['rps']:8.0f} req/s  {result['rps'] / plain:5.2f}x  "
+                f"p99 {result['p99_ms']:.2f} ms  errors {result['errors']}"
+            )
     half = systems["fishrec"]["half_load"]
     verdict = "met" if half["p99_ms"] < 25 else "NOT met"
     print(
