@@ -53,3 +53,22 @@ def ray_local():  # type: ignore[no-untyped-def]
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
+
+
+@pytest.fixture
+def client(server):  # type: ignore[no-untyped-def]
+    """An authorised HTTP client of the module's `server` fixture (a LiveServer)."""
+    import httpx
+
+    from tests.serving_support import AUTH
+
+    with httpx.Client(base_url=server.url, headers=AUTH, timeout=10) as http:
+        yield http
+
+
+@pytest.fixture(scope="module")
+def vocab(serving_bundle: Path) -> list[str]:
+    """External ids of the serving bundle, index i = internal id i + 1."""
+    import json
+
+    return json.loads((serving_bundle / "vocab.json").read_text())["items"]

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import onnx
 import uvicorn
 from onnx import TensorProto, helper
@@ -115,3 +117,15 @@ def write_foreign_model(path: Path) -> Path:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
     onnx.save(model, path)
     return path
+
+
+@contextlib.contextmanager
+def ready_server(
+    settings: Settings, ready: Callable[[httpx.Client], bool] | None = None
+) -> Iterator[LiveServer]:
+    """A LiveServer that has answered `ready` (default: /readyz 200) before it is used."""
+    check = ready or (lambda client: client.get("/readyz").status_code == 200)
+    with LiveServer(settings) as live:
+        with httpx.Client(base_url=live.url, headers=AUTH) as client:
+            wait_for(lambda: check(client), what="readiness")
+        yield live

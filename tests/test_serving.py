@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from serving.schemas import BatchResponse, RecommendationResponse
 from serving.settings import SCHEMA_MAX_HISTORY
-from tests.serving_support import AUTH, LiveServer, publish, server_settings
+from tests.serving_support import AUTH, LiveServer, publish, ready_server, server_settings
 from training.trainer import load_run_checkpoint
 
 MAX_HISTORY = 300  # the server's request limit in this module (the model reads fewer)
@@ -30,21 +30,8 @@ def server(tmp_path_factory: pytest.TempPathFactory, serving_bundle: Path) -> It
     root = tmp_path_factory.mktemp("artifacts")
     publish(root, serving_bundle, "r1")
     settings_ = server_settings(root, max_history=MAX_HISTORY, max_batch_requests=MAX_BATCH)
-    with LiveServer(settings_) as live:
-        with httpx.Client(base_url=live.url) as client:
-            wait_ready(client)
+    with ready_server(settings_) as live:
         yield live
-
-
-@pytest.fixture
-def client(server: LiveServer) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server.url, headers=AUTH, timeout=10) as http:
-        yield http
-
-
-@pytest.fixture(scope="module")
-def vocab(serving_bundle: Path) -> list[str]:
-    return json.loads((serving_bundle / "vocab.json").read_text())["items"]
 
 
 @pytest.fixture(scope="module")

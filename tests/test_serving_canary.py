@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.serving_support import AUTH, LiveServer, publish, server_settings, wait_for
+from tests.serving_support import LiveServer, publish, ready_server, server_settings
 
 SHARE = 0.2
 
@@ -21,22 +21,13 @@ def server(tmp_path_factory: pytest.TempPathFactory, serving_bundle: Path) -> It
     publish(root, serving_bundle, "stable")
     publish(root, serving_bundle, "canary", latest=False)
     settings = server_settings(root, canary_bundle="canary", canary_share=SHARE)
-    with LiveServer(settings) as live:
-        with httpx.Client(base_url=live.url, headers=AUTH) as client:
-            wait_for(
-                lambda: (
-                    client.get("/v1/model").status_code == 200
-                    and client.get("/v1/model").json()["canary"] is not None
-                ),
-                what="both bundles",
-            )
+
+    def both_loaded(client: httpx.Client) -> bool:
+        info = client.get("/v1/model")
+        return info.status_code == 200 and info.json()["canary"] is not None
+
+    with ready_server(settings, both_loaded) as live:
         yield live
-
-
-@pytest.fixture
-def client(server: LiveServer) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server.url, headers=AUTH, timeout=10) as http:
-        yield http
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,14 @@ import torch
 from serving.bundle import Bundle, Vocab
 from serving.recommend import LimitExceeded, check_limits
 from serving.schemas import RecommendationRequest
-from tests.serving_support import AUTH, LiveServer, publish, server_settings, wait_for
+from tests.serving_support import (
+    AUTH,
+    LiveServer,
+    publish,
+    ready_server,
+    server_settings,
+    wait_for,
+)
 from training.trainer import load_run_checkpoint
 
 
@@ -31,21 +38,8 @@ def root(tmp_path_factory: pytest.TempPathFactory, serving_bundle: Path) -> Path
 @pytest.fixture(scope="module")
 def server(root: Path) -> Iterator[LiveServer]:
     settings = server_settings(root, max_exclude_items=50, max_candidates=300)
-    with LiveServer(settings) as live:
-        with httpx.Client(base_url=live.url) as client:
-            wait_for(lambda: client.get("/readyz").status_code == 200, what="readiness")
+    with ready_server(settings) as live:
         yield live
-
-
-@pytest.fixture
-def client(server: LiveServer) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server.url, headers=AUTH, timeout=10) as http:
-        yield http
-
-
-@pytest.fixture(scope="module")
-def vocab(serving_bundle: Path) -> list[str]:
-    return json.loads((serving_bundle / "vocab.json").read_text())["items"]
 
 
 @pytest.fixture(scope="module")

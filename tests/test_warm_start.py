@@ -109,39 +109,15 @@ def test_cli_warm_start_and_a_bundle_without_checkpoint(
     trained_run: Path, small_data: SequenceData, small_data_dir: Path, tmp_path: Path, capsys
 ) -> None:
     bundle = tmp_path / "bundle"
+    command = ["warm-start", "--from", str(bundle), "--data", str(small_data_dir)]
+    command += ["--out", str(tmp_path / "w")]
     export_bundle(trained_run, bundle, small_data, parity_sequences=16)
     with pytest.raises(ValueError, match="carries no checkpoint/"):
         load_bundle_source(bundle)
-    assert (
-        main(
-            [
-                "warm-start",
-                "--from",
-                str(bundle),
-                "--data",
-                str(small_data_dir),
-                "--out",
-                str(tmp_path / "w"),
-            ]
-        )
-        == 2
-    )
+    assert main(command) == 2
     assert "carries no checkpoint/" in capsys.readouterr().err
     export_bundle(trained_run, bundle, small_data, parity_sequences=16, checkpoint_copy=True)
-    assert (
-        main(
-            [
-                "warm-start",
-                "--from",
-                str(bundle),
-                "--data",
-                str(small_data_dir),
-                "--out",
-                str(tmp_path / "w"),
-            ]
-        )
-        == 0
-    )
+    assert main(command) == 0
     assert f"{small_data.num_items} items kept, 0 new, 0 dropped" in capsys.readouterr().out
 
 
