@@ -96,7 +96,7 @@ def encode_rows(rows: list[Row], blocked: np.ndarray) -> bytes:
     head += [-1 if row.candidates is None else len(row.candidates) for row in rows]
     head += [len(blocked)]
     arrays = [np.asarray(row.history, dtype=INT) for row in rows]
-    arrays += [np.asarray(row.exclude, dtype=INT) for row in rows]
+    arrays += [np.asarray(row.exclude, dtype=INT) for row in rows if len(row.exclude)]
     arrays += [np.asarray(row.candidates, dtype=INT) for row in rows if row.candidates is not None]
     return np.concatenate([np.asarray(head, dtype=INT), *arrays, blocked.astype(INT)]).tobytes()
 

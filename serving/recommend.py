@@ -10,7 +10,7 @@ import numpy as np
 from serving.bundle import Bundle
 from serving.metrics import Metrics
 from serving.reload import ServingModel
-from serving.runtime import Ranked, Row
+from serving.runtime import NO_IDS, Ranked, Row
 from serving.schemas import RecommendationRequest, SimilarItemsRequest
 from serving.settings import Settings
 
@@ -111,8 +111,11 @@ def _encode(bundle: Bundle, externals: list[Any]) -> tuple[np.ndarray, list[str]
 def plan(request: RecommendationRequest, bundle: Bundle) -> Plan:
     """The request in the bundle's internal ids (after check_limits)."""
     history, unknown = _encode(bundle, request.items)
-    filters = encode_filters(bundle, request.exclude_items, request.candidates)
-    exclude, candidates, unknown_filter = filters.exclude, filters.candidates, filters.unknown
+    if request.exclude_items or request.candidates is not None:
+        filters = encode_filters(bundle, request.exclude_items, request.candidates)
+        exclude, candidates, unknown_filter = filters.exclude, filters.candidates, filters.unknown
+    else:  # the plain request: nothing to encode (this runs on the event loop per request)
+        exclude, candidates, unknown_filter = NO_IDS, None, []
     if candidates is not None and not len(candidates):
         return Plan(None, unknown, unknown_filter, exclude, candidates, fallback=False)
     if not len(history):
@@ -160,7 +163,7 @@ async def recommend(
     rows = [p.row for p in plans if p.row is not None]
     answers = iter(await model.batcher.submit(rows) if rows else [])
     responses = []
-    metrics.answers.labels(model.version).inc(len(requests))
+    model.answered.inc(len(requests))
     for request, p in zip(requests, plans, strict=True):
         if p.unknown or p.unknown_filter:
             metrics.unknown_items.inc(len(p.unknown) + len(p.unknown_filter))

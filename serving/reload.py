@@ -21,6 +21,7 @@ import logging
 import random
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 import numpy as np
 
@@ -48,6 +49,7 @@ class ServingModel:
     runner: ModelRunner
     batcher: MicroBatcher[Row, Ranked]
     availability: Availability | None = None
+    answered: Any = None  # fishrec_answers_total{version=<this run id>}, looked up once
     loaded_at: datetime = field(default_factory=lambda: datetime.now(UTC))
 
     @property
@@ -241,7 +243,8 @@ class ModelManager:
     def _serving(self, bundle: Bundle, runner: ModelRunner) -> ServingModel:
         """A started runner with its own batcher."""
         settings = self.settings
-        serving = ServingModel(bundle, runner, None, self.availability)  # type: ignore[arg-type]
+        answered = self.metrics.answers.labels(bundle.run_id)
+        serving = ServingModel(bundle, runner, None, self.availability, answered)  # type: ignore[arg-type]
         if not bundle.supports_filters and self.availability.items:
             log.warning(
                 "bundle %s has no filter inputs: the %d unavailable items cannot be held back",

@@ -65,10 +65,11 @@ def current_model(request: Request) -> ServingModel:
 
 def routed_model(request: Request, user: str | None = None) -> ServingModel:
     """The model that answers this caller: the canary for its share, else the current one."""
-    current_model(request)  # 503 while nothing serves
-    model = manager_of(request).route(user or request.headers.get(USER_HEADER))
-    assert model is not None
-    return model
+    model = current_model(request)  # 503 while nothing serves
+    manager = manager_of(request)
+    if manager.canary is None:  # the common case: no header lookup, no hashing
+        return model
+    return manager.route(user or request.headers.get(USER_HEADER)) or model
 
 
 USER_HEADER = "x-user-id"

@@ -106,14 +106,18 @@ def graph_feed(
     k: int,
     exclude_seen: np.ndarray,
     filters: Filters | None = None,
+    has_filters: bool | None = None,
 ) -> dict[str, np.ndarray]:
-    """The inputs of one run: filters fed when the graph has them (refused if it has not)."""
+    """The inputs of one run: filters fed when the graph has them (refused if it has not).
+
+    `has_filters`: what `has_filter_inputs(session)` says, when the caller knows it.
+    """
     feed = {
         "item_ids": np.ascontiguousarray(item_ids, dtype=np.int64),
         "k": np.array([k], dtype=np.int64),
         "exclude_seen": np.ascontiguousarray(exclude_seen, dtype=np.bool_),
     }
-    if has_filter_inputs(session):
+    if has_filter_inputs(session) if has_filters is None else has_filters:
         feed.update((filters or Filters.none(len(item_ids))).feed())
     elif filters is not None and filters.active:
         raise FiltersUnsupported(
@@ -342,7 +346,7 @@ class OnnxModel:
             [NO_IDS if row.candidates is None else row.candidates for row in rows],
             blocked,
         )
-        feed = graph_feed(self.session, item_ids, k, exclude, filters)
+        feed = graph_feed(self.session, item_ids, k, exclude, filters, self.filters)
         scores, indices = self.session.run(["scores", "indices"], feed)  # (B, k), (B, k)
         ranked = []
         for i, row in enumerate(rows):

@@ -230,7 +230,8 @@ def test_bundle_files_and_manifest(sasrec_bundle: Path, small_data: SequenceData
     manifest = verify_bundle(sasrec_bundle)
     assert manifest["schema"] == "fishrec.bundle/1"
     assert manifest["run_id"] == "sasrec-run"  # the folder name by default
-    assert set(manifest["files"]) == {"model.onnx", "model.int8.onnx", "vocab.json", "popular.json"}
+    files = {"model.onnx", "model.int8.onnx", "vocab.json", "popular.json", "item_vectors.npy"}
+    assert set(manifest["files"]) == files
     assert manifest["data_fingerprint"] == small_data.fingerprint
     assert manifest["num_items"] == small_data.num_items
     assert manifest["max_history"] == manifest["model"]["max_len"] == 20  # SASRec reads max_len
