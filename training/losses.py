@@ -6,6 +6,10 @@ every contrastive recipe adds its own term to them (training/recipes/).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -105,26 +109,111 @@ class _LinearCrossEntropy(torch.autograd.Function):
         )
 
 
+# ---- sampled softmax for large catalogues ---------------------------------------------
+
+# The popularity proposal is q_j ∝ (count_j + 1)^0.75. The +1 keeps every item drawable
+# (the estimate below is unbiased only where q_j > 0, cold items included); the 0.75
+# (word2vec's) flattens the head so that tail items still come up as negatives.
+POPULARITY_EXPONENT = 0.75
+
+
+def item_counts(sequences: Sequence[np.ndarray], num_items: int) -> Tensor:
+    """(N,) float64: how often each item 1..N occurs in `sequences` (ids outside are ignored)."""
+    counts = np.zeros(num_items + 1)
+    # In slices, so that one copy of all interactions never has to exist at once.
+    for start in range(0, len(sequences), 4096):
+        flat = np.concatenate(
+            [np.asarray(s, dtype=np.int64) for s in sequences[start : start + 4096]]
+        )
+        counts += np.bincount(flat, minlength=num_items + 1)[: num_items + 1]
+    return torch.from_numpy(counts[1:])
+
+
+def log_proposal(counts: Tensor, sampler: str) -> Tensor:
+    """(N,) float32 log q_j: the distribution the sampled negatives are drawn from."""
+    if sampler == "uniform":
+        weights = torch.ones_like(counts)
+    elif sampler == "popularity":
+        weights = (counts + 1.0) ** POPULARITY_EXPONENT
+    else:
+        raise ValueError(f"sampler must be 'uniform' or 'popularity', got {sampler!r}")
+    return (weights / weights.sum()).log().float()
+
+
+def log_frequency(counts: Tensor) -> Tensor:
+    """(N,) float32 log p_j: each item's share of the training items, unsmoothed.
+
+    The targets of a batch are (nearly) draws from p, so this is what corrects
+    in-batch negatives; an item never trained on has p = 0 and never is one.
+    """
+    return (counts / counts.sum()).log().float()
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """A sampled softmax in place of the full one; see `negative_pool`."""
+
+    negatives: int  # n: items drawn per batch from the proposal, shared by its rows
+    log_proposal: Tensor  # (N,) log q_j of items 1..N
+    log_frequency: Tensor | None = None  # (N,) log p_j; given: in-batch negatives too
+
+
+def negative_pool(targets: Tensor, sampling: Sampling) -> tuple[Tensor, Tensor]:
+    """The negatives a batch shares and their log-weights: (K,) item ids, (K,) log w.
+
+    The pool holds n draws (with replacement) from q and, with in-batch negatives,
+    each distinct target of the batch once with its count c_j. For a row, item j
+    is expected E_j = n q_j + (M - 1) p_j times among the draws and the *other*
+    M - 1 targets (its own target is masked anyway), so with log w = log c - log E
+    the pool's sum of w_j exp(s_j) is an unbiased estimate of the sum of exp(s_j)
+    over the catalogue (importance sampling, Bengio & Senecal 2008; the logQ
+    correction of Yi et al. 2019), provided the targets follow p. One formula for
+    both sources: E_j is the mixture's expected count, so none is counted twice.
+    """
+    n, q = sampling.negatives, sampling.log_proposal.exp()
+    drawn = torch.multinomial(q, n, replacement=True) + 1 if n > 0 else targets[:0]
+    items, counts = [drawn], [torch.ones_like(drawn)]
+    if sampling.log_frequency is not None:
+        # Distinct targets with their counts: the same sum as one column per row, fewer columns.
+        unique, count = torch.unique(targets, return_counts=True)
+        items.append(unique)
+        counts.append(count)
+    pool = torch.cat(items)
+    expected = n * q[pool - 1]
+    if sampling.log_frequency is not None:
+        expected = expected + (len(targets) - 1) * sampling.log_frequency[pool - 1].exp()
+    return pool, torch.cat(counts).to(q.dtype).log() - expected.log()
+
+
+def sampled_logits(
+    states: Tensor, weight: Tensor, bias: Tensor, targets: Tensor, pool: Tensor, log_weight: Tensor
+) -> Tensor:
+    """(M, 1 + K): each row's target logit, then the pool's logits plus their log-weights.
+
+    The target keeps its exact logit, so cross-entropy at column 0 is the full
+    cross-entropy with only the negatives' part of the partition sum estimated
+    (correcting the target too would bias it). Pool entries equal to a row's
+    target are masked (-inf): they are that row's positive, not a negative.
+    """
+    positive = (states * weight[targets - 1]).sum(-1) + bias[targets - 1]  # (M,)
+    negative = states @ weight[pool - 1].T + bias[pool - 1] + log_weight  # (M, K)
+    negative = negative.masked_fill(pool[None, :] == targets[:, None], float("-inf"))
+    return torch.cat([positive[:, None], negative], dim=1)
+
+
 def item_cross_entropy(
-    model: SequenceRecommender, states: Tensor, targets: Tensor, negatives: int = 0
+    model: SequenceRecommender, states: Tensor, targets: Tensor, sampling: Sampling | None = None
 ) -> Tensor:
     """Mean cross-entropy of `targets` (M,) item ids given `states` (M, D).
 
-    negatives = 0: softmax over the whole catalogue. negatives = n > 0: softmax
-    over the target and n uniformly drawn items shared by the batch (for
-    catalogues too large for a full softmax); draws equal to a row's target are
-    masked out.
+    sampling None: softmax over the whole catalogue (chunked, exact). Otherwise a
+    sampled softmax with logQ correction, for catalogues too large for that.
     """
-    if negatives <= 0:
-        return linear_cross_entropy(states, model.output_weight(), model.output_bias, targets - 1)
-    num_items = model.config.num_items
-    sampled = torch.randint(1, num_items + 1, (negatives,), device=states.device)  # (n,)
-    weight = model.output_weight()
-    bias = model.output_bias
-    positive = (states * weight[targets - 1]).sum(-1) + bias[targets - 1]  # (M,)
-    negative = states @ weight[sampled - 1].T + bias[sampled - 1]  # (M, n)
-    negative = negative.masked_fill(sampled[None, :] == targets[:, None], float("-inf"))
-    logits = torch.cat([positive[:, None], negative], dim=1)
+    weight, bias = model.output_weight(), model.output_bias
+    if sampling is None:
+        return linear_cross_entropy(states, weight, bias, targets - 1)
+    pool, log_weight = negative_pool(targets, sampling)
+    logits = sampled_logits(states, weight, bias, targets, pool, log_weight)
     return F.cross_entropy(logits, torch.zeros_like(targets))
 
 
@@ -133,22 +222,24 @@ def cloze_loss(
     items: Tensor,
     mask_prob: float = 0.2,
     last_prob: float = 0.0,
-    negatives: int = 0,
+    sampling: Sampling | None = None,
 ) -> Tensor:
     """BERT4Rec's objective: predict masked items from both sides."""
     inputs, labels = cloze_mask(items, mask_prob, model.config.mask_id, last_prob)
     states = model.encode(inputs)  # (B, L, D)
     picked = labels != PAD_ID
-    return item_cross_entropy(model, states[picked], labels[picked], negatives)
+    return item_cross_entropy(model, states[picked], labels[picked], sampling)
 
 
-def next_item_loss(model: SequenceRecommender, items: Tensor, negatives: int = 0) -> Tensor:
+def next_item_loss(
+    model: SequenceRecommender, items: Tensor, sampling: Sampling | None = None
+) -> Tensor:
     """SASRec's objective: at every position predict the following item."""
     inputs, targets = items[:, :-1], items[:, 1:]
     states = model.encode(inputs)  # (B, L-1, D)
     # A position predicts only when both it and its target are real items.
     picked = (targets != PAD_ID) & (inputs != PAD_ID)
-    return item_cross_entropy(model, states[picked], targets[picked], negatives)
+    return item_cross_entropy(model, states[picked], targets[picked], sampling)
 
 
 # ---- contrastive terms (CL4SRec, DuoRec, EHRec) ---------------------------------------

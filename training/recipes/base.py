@@ -10,14 +10,21 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from training.batching import Batch
-from training.losses import cloze_loss, next_item_loss
+from training.losses import (
+    Sampling,
+    cloze_loss,
+    item_counts,
+    log_frequency,
+    log_proposal,
+    next_item_loss,
+)
 from training.model import ModelConfig, SequenceRecommender
 
 
@@ -33,7 +40,20 @@ class RecipeParams(BaseModel):
         0.1, ge=0.0, le=1.0, description="Cloze: share of rows that mask only their newest item"
     )
     negatives: int = Field(
-        0, ge=0, description="0: softmax over all items; n: n sampled negatives (large catalogues)"
+        0,
+        ge=0,
+        description="0: exact softmax over all items (chunked); n: a sampled softmax with n "
+        "negatives per batch, logQ-corrected (catalogues of 10^5+ items)",
+    )
+    sampler: Literal["uniform", "popularity"] = Field(
+        "uniform",
+        description="what the n negatives are drawn from: uniform, or popularity "
+        "(count + 1)^0.75 over the training items; unused when negatives is 0",
+    )
+    in_batch_negatives: bool = Field(
+        False,
+        description="also use the batch's other targets as negatives, corrected by their "
+        "training frequency (a sampled softmax even when negatives is 0)",
     )
 
 
@@ -49,6 +69,8 @@ class Recipe(nn.Module):
     name: ClassVar[str] = "plain"
     Params: ClassVar[type[RecipeParams]] = RecipeParams
     backbone: ClassVar[str | None] = None  # the backbone the recipe requires, if any
+    log_proposal: Tensor | None  # (N,) log q of the sampled negatives; None: full softmax
+    log_frequency: Tensor | None  # (N,) log p of the in-batch negatives; None: none
 
     def __init__(
         self, params: RecipeParams, model_config: ModelConfig, train: Sequence[np.ndarray]
@@ -62,17 +84,32 @@ class Recipe(nn.Module):
         self.params = params
         self.model_config = model_config
         self.train_sequences = train
+        # The sampled softmax's distributions, counted once here. Non-persistent: they
+        # follow from the data, so checkpoints are the same whatever the loss.
+        proposal = frequency = None
+        if params.negatives > 0 or params.in_batch_negatives:
+            counts = item_counts(train, model_config.num_items)
+            proposal = log_proposal(counts, params.sampler)
+            frequency = log_frequency(counts) if params.in_batch_negatives else None
+        self.register_buffer("log_proposal", proposal, persistent=False)
+        self.register_buffer("log_frequency", frequency, persistent=False)
 
     def window_length(self) -> int:
         """How many items of a training sequence one sample holds."""
         # SASRec's inputs are items[:-1], so it needs one item more than max_len.
         return self.model_config.max_len + int(self.model_config.causal)
 
+    def sampling(self) -> Sampling | None:
+        """The sampled softmax of the plain loss; None: the exact full softmax."""
+        if self.log_proposal is None:
+            return None
+        return Sampling(self.params.negatives, self.log_proposal, self.log_frequency)
+
     def base_loss(self, model: SequenceRecommender, items: Tensor) -> Tensor:
         if model.config.causal:
-            return next_item_loss(model, items, self.params.negatives)
+            return next_item_loss(model, items, self.sampling())
         return cloze_loss(
-            model, items, self.params.mask_prob, self.params.mask_last_prob, self.params.negatives
+            model, items, self.params.mask_prob, self.params.mask_last_prob, self.sampling()
         )
 
     def loss(self, model: SequenceRecommender, batch: Batch) -> RecipeOutput:
