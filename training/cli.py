@@ -45,13 +45,35 @@ def cmd_data_download(args: argparse.Namespace) -> None:
 
 def cmd_data_synthetic(args: argparse.Namespace) -> None:
     from training.config import parse_override
-    from training.synthetic import SyntheticConfig, generate
+    from training.synthetic import DEFAULT_CHUNK_USERS, SyntheticConfig, generate, write_parquet
 
-    fields = dict(parse_override(text) for text in args.overrides)
-    data = generate(SyntheticConfig(seed=args.seed, **fields))
-    data.save(Path(args.output))
+    fields = {"seed": args.seed, **dict(parse_override(text) for text in args.overrides)}
+    config = SyntheticConfig(**fields)
+    if not args.parquet:
+        if args.chunk_users is not None:
+            raise CommandError("--chunk-users needs --parquet (a data folder is built in memory)")
+        data = generate(config)
+        data.save(Path(args.output))
+        print(
+            f"{args.output}: {data.num_users} users, {data.num_items} items, {data.num_interactions} interactions"
+        )
+        return
+    from tqdm.auto import tqdm
+
+    chunk_users = DEFAULT_CHUNK_USERS if args.chunk_users is None else args.chunk_users
+    if chunk_users < 1:
+        raise CommandError(f"--chunk-users must be at least 1, got {chunk_users}")
+    with tqdm(
+        total=config.num_users,
+        unit="user",
+        unit_scale=True,
+        desc="synthetic",
+        disable=args.no_progress,
+    ) as bar:
+        log = write_parquet(config, Path(args.output), chunk_users, progress=bar.update)
     print(
-        f"{args.output}: {data.num_users} users, {data.num_items} items, {data.num_interactions} interactions"
+        f"{log.path}: {log.rows} interactions, {log.users} users, {log.items} items in "
+        f"{log.files} Parquet files ({log.bytes / 1e6:.1f} MB), {log.seconds:.1f} s"
     )
 
 
@@ -178,12 +200,30 @@ def register_data(commands: argparse._SubParsersAction) -> None:
 
     synthetic = sub.add_parser(
         "synthetic",
-        help="write the embedded synthetic data set as a data folder",
-        description="Generate the deterministic synthetic data set (the default data of every command).",
+        help="write the embedded synthetic data set as a data folder (or a Parquet log)",
+        description="Generate the deterministic synthetic data set (the default data of every "
+        "command). --parquet streams a large one (e.g. --set num_users=1000000 --set "
+        "num_items=1000000) chunk by chunk into a folder of Parquet files, a log for "
+        "'fishrec data prepare'.",
     )
-    synthetic.add_argument("--output", required=True, help="folder to write")
+    synthetic.add_argument("--output", required=True, help="folder to write (replaced atomically)")
     synthetic.add_argument("--seed", type=int, default=0, help="generator seed")
-    add_override_flags(synthetic)
+    synthetic.add_argument(
+        "--parquet",
+        action="store_true",
+        help="write an interaction log (user, item, timestamp) as part-NNNNN.parquet files, "
+        "one per chunk of users, instead of a data folder",
+    )
+    synthetic.add_argument(
+        "--chunk-users",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with --parquet: users per chunk and file (default 10000); memory grows with N, "
+        "and the same seed and N give the same files",
+    )
+    synthetic.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_override_flags(synthetic, example="num_items=1000000", what="a SyntheticConfig field")
     synthetic.set_defaults(func=cmd_data_synthetic)
     register_features(sub)
 
@@ -197,6 +237,7 @@ TRAIN_FLAGS = {
     "epochs": "train.epochs",
     "seed": "train.seed",
     "device": "train.device",
+    "workers": "train.workers",
     "features": "data.features",
     "item_representation": "model.item_representation",
 }
@@ -275,6 +316,12 @@ def register_train(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--epochs", type=int, default=None, help="maximum epochs")
     parser.add_argument("--seed", type=int, default=None, help="random seed")
     parser.add_argument("--device", default=None, help="auto, cpu, cuda")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="data-parallel Ray Train workers (train.workers; threads each: train.num_threads)",
+    )
     parser.add_argument(
         "--resume", action="store_true", help="continue the run in --out from its last epoch"
     )

@@ -200,6 +200,15 @@ class TrainConfig(StrictModel):
     num_threads: int | None = Field(
         None, ge=1, description="torch intra-op threads (None: torch default)"
     )
+    workers: int = Field(
+        1,
+        ge=1,
+        description="data-parallel workers on Ray Train (DDP: gloo on CPU, nccl on GPU); each "
+        "takes batch_size / workers rows of every batch and num_threads CPUs (default 1)",
+    )
+    max_failures: int = Field(
+        0, ge=0, description="workers > 1: restarts of the worker group from its last checkpoint"
+    )
     progress: bool = Field(True, description="show a progress bar")
     eval_seed: int = Field(0, description="seed of the random100 candidate sets")
 

@@ -28,10 +28,10 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
-from torch import nn
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from training.batching import iterate_batches
+from training.batching import Batch, iterate_batches
 from training.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -131,6 +131,63 @@ def build_optimizer(
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
 
 
+@dataclass(frozen=True)
+class Parallel:
+    """This process's place in a data-parallel run (training/distributed.py).
+
+    Every rank draws the same global batches and trains on its own rows of each;
+    `objective` is the DDP-wrapped loss, so gradients are averaged across ranks
+    in backward. Only rank 0 validates and writes the run folder; the others
+    learn from it whether to stop.
+    """
+
+    rank: int
+    world_size: int
+
+    @property
+    def writer(self) -> bool:
+        return self.rank == 0
+
+    def shard(self, batch: Batch) -> Batch:
+        """This rank's rows of a global batch (a batch smaller than the world repeats rows)."""
+        rows = torch.arange(self.rank, batch.items.shape[0], self.world_size)
+        if not len(rows):
+            rows = torch.tensor([self.rank % batch.items.shape[0]])
+        return Batch(batch.items[rows], batch.index[rows])
+
+    def mean(self, value: float) -> float:
+        """The mean of `value` over the ranks."""
+        import torch.distributed as dist
+
+        total = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(total)
+        return float(total) / self.world_size
+
+    def from_writer(self, value: Any) -> Any:
+        """Rank 0's `value`, on every rank."""
+        import torch.distributed as dist
+
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+class Objective(nn.Module):
+    """The recipe's loss of the model as one module's forward, which DDP can wrap.
+
+    DDP all-reduces the gradients of the parameters its module's forward used;
+    recipes call `model.encode`, not `model.forward`, so the model and the
+    recipe's own modules are wrapped together here.
+    """
+
+    def __init__(self, model: SequenceRecommender, recipe: Recipe) -> None:
+        super().__init__()
+        self.model, self.recipe = model, recipe
+
+    def forward(self, batch: Batch) -> Tensor:
+        return self.recipe.loss(self.model, batch).loss
+
+
 @dataclass
 class TrainState:
     """What the loop carries from epoch to epoch (saved in last/trainer.json)."""
@@ -167,6 +224,7 @@ class Trainer:
         init: Path | None = None,
         on_epoch: EpochCallback | None = None,
         transfer: Transfer | None = None,
+        parallel: Parallel | None = None,
     ) -> None:
         if init is not None and transfer is not None:
             raise ValueError("start from --init or from --transfer-from, not both")
@@ -175,6 +233,8 @@ class Trainer:
         self.data = data
         self.run_dir = Path(run_dir)
         self.on_epoch = on_epoch
+        self.parallel = parallel
+        self.writer = parallel is None or parallel.writer
         self.device = resolve_device(self.cfg.device)
         if self.cfg.num_threads:
             torch.set_num_threads(self.cfg.num_threads)
@@ -205,6 +265,17 @@ class Trainer:
             self.recipe.lr_scales(self.model) if isinstance(self.recipe, FeatureRecipe) else None
         )
         self.optimizer = build_optimizer([self.model, self.recipe], self.cfg, scales)
+        self.objective: nn.Module = Objective(self.model, self.recipe)
+        if parallel is not None:
+            from ray.train.torch import prepare_model
+
+            # Broadcasts rank 0's weights, then averages gradients in every backward.
+            # A recipe's own modules may sit out a step (a gate, a classifier); the
+            # backbone's parameters are all used by every loss.
+            own = any(p.requires_grad for p in self.recipe.parameters())
+            self.objective = prepare_model(
+                self.objective, parallel_strategy_kwargs={"find_unused_parameters": own}
+            )
         steps_per_epoch = math.ceil(len(self.train_sequences) / self.cfg.batch_size)
         self.total_steps = max(1, steps_per_epoch * self.cfg.epochs)
         self.state = TrainState(history=[])
@@ -304,9 +375,9 @@ class Trainer:
             self.checkpoint_info(self.state.epoch),
         )
 
-    def restore_last(self) -> bool:
-        """Continue from last/ if it exists; returns whether it did."""
-        last = self.run_dir / LAST
+    def restore_last(self, folder: Path | None = None) -> bool:
+        """Continue from last/ (or `folder`, a copy of one) if it exists; returns whether it did."""
+        last = folder or self.run_dir / LAST
         if not (last / "checkpoint.json").is_file():
             return False
         read_manifest(last)  # verifies every checksum before anything is loaded
@@ -329,24 +400,33 @@ class Trainer:
 
     # ---- the loop ------------------------------------------------------------------
 
-    def fit(self, resume: bool = False) -> TrainResult:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(
-            yaml.safe_dump(self.config.model_dump(mode="json"), sort_keys=False)
-        )
-        if not (resume and self.restore_last()):
+    def fit(self, resume: bool = False, restore: Path | None = None) -> TrainResult | None:
+        """Train to the end; `restore`: a copy of last/ to continue from (Ray Train's).
+
+        Returns None on the ranks of a data-parallel run that do not write.
+        """
+        if self.writer:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(
+                yaml.safe_dump(self.config.model_dump(mode="json"), sort_keys=False)
+            )
+        if not ((restore and self.restore_last(restore)) or (resume and self.restore_last())):
             self.state = TrainState(history=[])
-            if self.cfg.validate_initial:
+            if self.cfg.validate_initial and self.writer:
                 self.validate_start()
         while self.state.epoch < self.cfg.epochs and not self.state.stopped:
             self.run_epoch(self.state.epoch)
+        if not self.writer:
+            return None
         if not (self.run_dir / BEST / "checkpoint.json").is_file():
             self.save_best()  # zero epochs: the initial model is the result
         return self.finish()
 
     def run_epoch(self, epoch: int) -> None:
         seed = epoch_seed(self.cfg.seed, epoch)
-        torch.manual_seed(seed)
+        rank = self.parallel.rank if self.parallel else 0
+        # Ranks share the batch order (numpy) but draw their own masks and dropout.
+        torch.manual_seed(seed if rank == 0 else epoch_seed(seed, rank))
         rng = np.random.default_rng(seed)
         self.model.train()
         self.recipe.train()
@@ -364,29 +444,37 @@ class Trainer:
             batches,
             total=total,
             desc=f"epoch {epoch + 1}/{self.cfg.epochs}",
-            disable=not self.cfg.progress,
+            disable=not (self.cfg.progress and self.writer),
             leave=False,
         )
         for batch in bar:
-            loss = self.train_step(batch.to(self.device))
+            local = self.parallel.shard(batch) if self.parallel else batch
+            loss = self.train_step(local.to(self.device))
             losses.append(loss)
             seen += batch.items.shape[0]
             bar.set_postfix(loss=f"{loss:.4f}", seq_s=f"{seen / (time.perf_counter() - start):.0f}")
         elapsed = time.perf_counter() - start
         entry: dict[str, Any] = {
             "epoch": epoch + 1,
-            "loss": float(np.mean(losses)),
+            "loss": self.parallel.mean(float(np.mean(losses)))
+            if self.parallel
+            else float(np.mean(losses)),
             "seconds": elapsed,
             "sequences_per_second": seen / elapsed,
             "lr": self.optimizer.param_groups[0]["lr"],
             **self.recipe.epoch_end(),
+            **({"workers": self.parallel.world_size} if self.parallel else {}),
         }
         self.state.epoch = epoch + 1
-        if self.state.epoch % self.cfg.eval_every == 0 or self.state.epoch == self.cfg.epochs:
+        due = self.state.epoch % self.cfg.eval_every == 0 or self.state.epoch == self.cfg.epochs
+        if due and self.writer:
             self.validate(entry)
+        if self.parallel:
+            self.state.stopped = self.parallel.from_writer(self.state.stopped)
         self.state.history = [*(self.state.history or []), entry]
-        self.save_last()
-        log.info("epoch %d: %s", epoch + 1, _describe(entry))
+        if self.writer:
+            self.save_last()
+            log.info("epoch %d: %s", epoch + 1, _describe(entry))
         if self.on_epoch:
             self.on_epoch(entry)
 
@@ -401,11 +489,11 @@ class Trainer:
         with torch.autocast(
             self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16"
         ):
-            output = self.recipe.loss(self.model, batch)
-        if not torch.isfinite(output.loss):
-            raise FloatingPointError(f"loss became {output.loss.item()} at step {self.state.step}")
+            loss = self.objective(batch)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss became {loss.item()} at step {self.state.step}")
         self.optimizer.zero_grad(set_to_none=True)
-        output.loss.backward()
+        loss.backward()
         if self.cfg.clip_grad_norm:
             params = [p for g in self.optimizer.param_groups for p in g["params"]]
             nn.utils.clip_grad_norm_(params, self.cfg.clip_grad_norm)
@@ -414,7 +502,7 @@ class Trainer:
             group["lr"] = self.cfg.lr * factor * group.get("lr_scale", 1.0)
         self.optimizer.step()
         self.state.step += 1
-        return float(output.loss.detach())
+        return float(loss.detach())
 
     def validate(self, entry: dict[str, Any]) -> None:
         start = time.perf_counter()
@@ -475,5 +563,11 @@ def train(
     `init` continues a checkpoint of the same data; `transfer` starts from a model
     of another catalogue (training/transfer.py).
     """
+    if config.train.workers > 1:
+        from training.distributed import train_distributed
+
+        return train_distributed(config, data, run_dir, init, resume, on_epoch, transfer)
     trainer = Trainer(config, data, run_dir, init=init, on_epoch=on_epoch, transfer=transfer)
-    return trainer.fit(resume=resume)
+    result = trainer.fit(resume=resume)
+    assert result is not None  # one process writes
+    return result

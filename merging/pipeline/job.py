@@ -162,15 +162,21 @@ class Pipeline:
         else:
             log.info("%s %-18s started", done, stage)
 
-    def remote(self, function: Callable[..., Any], label: str):  # type: ignore[no-untyped-def]
-        """`function` as a Ray task with the job's resources and retries."""
+    def remote(  # type: ignore[no-untyped-def]
+        self, function: Callable[..., Any], label: str, coordinator: bool = False
+    ):
+        """`function` as a Ray task with the job's resources and retries.
+
+        coordinator: the task only drives Ray Train workers (train.workers > 1),
+        which take the resources; it must not hold them itself.
+        """
         import ray
 
         env = {k: os.environ[k] for k in (tasks.FAULT_LABEL, tasks.FAULT_DIR) if k in os.environ}
         resources = self.config.resources
         return ray.remote(function).options(
-            num_cpus=resources.num_cpus,
-            num_gpus=resources.num_gpus,
+            num_cpus=0 if coordinator else resources.num_cpus,
+            num_gpus=0 if coordinator else resources.num_gpus,
             max_retries=self.config.max_retries,
             retry_exceptions=True,
             name=label,
@@ -288,6 +294,8 @@ class Pipeline:
         values = self.config.experiment.model_dump(mode="json")
         values["recipe"] = {"name": recipe, "params": params}
         values["train"].update(epochs=epochs, seed=seed, progress=False, device=self._device())
+        if values["train"]["workers"] > 1 and values["train"]["num_threads"] is None:
+            values["train"]["num_threads"] = int(max(1, self.config.resources.num_cpus))
         if lr is not None:
             values["train"]["lr"] = lr
         return values
@@ -298,7 +306,8 @@ class Pipeline:
     def training_stage(
         self, name: str, experiment: dict[str, Any], init: str | None
     ) -> ParallelStage:
-        task = self.remote(tasks.train_model, f"train/{name}")
+        workers = experiment["train"]["workers"]
+        task = self.remote(tasks.train_model, f"train/{name}", coordinator=workers > 1)
         return ParallelStage(
             name=f"train/{name}",
             submit=lambda: [task.remote(self.context, name, experiment, init)],
