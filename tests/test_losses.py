@@ -140,13 +140,19 @@ def test_bad_shapes_are_refused() -> None:
 # ---- the chunked linear cross-entropy --------------------------------------------------
 
 
-@pytest.mark.parametrize("chunk", [7 * 30, 1 << 20], ids=["many-chunks", "one-chunk"])
+@pytest.mark.parametrize(
+    ("chunk", "item_block"),
+    [(7 * 30, 8192), (1 << 20, 8192), (7 * 8, 8), (1 << 20, 7)],
+    ids=["many-row-chunks", "one-chunk", "rows-and-item-blocks", "item-blocks"],
+)
 def test_linear_cross_entropy_equals_the_materialised_loss_and_gradients(
-    monkeypatch: pytest.MonkeyPatch, chunk: int
+    monkeypatch: pytest.MonkeyPatch, chunk: int, item_block: int
 ) -> None:
     import training.losses
 
     monkeypatch.setattr(training.losses, "LOGIT_CHUNK_ELEMENTS", chunk)
+    # Catalogues wider than a block take the two-sweep path (30 items = 4-5 blocks).
+    monkeypatch.setattr(training.losses, "ITEM_BLOCK", item_block)
     torch.manual_seed(0)
     h = torch.randn(100, 8, dtype=torch.float64, requires_grad=True)
     w = torch.randn(30, 8, dtype=torch.float64, requires_grad=True)
@@ -178,7 +184,13 @@ def test_linear_cross_entropy_under_bf16_autocast_is_close() -> None:
         assert (g - e).norm() / e.norm() < 3e-2  # bf16 has 8 mantissa bits
 
 
-def test_linear_cross_entropy_without_gradients() -> None:
+@pytest.mark.parametrize("item_block", [8192, 4])
+def test_linear_cross_entropy_without_gradients(
+    monkeypatch: pytest.MonkeyPatch, item_block: int
+) -> None:
+    import training.losses
+
+    monkeypatch.setattr(training.losses, "ITEM_BLOCK", item_block)
     h, w, b = torch.randn(5, 4), torch.randn(6, 4), torch.randn(6)
     y = torch.tensor([0, 5, 2, 2, 1])
     loss = linear_cross_entropy(h, w, b, y)
