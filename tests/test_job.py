@@ -497,3 +497,21 @@ def torch_equal(a, b) -> bool:  # type: ignore[no-untyped-def]
     import torch
 
     return bool(torch.equal(a, b))
+
+
+def test_every_stage_takes_the_shared_loss_and_workers(tmp_path: Path) -> None:
+    from merging.pipeline.job import Pipeline
+    from merging.pipeline.store import ArtifactStore
+
+    config = tiny_pipeline(
+        experiment__recipe__params={"negatives": 64, "sampler": "popularity"},
+        experiment__train__workers=2,
+        recipes=[{"name": "plain"}, {"name": "cl4srec", "params": {"negatives": 32}}],
+    )
+    job = Pipeline(config, ArtifactStore(str(tmp_path)), "r1")
+    plain = job.experiment_for("sasrec", {}, epochs=1, seed=0)
+    cl4srec = job.experiment_for("cl4srec", {"negatives": 32}, epochs=1, seed=0)
+    assert plain["recipe"]["params"] == {"negatives": 64, "sampler": "popularity"}
+    assert cl4srec["recipe"]["params"] == {"negatives": 32, "sampler": "popularity"}
+    # Data-parallel stages: each worker gets the task's CPUs as threads.
+    assert plain["train"]["workers"] == 2 and plain["train"]["num_threads"] == 1

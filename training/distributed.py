@@ -38,7 +38,6 @@ from training.data import SequenceData
 from training.trainer import (
     LAST,
     SELECTION_METRIC,
-    EpochCallback,
     Parallel,
     Trainer,
     TrainResult,
@@ -55,21 +54,20 @@ FAULT_DIR = "FISHREC_TRAIN_FAULT_DIR"
 
 
 def train_distributed(
-    config: ExperimentConfig,
-    data: SequenceData,
-    run_dir: Path,
-    init: Path | None = None,
-    resume: bool = False,
-    on_epoch: EpochCallback | None = None,
-    transfer: Transfer | None = None,
+    config: ExperimentConfig, data: SequenceData, run_dir: Path, **start: Any
 ) -> TrainResult:
-    """`training.trainer.train` with `config.train.workers` Ray Train workers."""
+    """`training.trainer.train` with `config.train.workers` Ray Train workers.
+
+    `start`: train's init, resume and transfer (on_epoch callbacks cannot run in
+    the workers' processes).
+    """
+    init: Path | None = start.get("init")
+    resume: bool = start.get("resume", False)
+    transfer: Transfer | None = start.get("transfer")
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    if on_epoch is not None:
-        raise ValueError("on_epoch callbacks run in the workers' processes: use workers: 1")
     cfg = config.train
     run_dir = Path(run_dir).resolve()
     use_gpu = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())

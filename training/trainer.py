@@ -566,7 +566,9 @@ def train(
     if config.train.workers > 1:
         from training.distributed import train_distributed
 
-        return train_distributed(config, data, run_dir, init, resume, on_epoch, transfer)
+        if on_epoch is not None:
+            raise ValueError("on_epoch callbacks cannot run in Ray Train's workers: use workers: 1")
+        return train_distributed(config, data, run_dir, init=init, resume=resume, transfer=transfer)
     trainer = Trainer(config, data, run_dir, init=init, on_epoch=on_epoch, transfer=transfer)
     result = trainer.fit(resume=resume)
     assert result is not None  # one process writes

@@ -292,13 +292,23 @@ class Pipeline:
         self, recipe: str, params: dict[str, Any], epochs: int, seed: int, lr: float | None = None
     ) -> dict[str, Any]:
         values = self.config.experiment.model_dump(mode="json")
-        values["recipe"] = {"name": recipe, "params": params}
+        values["recipe"] = {"name": recipe, "params": {**self.shared_loss_params(), **params}}
         values["train"].update(epochs=epochs, seed=seed, progress=False, device=self._device())
         if values["train"]["workers"] > 1 and values["train"]["num_threads"] is None:
             values["train"]["num_threads"] = int(max(1, self.config.resources.num_cpus))
         if lr is not None:
             values["train"]["lr"] = lr
         return values
+
+    def shared_loss_params(self) -> dict[str, Any]:
+        """experiment.recipe.params of the plain objective (e.g. sampled softmax): every stage's.
+
+        A recipe entry's own params override them.
+        """
+        from training.recipes.base import RecipeParams
+
+        shared = self.config.experiment.recipe.params
+        return {k: v for k, v in shared.items() if k in RecipeParams.model_fields}
 
     def _device(self) -> str:
         return "cuda" if self.config.resources.num_gpus > 0 else "cpu"
