@@ -64,6 +64,9 @@ def linear_cross_entropy(states: Tensor, weight: Tensor, bias: Tensor, labels: T
 
 
 def _item_blocks(num_items: int) -> list[slice]:
+    """Column blocks; up to 2 x ITEM_BLOCK items stay one block (one sweep, >= 64 rows)."""
+    if num_items <= 2 * ITEM_BLOCK:
+        return [slice(0, num_items)]
     return [slice(c, min(c + ITEM_BLOCK, num_items)) for c in range(0, num_items, ITEM_BLOCK)]
 
 
