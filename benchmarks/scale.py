@@ -256,13 +256,23 @@ def serve_figures(
         server.stop()
 
 
-def measure(args: argparse.Namespace, items: int) -> dict[str, Any]:
-    folder = Path(args.work) / f"n{items}"
+def cached(folder: Path, compute: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
+    """The figures of `folder` (figures.json) if measured before, else computed there now."""
     done = folder / "figures.json"
     if done.exists():
         return json.loads(done.read_text())
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
+    figures = compute(folder)
+    done.write_text(json.dumps(figures, indent=2))
+    return figures
+
+
+def measure(args: argparse.Namespace, items: int) -> dict[str, Any]:
+    return cached(Path(args.work) / f"n{items}", lambda folder: measure_in(args, items, folder))
+
+
+def measure_in(args: argparse.Namespace, items: int, folder: Path) -> dict[str, Any]:
     log.info("n = %d: data", items)
     figures, data = make_data(args, items, folder)
     log.info("n = %d: training steps", items)
@@ -279,22 +289,20 @@ def measure(args: argparse.Namespace, items: int) -> dict[str, Any]:
     figures |= onnx_latency(data, bundle)
     log.info("n = %d: service", items)
     figures |= serve_figures(args, data, bundle.parent.parent)
-    done.write_text(json.dumps(figures, indent=2))
     log.info("n = %d: %s", items, figures)
     return figures
 
 
 def data_only(args: argparse.Namespace, items: int, users: int) -> dict[str, Any]:
     """Write a log of `users` users and prepare it in a child process (its peak RSS)."""
+    folder = Path(args.work) / f"data-u{users}-n{items}"
+    return cached(folder, lambda folder: data_only_in(args, items, users, folder))
+
+
+def data_only_in(args: argparse.Namespace, items: int, users: int, folder: Path) -> dict[str, Any]:
     import resource
     import subprocess
 
-    folder = Path(args.work) / f"data-u{users}-n{items}"
-    done = folder / "figures.json"
-    if done.exists():
-        return json.loads(done.read_text())
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
     config = synthetic_config(args, items, users)
     generate_s, written = timed(lambda: write_parquet(config, folder / "log"))
     command = [sys.executable, "-m", "merging.main", "data", "prepare"]
@@ -310,7 +318,6 @@ def data_only(args: argparse.Namespace, items: int, users: int) -> dict[str, Any
         "prepare_peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
     }
     shutil.rmtree(folder / "log")
-    done.write_text(json.dumps(figures, indent=2))
     return figures
 
 
