@@ -27,9 +27,10 @@ users pooled over seeds. Also printed: the pool's error inconsistency and each
 contrastive recipe's last-epoch loss next to log(2B - 1), the value of a term
 that cannot tell positives from negatives.
 
-Results go to the JSON per seed as each seed finishes (a rerun skips finished
-seeds; trained runs and Fishers under --work are reused); a PNG of the test
-NDCG@10 per row is written beside the JSON.
+Results go to the JSON per seed as each seed finishes; a rerun reuses the
+trained runs and Fishers it finds under --work (a seed whose runs are gone is
+trained again), and the pooled p-values cover the seeds of this invocation. A
+PNG of the test NDCG@10 per row is written beside the JSON.
 """
 
 from __future__ import annotations
