@@ -229,16 +229,7 @@ def serve_figures(
     args: argparse.Namespace, data: SequenceData, artifacts: Path
 ) -> dict[str, float]:
     port = serve_load.free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "merging.main",
-        "serve",
-        "--artifacts",
-        str(artifacts),
-        "--port",
-        str(port),
-    ]
+    command = serve_load.serve_command(artifacts, port)
     env = {
         "FISHREC_API_KEY": "bench",
         "FISHREC_RELOAD_INTERVAL_S": "0",

@@ -87,8 +87,7 @@ def main() -> None:
                 **code_env(name, args.old),
             }
             # INFO logs every request, as serve_load.py's figures do.
-            command = [sys.executable, "-m", "merging.main", "--log-level", "INFO", "serve"]
-            command += ["--artifacts", str(work / name / "artifacts"), "--port", str(port)]
+            command = serve_load.serve_command(work / name / "artifacts", port)
             server = serve_load.Server(name, command, port, env)
             try:
                 server.wait_ready(body, headers)

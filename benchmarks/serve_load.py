@@ -471,6 +471,12 @@ def load(
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def serve_command(artifacts: Path, port: int, log_level: str = "INFO") -> list[str]:
+    """`fishrec serve` on an artifact root, as a child process of this interpreter."""
+    command = [sys.executable, "-m", "merging.main", "--log-level", log_level, "serve"]
+    return [*command, "--artifacts", str(artifacts), "--port", str(port)]
+
+
 def start_server(name: str, args: argparse.Namespace, root: Path, checkpoint: Path) -> Server:
     port = free_port()
     bundle = str(root / "runs" / "bench")
@@ -480,18 +486,7 @@ def start_server(name: str, args: argparse.Namespace, root: Path, checkpoint: Pa
         {"FISHREC_INTRA_OP_THREADS": str(args.fishrec_threads)} if args.fishrec_threads else {}
     )
     if name.startswith("fishrec"):
-        command = [
-            sys.executable,
-            "-m",
-            "merging.main",
-            "--log-level",
-            args.server_log_level,
-            "serve",
-            "--artifacts",
-            str(root),
-            "--port",
-            str(port),
-        ]
+        command = serve_command(root, port, args.server_log_level)
         env = {
             "FISHREC_MAX_BATCH_SIZE": str(args.max_batch_size),
             "FISHREC_MAX_WAIT_MS": str(args.max_wait_ms),
