@@ -4,7 +4,7 @@
         --base-epochs 30 --recipe-epochs 5 --recipe-lr 3e-4 --seeds 0 \
         --out benchmarks/results/merge-ml-1m.json
 
-Per seed (setting finetune, as the thesis):
+Per seed, setting finetune (the default, as the thesis's main setting):
 1. a plain base trained for --base-epochs (early stopping as the config says);
 2. the pool: `plain` and every --recipes entry fine-tuned from the base for
    --recipe-epochs at --recipe-lr;
@@ -18,6 +18,14 @@ Per seed (setting finetune, as the thesis):
    (validated first: the merged start is kept unless an epoch beats it);
 6. the output ensemble of the pool (mean log-probability: M times the cost).
 
+Setting scratch (--setting scratch, the thesis's other setting): every pool
+member trains from its own initialisation for --base-epochs at the config's
+rate; there is no base, so no control and no task-vector merges (task
+arithmetic, TIES), and the evidence gives the distances between members and the
+validation line between the two best members. The thesis finds that merging
+such models loses: they sit in different basins of the loss (permutation
+symmetry of the hidden units), and their average falls between them.
+
 The best recipe is the pool member with the best validation NDCG@10 (chosen
 like a user would choose, not on test). Every row is compared with it on the
 test users by a paired t-test and a paired bootstrap (merging/significance.py);
@@ -29,8 +37,11 @@ that cannot tell positives from negatives.
 
 Results go to the JSON per seed as each seed finishes; a rerun reuses the
 trained runs and Fishers it finds under --work (a seed whose runs are gone is
-trained again), and the pooled p-values cover the seeds of this invocation. A
-PNG of the test NDCG@10 per row is written beside the JSON.
+trained again) and keeps the seeds the JSON already holds, so seeds can run in
+separate sessions. `over_seeds` (mean ± std and each seed's own test) and the
+PNG of test NDCG@10 per row cover every stored seed; the pooled p-values need
+per-user scores, which the JSON does not keep, so they cover the seeds of this
+invocation (`pooled_seeds`).
 """
 
 from __future__ import annotations
@@ -48,6 +59,7 @@ from typing import Any
 
 import numpy as np
 from recipes import PLAIN, parse_recipe  # benchmarks/recipes.py
+from scipy import stats
 
 from merging.ensemble import ensemble_max_len, ensemble_scorer
 from merging.fisher import FisherConfig, checkpoint_fisher, load_fisher, model_sha256, save_fisher
@@ -65,6 +77,7 @@ log = logging.getLogger("benchmarks.merge_baselines")
 METRIC = ("full", "ndcg@10")
 ENSEMBLE = "ensemble (Mx cost)"
 CONTROL = "plain, equal compute"
+WITHOUT_WEAKEST = "fisher without the weakest"
 
 
 def parse_args() -> argparse.Namespace:
@@ -83,7 +96,10 @@ def parse_args() -> argparse.Namespace:
         ],
         help="recipes merged with plain: NAME or NAME:key=value,...",
     )
-    parser.add_argument("--base-epochs", type=int, default=30)
+    parser.add_argument(
+        "--setting", choices=["finetune", "scratch"], default="finetune", help="see above"
+    )
+    parser.add_argument("--base-epochs", type=int, default=30, help="scratch: every member")
     parser.add_argument("--recipe-epochs", type=int, default=5)
     parser.add_argument("--recipe-lr", type=float, default=3e-4)
     parser.add_argument("--finetune-epochs", type=int, default=1, help="post-merge fine-tune")
@@ -118,21 +134,30 @@ def experiment(
 
 def train_pool(
     args: argparse.Namespace, base: ExperimentConfig, data: SequenceData, seed: int, work: Path
-) -> tuple[dict[str, Path], Path, Path | None, dict[str, Any]]:
-    """Run folders of the pool, the base and the control; what each recipe's training logged."""
+) -> tuple[dict[str, Path], Path | None, Path | None, dict[str, Any]]:
+    """Run folders of the pool, the base and the control; what each recipe's training logged.
+
+    Scratch has neither base nor control (both are None).
+    """
     backbone = base.model.backbone
-    log.info("seed %d: base, up to %d epochs", seed, args.base_epochs)
-    base_cfg = experiment(base, backbone, {}, args.base_epochs, seed, base.train.lr)
-    base_run = train(base_cfg, data, work / "base", resume=True).run_dir
+    scratch = args.setting == "scratch"
+    base_run = None
+    if not scratch:
+        log.info("seed %d: base, up to %d epochs", seed, args.base_epochs)
+        base_cfg = experiment(base, backbone, {}, args.base_epochs, seed, base.train.lr)
+        base_run = train(base_cfg, data, work / "base", resume=True).run_dir
+    epochs, lr = (
+        (args.base_epochs, base.train.lr) if scratch else (args.recipe_epochs, args.recipe_lr)
+    )
+    start = "from its own initialisation" if scratch else "from the base"
     specs = [parse_recipe(PLAIN), *(parse_recipe(spec) for spec in args.recipes)]
     runs: dict[str, Path] = {}
     logs: dict[str, Any] = {}
     for position, spec in enumerate(specs, start=1):
         name = backbone if spec.name == PLAIN else spec.name
-        cfg = experiment(
-            base, name, spec.params, args.recipe_epochs, seed + position, args.recipe_lr
-        )
-        log.info("seed %d: %s, %d epochs from the base", seed, spec.label, args.recipe_epochs)
+        # Distinct seeds: in scratch the members must not share an initialisation.
+        cfg = experiment(base, name, spec.params, epochs, seed + position, lr)
+        log.info("seed %d: %s, %d epochs %s", seed, spec.label, epochs, start)
         folder = work / folder_name(spec.label)
         result = train(cfg, data, folder, init=base_run, resume=True)
         runs[spec.label] = result.run_dir
@@ -140,7 +165,7 @@ def train_pool(
             k: v for k, v in result.history[-1].items() if k.endswith("_loss") or k == "loss"
         }
     control = None
-    if not args.no_control:
+    if base_run is not None and not args.no_control:
         epochs = len(specs) * args.recipe_epochs
         log.info("seed %d: equal-compute plain, %d epochs from the base", seed, epochs)
         cfg = experiment(base, backbone, {}, epochs, seed + len(specs) + 1, args.recipe_lr)
@@ -167,15 +192,17 @@ def fisher_path(
 def merge_all(
     args: argparse.Namespace,
     runs: dict[str, Path],
-    base: Path,
+    base: Path | None,
     data: SequenceData,
     work: Path,
     weakest: str,
 ) -> dict[str, Path]:
     """Folder of every merged model (plain merges and their post-merge fine-tunes).
 
-    "fisher without <weakest>" merges the pool less its weakest member on
-    validation (thesis Table 4.6: does a weak recipe hurt?); greedy chooses itself.
+    "fisher without the weakest" merges the pool less its weakest member on
+    validation (thesis Table 4.6: does a weak recipe hurt?; the seed's document
+    names it); greedy chooses itself.
+    Without a base (scratch) the task-vector merges are left out.
     """
     fishers = {label: fisher_path(run, label, args, data, work) for label, run in runs.items()}
     methods = {
@@ -187,8 +214,10 @@ def merge_all(
         "regmean": MergeConfig(method="regmean"),
         "task arithmetic + scale search": MergeConfig(method="task_arithmetic", search=True),
         "ties + scale search": MergeConfig(method="ties", search=True),
-        f"fisher without {weakest}": MergeConfig(method="fisher"),
+        WITHOUT_WEAKEST: MergeConfig(method="fisher"),
     }
+    if base is None:
+        methods = {k: v for k, v in methods.items() if v.method not in NEEDS_BASE}
     if args.finetune_epochs:
         for label in list(methods):
             methods[f"{label} + fine-tune"] = methods[label].model_copy(
@@ -201,7 +230,7 @@ def merge_all(
         if not done.is_file():
             log.info("merging: %s", label)
             shutil.rmtree(folder, ignore_errors=True)
-            members = [m for m in runs if not (label.startswith("fisher without") and m == weakest)]
+            members = [m for m in runs if not (label.startswith(WITHOUT_WEAKEST) and m == weakest)]
             merge_checkpoints(
                 [runs[m] for m in members],
                 folder,
@@ -242,7 +271,7 @@ def per_user(result: EvalResult) -> np.ndarray:
 def why_evidence(
     args: argparse.Namespace,
     runs: dict[str, Path],
-    base: Path,
+    base: Path | None,
     data: SequenceData,
     work: Path,
     best: str,
@@ -250,18 +279,18 @@ def why_evidence(
 ) -> dict[str, Any]:
     """What explains a merge that does or does not win: distances, Fisher overlap, the line.
 
-    - each member's distance from the base, and the cosine between task vectors;
+    - the distance between every pair of members, each member's norm; with a base,
+      each member's distance from it and the cosine between task vectors;
     - Fisher overlap per pair: cosine of the Fisher vectors and the Jaccard overlap
       of their top-1% coordinates (low overlap: the models care about different
       weights, which is when Fisher weighting can differ from averaging);
-    - validation NDCG@10 and loss along the line from the best recipe to the best merge.
+    - validation NDCG@10 and loss along the line from the best recipe to the best
+      merge, and along the line from the best recipe to the next best member.
     """
-    base_flat = flat_weights(load_run_checkpoint(base).model.state_dict())
     flats = {
         label: flat_weights(load_run_checkpoint(run).model.state_dict())
         for label, run in runs.items()
     }
-    vectors = {label: flat - base_flat for label, flat in flats.items()}
     fishers = {
         label: flat_weights(load_fisher(fisher_path(run, label, args, data, work)).tensors)
         for label, run in runs.items()
@@ -279,18 +308,32 @@ def why_evidence(
 
     template = load_run_checkpoint(runs[best]).model
     probe = validation_probe(data.split(), users=1000, seed=0)
-    end = load_run_checkpoint(merged[1]).model.state_dict()
-    profile = line_profile(template.state_dict(), end, template, probe, points=15)
-    return {
-        "distance_from_base": {label: float(v.norm()) for label, v in vectors.items()},
-        "base_norm": float(base_flat.norm()),
-        "task_vector_cosine": {f"{a} | {b}": cosine(vectors[a], vectors[b]) for a, b in pairs},
+
+    def line(label: str, run: Path) -> dict[str, Any]:
+        end = load_run_checkpoint(run).model.state_dict()
+        profile = line_profile(template.state_dict(), end, template, probe, points=15)
+        return {"from": best, "to": label, **profile}
+
+    partner = next(label for label in labels if label != best)  # pool order: plain first
+    evidence: dict[str, Any] = {
+        "norm": {label: float(flat.norm()) for label, flat in flats.items()},
+        "distance_between": {f"{a} | {b}": float((flats[a] - flats[b]).norm()) for a, b in pairs},
         "fisher_cosine": {f"{a} | {b}": cosine(fishers[a], fishers[b]) for a, b in pairs},
         "fisher_top1pct_jaccard": {
             f"{a} | {b}": top_overlap(fishers[a], fishers[b]) for a, b in pairs
         },
-        "line": {"from": best, "to": merged[0], **profile},
+        "line": line(merged[0], merged[1]),
+        "member_line": line(partner, runs[partner]),
     }
+    if base is not None:
+        base_flat = flat_weights(load_run_checkpoint(base).model.state_dict())
+        vectors = {label: flat - base_flat for label, flat in flats.items()}
+        evidence["distance_from_base"] = {label: float(v.norm()) for label, v in vectors.items()}
+        evidence["base_norm"] = float(base_flat.norm())
+        evidence["task_vector_cosine"] = {
+            f"{a} | {b}": cosine(vectors[a], vectors[b]) for a, b in pairs
+        }
+    return evidence
 
 
 def run_seed(
@@ -326,7 +369,9 @@ def run_seed(
     batch = base.train.batch_size
     document = {
         "seed": seed,
+        "setting": args.setting,
         "best_recipe": best,
+        "weakest": weakest,
         "pool": pool,
         "rows": rows,
         "vs_best_recipe": comparisons,
@@ -383,6 +428,62 @@ def table(seeds: list[dict[str, Any]], pooled: dict[str, dict[str, float]]) -> s
     return "\n".join(lines)
 
 
+def row_label(label: str) -> str:
+    """Documents written before the row got its fixed name called it 'fisher without <name>'."""
+    return re.sub(r"^fisher without \S+", WITHOUT_WEAKEST, label)
+
+
+def over_seeds(seeds: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per row over the seeds: test mean ± std, each seed's test, gain and p-value.
+
+    `p_over_seeds` treats seeds as the units: a one-sample t-test of the per-seed
+    difference to that seed's best recipe (0 where the row is the best recipe),
+    from 3 seeds on; it asks whether the gain repeats across training runs, which
+    the per-user tests of one seed cannot.
+    """
+    rows = [{row_label(k): v for k, v in s["rows"].items()} for s in seeds]
+    versus_all = [{row_label(k): v for k, v in s["vs_best_recipe"].items()} for s in seeds]
+    out: dict[str, dict[str, Any]] = {}
+    for label in rows[0]:
+        present = [i for i, r in enumerate(rows) if label in r]
+        test = [rows[i][label]["test"] for i in present]
+        versus = [versus_all[i].get(label) for i in present]
+        gaps = [test[j] - rows[i][seeds[i]["best_recipe"]]["test"] for j, i in enumerate(present)]
+        p_seeds = stats.ttest_1samp(gaps, 0.0).pvalue if len(gaps) >= 3 and any(gaps) else None
+        out[label] = {
+            "seeds": [seeds[i]["seed"] for i in present],
+            "test": test,
+            "test_mean": statistics.mean(test),
+            "test_std": statistics.stdev(test) if len(test) > 1 else 0.0,
+            "best_recipe_in": [
+                seeds[i]["seed"] for i in present if seeds[i]["best_recipe"] == label
+            ],
+            # None where nothing was compared (the seed's best recipe itself, MostPop).
+            "relative_vs_best": [v["relative"] if v else None for v in versus],
+            "p_ttest": [v["p_ttest"] if v else None for v in versus],
+            "p_over_seeds": None if p_seeds is None else float(p_seeds),
+        }
+    return out
+
+
+def stored_table(summary: dict[str, dict[str, Any]]) -> str:
+    lines = [
+        "| model | test NDCG@10 | vs best recipe, per seed | p (t-test), per seed | p over seeds |",
+        "|---|---|---|---|---|",
+    ]
+    for label, row in summary.items():
+        best = [seed in row["best_recipe_in"] for seed in row["seeds"]]
+        gains = " / ".join(
+            "best" if is_best else "-" if v is None else f"{v:+.1%}"
+            for v, is_best in zip(row["relative_vs_best"], best, strict=True)
+        )
+        ps = " / ".join("-" if v is None else f"{v:.2g}" for v in row["p_ttest"])
+        spread = f"{row['test_mean']:.4f} ± {row['test_std']:.4f}"
+        p_seeds = "-" if row["p_over_seeds"] is None else f"{row['p_over_seeds']:.2g}"
+        lines.append(f"| {label} | {spread} | {gains} | {ps} | {p_seeds} |")
+    return "\n".join(lines)
+
+
 def pooled_comparisons(
     seeds: list[dict[str, Any]], users: list[dict[str, np.ndarray]]
 ) -> dict[str, dict[str, float]]:
@@ -404,12 +505,10 @@ def plot(seeds: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [label for label in seeds[0]["rows"] if label != "mostpop"]
-    means = [statistics.mean(s["rows"][label]["test"] for s in seeds) for label in labels]
-    stds = [
-        statistics.stdev(s["rows"][label]["test"] for s in seeds) if len(seeds) > 1 else 0.0
-        for label in labels
-    ]
+    summary = over_seeds(seeds)  # a row missing from a seed (another weakest) is left out there
+    labels = [label for label in summary if label != "mostpop"]
+    means = [summary[label]["test_mean"] for label in labels]
+    stds = [summary[label]["test_std"] for label in labels]
     pool = set(seeds[0]["pool"])
     colours = [
         "tab:blue"
@@ -458,7 +557,8 @@ def main() -> None:
     start = time.perf_counter()
     seeds, users = [], []
     for seed in args.seeds:
-        document, per_user_test = run_seed(args, base, data, seed, work / f"seed-{seed}")
+        folder = work / (f"seed-{seed}" if args.setting == "finetune" else f"scratch-seed-{seed}")
+        document, per_user_test = run_seed(args, base, data, seed, folder)
         saved["seeds"][str(seed)] = document
         saved["settings"] = {k: v for k, v in vars(args).items() if k != "overrides"}
         saved["settings"]["overrides"] = args.overrides
@@ -468,17 +568,23 @@ def main() -> None:
         users.append(per_user_test)
     pooled = pooled_comparisons(seeds, users)
     saved["pooled_vs_best_recipe"] = pooled
+    saved["pooled_seeds"] = list(args.seeds)
+    stored = [saved["seeds"][key] for key in sorted(saved["seeds"], key=int)]
+    saved["over_seeds"] = over_seeds(stored)
     out.write_text(json.dumps(saved, indent=2) + "\n")
-    plot(seeds, out.with_suffix(".png"))
+    plot(stored, out.with_suffix(".png"))
     model = base.model
     print(
         f"\n## {Path(args.data).name}: {data.num_users} users, {data.num_items} items; "
         f"{model.backbone} D={model.hidden_size} L={model.num_layers} max_len {model.max_len}; "
-        f"base {args.base_epochs} epochs, recipes {args.recipe_epochs} epochs at lr "
-        f"{args.recipe_lr}; seeds {args.seeds}; {time.perf_counter() - start:.0f} s\n"
+        f"setting {args.setting}: {pool_text(args, base)}; seeds {args.seeds}; "
+        f"{time.perf_counter() - start:.0f} s\n"
     )
     print("test split, leave-one-out, full ranking, the user's whole history excluded\n")
     print(table(seeds, pooled))
+    if len(stored) > len(seeds):
+        print(f"\nevery stored seed ({[s['seed'] for s in stored]}), p-values per seed\n")
+        print(stored_table(saved["over_seeds"]))
     for document in seeds:
         print(f"\nseed {document['seed']}: best recipe (validation) {document['best_recipe']}")
         for pair, value in document["error_inconsistency"].items():
@@ -488,14 +594,33 @@ def main() -> None:
             for key, value in logs.items():
                 if key.endswith("contrastive_loss"):
                     print(f"  {label}: {key} {value:.3f} (log(2B-1) = {reference:.3f})")
-        evidence = document["evidence"]
+        print_evidence(document["evidence"])
+
+
+def pool_text(args: argparse.Namespace, base: ExperimentConfig) -> str:
+    if args.setting == "scratch":
+        return f"every member {args.base_epochs} epochs from scratch at lr {base.train.lr}"
+    return (
+        f"base {args.base_epochs} epochs, recipes {args.recipe_epochs} epochs at lr "
+        f"{args.recipe_lr}"
+    )
+
+
+def print_evidence(evidence: dict[str, Any]) -> None:
+    if "base_norm" in evidence:
         print(f"  |base| = {evidence['base_norm']:.2f}")
         for label, value in evidence["distance_from_base"].items():
             print(f"  {label}: |θ - θ_base| = {value:.3f}")
-        for key in ("task_vector_cosine", "fisher_cosine", "fisher_top1pct_jaccard"):
-            for pair, value in evidence[key].items():
-                print(f"  {key} {pair}: {value:.3f}")
-        line = evidence["line"]
+    for label, value in evidence.get("norm", {}).items():
+        print(f"  {label}: |θ| = {value:.2f}")
+    keys = ("distance_between", "task_vector_cosine", "fisher_cosine", "fisher_top1pct_jaccard")
+    for key in keys:
+        for pair, value in evidence.get(key, {}).items():
+            print(f"  {key} {pair}: {value:.3f}")
+    for name in ("line", "member_line"):
+        if name not in evidence:
+            continue
+        line = evidence[name]
         points = ", ".join(
             f"{t:+.1f}: {v:.4f}" for t, v in zip(line["t"], line["ndcg@10"], strict=True)
         )
