@@ -41,4 +41,6 @@ COPY --chown=1000:100 pyproject.toml src/
 RUN pip install --no-deps ./src && rm -rf src
 
 # The same pipeline configs as local runs (`fishrec pipeline --config /app/configs/NAME.yaml`).
+# configs/pipeline-demo.yaml is a link into the package (left out of the context): the file itself.
 COPY --chown=1000:100 configs/ configs/
+COPY --chown=1000:100 merging/pipeline/demo.yaml configs/pipeline-demo.yaml

@@ -337,12 +337,12 @@ def register_demo(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
         "demo",
         help="the merge job on the embedded synthetic data, then the HTTP service",
-        description="Run the whole merge job (configs/pipeline-demo.yaml: synthetic data, a base "
+        description="Run the whole merge job (the packaged demo config, configs/pipeline-demo.yaml in a checkout: synthetic data, a base "
         "model, four recipes in parallel on a local Ray, exact Fisher, merges, export, report), "
         "publish the bundle under --artifacts, print the metrics and an example request, then serve "
         "the bundle until Ctrl-C.",
     )
-    add_pipeline_arguments(parser, "pipeline YAML (default: configs/pipeline-demo.yaml)")
+    add_pipeline_arguments(parser, "pipeline YAML (default: the demo config shipped with fishrec)")
     parser.add_argument("--host", default="127.0.0.1", help="address the service listens on")
     parser.add_argument("--port", type=int, default=8000, help="port of the service")
     parser.add_argument("--no-serve", action="store_true", help="stop after publishing")

@@ -515,3 +515,58 @@ def test_every_stage_takes_the_shared_loss_and_workers(tmp_path: Path) -> None:
     assert cl4srec["recipe"]["params"] == {"negatives": 32, "sampler": "popularity"}
     # Data-parallel stages: each worker gets the task's CPUs as threads.
     assert plain["train"]["workers"] == 2 and plain["train"]["num_threads"] == 1
+
+
+def test_demo_without_config_runs_the_packaged_demo_config(tmp_path: Path) -> None:
+    """`fishrec demo` with no --config runs the demo YAML shipped in the package.
+
+    Overrides shrink the run; every value not overridden must come from the demo file,
+    not from the library defaults (a silent fallback once doubled the demo's time).
+    """
+    from merging.pipeline.config import PipelineConfig
+    from merging.pipeline.demo import default_demo_config
+    from training.config import read_yaml
+
+    packaged = read_yaml(default_demo_config())
+    small = json.dumps(
+        {"num_users": 300, "num_items": 120, "num_topics": 6, "mean_length": 12, "max_length": 30}
+    )
+    shrink = [
+        f"experiment.data.synthetic.overrides={small}",
+        "experiment.model.hidden_size=16",
+        "experiment.model.num_layers=1",
+        "experiment.train.epochs=1",
+        "recipe_epochs=1",
+        "fisher.num_sequences=40",
+        "export.parity_sequences=16",
+        "report.landscape_users=0",
+    ]
+    fishrec = str(Path(sys.executable).parent / "fishrec")
+    command = [fishrec, "demo", "--no-serve", "--artifacts", str(tmp_path), "--run-id", "demo"]
+    for text in shrink:
+        command += ["--set", text]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    used = yaml.safe_load((tmp_path / "work" / "demo" / "pipeline.yaml").read_text())
+    defaults = PipelineConfig().model_dump(mode="json")
+    # Values where the demo file differs from the library defaults.
+    assert used["experiment"]["train"]["patience"] == packaged["experiment"]["train"]["patience"]
+    assert packaged["experiment"]["train"]["patience"] != defaults["experiment"]["train"]["patience"]
+    assert [r.get("params", {}) for r in used["recipes"]] == [
+        r.get("params", {}) for r in packaged["recipes"]
+    ]
+    assert used["recipes"] != defaults["recipes"]
+    assert used["merge"]["methods"] == packaged["merge"]["methods"]
+    assert (tmp_path / LATEST).read_text().strip() == "demo"
+    assert "Published run demo" in done.stdout
+
+
+def test_demo_config_is_package_data_and_a_missing_one_is_an_error(monkeypatch) -> None:
+    from merging.pipeline import demo
+
+    path = demo.default_demo_config()
+    assert path.parent == Path(demo.__file__).parent
+    assert (Path(__file__).parents[1] / "configs" / "pipeline-demo.yaml").resolve() == path
+    monkeypatch.setattr(demo, "DEMO_CONFIG", "no-such-demo.yaml")
+    with pytest.raises(FileNotFoundError, match="missing from the installed package"):
+        demo.default_demo_config()

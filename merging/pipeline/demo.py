@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import shlex
+from importlib import resources
 from pathlib import Path
 
 from merging.pipeline.config import PipelineConfig
@@ -18,13 +19,24 @@ from merging.pipeline.store import ArtifactStore
 
 log = logging.getLogger(__name__)
 
-DEMO_CONFIG = "pipeline-demo.yaml"
+# Package data (pyproject.toml), so that a non-editable install has it too;
+# configs/pipeline-demo.yaml in a checkout is a link to this file.
+DEMO_CONFIG = "demo.yaml"
 
 
-def default_demo_config() -> Path | None:
-    """configs/pipeline-demo.yaml of the checkout this package runs from, if there is one."""
-    candidate = Path(__file__).resolve().parents[1] / "configs" / DEMO_CONFIG
-    return candidate if candidate.is_file() else None
+def default_demo_config() -> Path:
+    """The demo's pipeline YAML, shipped inside the package; an error when it is missing.
+
+    A silent fallback to the library defaults once made the demo train for twice
+    as long with settings the README warns against: never again.
+    """
+    path = Path(str(resources.files("merging.pipeline").joinpath(DEMO_CONFIG)))
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"the demo configuration {path} is missing from the installed package: "
+            "reinstall fishrec, or pass --config"
+        )
+    return path
 
 
 def example_history(store: ArtifactStore, result: PipelineResult, length: int = 5) -> list[str]:
