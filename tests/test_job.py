@@ -551,7 +551,9 @@ def test_demo_without_config_runs_the_packaged_demo_config(tmp_path: Path) -> No
     defaults = PipelineConfig().model_dump(mode="json")
     # Values where the demo file differs from the library defaults.
     assert used["experiment"]["train"]["patience"] == packaged["experiment"]["train"]["patience"]
-    assert packaged["experiment"]["train"]["patience"] != defaults["experiment"]["train"]["patience"]
+    assert (
+        packaged["experiment"]["train"]["patience"] != defaults["experiment"]["train"]["patience"]
+    )
     assert [r.get("params", {}) for r in used["recipes"]] == [
         r.get("params", {}) for r in packaged["recipes"]
     ]
