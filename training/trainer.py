@@ -20,7 +20,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -405,6 +405,13 @@ class Trainer:
 
         Returns None on the ranks of a data-parallel run that do not write.
         """
+        self.begin(resume, restore)
+        while not self.done:
+            self.run_epoch(self.state.epoch)
+        return self.end()
+
+    def begin(self, resume: bool = False, restore: Path | None = None) -> None:
+        """Write the run's config; continue from last/ or start (validating epoch 0)."""
         if self.writer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(
@@ -414,8 +421,12 @@ class Trainer:
             self.state = TrainState(history=[])
             if self.cfg.validate_initial and self.writer:
                 self.validate_start()
-        while self.state.epoch < self.cfg.epochs and not self.state.stopped:
-            self.run_epoch(self.state.epoch)
+
+    @property
+    def done(self) -> bool:
+        return self.state.epoch >= self.cfg.epochs or self.state.stopped
+
+    def end(self) -> TrainResult | None:
         if not self.writer:
             return None
         if not (self.run_dir / BEST / "checkpoint.json").is_file():
@@ -423,6 +434,15 @@ class Trainer:
         return self.finish()
 
     def run_epoch(self, epoch: int) -> None:
+        for _ in self.epoch_steps(epoch):
+            pass
+
+    def epoch_steps(self, epoch: int) -> Iterator[float]:
+        """One epoch, a step per iteration (yields the step's loss), then its bookkeeping.
+
+        A generator so that a population of members (training/population.py) can
+        advance each member a few steps at a time and exchange weights in between.
+        """
         seed = epoch_seed(self.cfg.seed, epoch)
         rank = self.parallel.rank if self.parallel else 0
         # Ranks share the batch order (numpy) but draw their own masks and dropout.
@@ -453,7 +473,11 @@ class Trainer:
             losses.append(loss)
             seen += batch.items.shape[0]
             bar.set_postfix(loss=f"{loss:.4f}", seq_s=f"{seen / (time.perf_counter() - start):.0f}")
-        elapsed = time.perf_counter() - start
+            yield loss
+        self.end_epoch(epoch, losses, seen, time.perf_counter() - start)
+
+    def end_epoch(self, epoch: int, losses: list[float], seen: int, elapsed: float) -> None:
+        """Log, validate when due (early stopping), save last/, call on_epoch."""
         entry: dict[str, Any] = {
             "epoch": epoch + 1,
             "loss": self.parallel.mean(float(np.mean(losses)))

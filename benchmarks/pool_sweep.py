@@ -1,0 +1,412 @@
+"""Pool strategies swept: how much does the ensemble gain, and how much of it does a merge keep?
+
+    python benchmarks/pool_sweep.py --data /work/data/beauty --config configs/beauty.yaml \
+        --epochs 12 --strategies scratch spawn:0 spawn:2 spawn:6 population:0.1:10 \
+        --seed 0 --out benchmarks/results/pool-sweep-beauty.json
+
+Every strategy (training/pool.py) trains the same pool (--members, default two
+`plain` members that differ in seed, so in data order and dropout) with the same
+budget of --epochs epochs per member, counting a shared phase:
+
+- `scratch`: each member from its own initialisation for E epochs;
+- `spawn:S`: one shared trajectory for S epochs (a single base run, snapshotted
+  each epoch), then each member E - S epochs on its own; S = 0 is one shared
+  initialisation;
+- `population:PULL:EVERY`: members from their own initialisations, E epochs at
+  once, pulled toward their mean every EVERY steps (PAPA).
+
+All members of a strategy train at once as Ray actors (training/population.py;
+scratch and spawn are populations with pull 0), 1 thread each.
+
+Per strategy: every member, the output ensemble (the ceiling: M times the
+serving cost), the uniform average and (unless --no-fisher) the exact-Fisher
+merge, on the test split (full ranking, whole history excluded), each compared
+with the best member on validation by a paired per-user test; each merge's share
+of the ensemble's gain; the barrier on the validation line between the first two
+members (mean of the ends minus the lowest point between them); distances and
+error inconsistency; training compute in member-epochs and the wall time.
+--control adds one plain model trained for M x E epochs (early stopping as the
+config says: its JSON row says when it stopped).
+
+Results go to the JSON as each strategy finishes; a rerun skips strategies the
+JSON holds for that seed and resumes training from the runs under --work.
+Per-user test NDCG@10 of every row is kept in --work (per_user.npz), so seeds of
+separate invocations can be pooled. The PNG plots ensemble and merge gains per
+strategy next to the barrier.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from merge_baselines import (  # benchmarks/merge_baselines.py
+    experiment,
+    fisher_path,
+    folder_name,
+    measure,
+    measure_ensemble,
+    per_user,
+    score,
+)
+from recipes import PLAIN, parse_recipe  # benchmarks/recipes.py
+
+from merging.landscape import flat_weights, line_profile, validation_probe
+from merging.merge import MergeConfig, merge_checkpoints
+from merging.significance import paired_comparison
+from training.config import ExperimentConfig, load_config, parse_override
+from training.data import SequenceData, load_data
+from training.diagnostics import error_inconsistency
+from training.evaluate import Evaluator
+from training.flags import add_override_flags
+from training.pool import PoolConfig
+from training.population import MemberSpec, train_population
+from training.trainer import LAST, load_run_checkpoint, train
+
+log = logging.getLogger("benchmarks.pool_sweep")
+ENSEMBLE, UNIFORM, FISHER, CONTROL = "ensemble", "uniform", "fisher", "control"
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--data", required=True, help="prepared data folder")
+    parser.add_argument("--config", default=None, help="experiment YAML (configs/)")
+    parser.add_argument(
+        "--members",
+        nargs="+",
+        default=[PLAIN, PLAIN],
+        help="pool members: NAME or NAME:key=value,... (repeat a name for seeds)",
+    )
+    parser.add_argument(
+        "--strategies",
+        nargs="+",
+        default=["scratch", "spawn:0", "spawn:2", "spawn:6", "population:0.1:10"],
+        help="scratch | spawn:S | population:PULL:EVERY",
+    )
+    parser.add_argument("--epochs", type=int, default=12, help="epochs per member, shared included")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--fisher-sequences", type=int, default=1000)
+    parser.add_argument("--no-fisher", action="store_true", help="uniform average only")
+    parser.add_argument("--control", action="store_true", help="also a plain model for M x E")
+    parser.add_argument("--probe-users", type=int, default=1000, help="users of the line probe")
+    add_override_flags(parser)
+    parser.add_argument("--work", default=None, help="runs (default: beside --out)")
+    parser.add_argument("--out", required=True, help="results JSON (PNG beside it)")
+    return parser.parse_args()
+
+
+def parse_strategy(text: str) -> PoolConfig:
+    name, *values = text.split(":")
+    if name == "spawn" and len(values) == 1:
+        return PoolConfig(strategy="spawn", spawn_epoch=int(values[0]))
+    if name == "population" and len(values) == 2:
+        return PoolConfig(
+            strategy="population", pull=float(values[0]), exchange_every=int(values[1])
+        )
+    if name == "scratch" and not values:
+        return PoolConfig(strategy="scratch")
+    raise ValueError(f"strategy {text!r}: use scratch, spawn:S or population:PULL:EVERY")
+
+
+# ---- training ----------------------------------------------------------------------------
+
+
+def with_train(cfg: ExperimentConfig, **values: Any) -> ExperimentConfig:
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update=values)})
+
+
+def spawn_point(
+    args: argparse.Namespace, base: ExperimentConfig, data: SequenceData, epoch: int, work: Path
+) -> Path:
+    """The shared trajectory's state after `epoch` epochs (one base run, snapshotted per epoch)."""
+    if epoch == 0:  # a run of zero epochs keeps its initial model as best/
+        cfg = experiment(base, base.model.backbone, {}, 0, args.seed, base.train.lr)
+        return train(cfg, data, work / "shared-0", resume=True).run_dir
+    folder = work / "shared"
+    snapshot = folder / f"epoch-{epoch}"
+    if not (snapshot / "checkpoint.json").is_file():
+
+        def keep(entry: dict[str, Any]) -> None:
+            target = folder / f"epoch-{entry['epoch']}"
+            shutil.rmtree(target, ignore_errors=True)
+            shutil.copytree(folder / LAST, target)
+
+        cfg = experiment(base, base.model.backbone, {}, epoch, args.seed, base.train.lr)
+        # The shared phase runs exactly `epoch` epochs (no early stop), on every core.
+        cfg = with_train(cfg, patience=max(cfg.train.patience, epoch + 1), num_threads=None)
+        train(cfg, data, folder, resume=True, on_epoch=keep)
+    return snapshot
+
+
+def train_pool(
+    args: argparse.Namespace,
+    base: ExperimentConfig,
+    data: SequenceData,
+    pool: PoolConfig,
+    work: Path,
+) -> tuple[dict[str, Path], int]:
+    """Run folders of the members, and the training compute in member-epochs."""
+    shared = pool.spawn_epoch if pool.strategy == "spawn" else 0
+    init = spawn_point(args, base, data, shared, work) if pool.strategy == "spawn" else None
+    members = []
+    for position, text in enumerate(args.members, start=1):
+        spec = parse_recipe(text)
+        name = base.model.backbone if spec.name == PLAIN else spec.name
+        cfg = experiment(
+            base, name, spec.params, args.epochs - shared, args.seed + position, base.train.lr
+        )
+        label = f"{position}-{folder_name(spec.label)}"
+        members.append(
+            MemberSpec(
+                label, cfg.model_dump(mode="json"), str(work / label), str(init) if init else None
+            )
+        )
+    pull = pool.pull if pool.strategy == "population" else 0.0
+    results = train_population(members, args.data, pull, pool.exchange_every, resume=True)
+    return {name: Path(r["run_dir"]) for name, r in results.items()}, shared + len(members) * (
+        args.epochs - shared
+    )
+
+
+def merges(
+    args: argparse.Namespace, runs: dict[str, Path], data: SequenceData, work: Path
+) -> dict[str, Path]:
+    methods = {UNIFORM: MergeConfig(method="uniform")}
+    if not args.no_fisher:
+        methods[FISHER] = MergeConfig(method="fisher")
+    folders = {}
+    for label, config in methods.items():
+        folder = work / "merged" / label
+        if not (folder / "checkpoint.json").is_file():
+            shutil.rmtree(folder, ignore_errors=True)
+            fishers = (
+                [fisher_path(run, name, args, data, work) for name, run in runs.items()]
+                if config.method == "fisher"
+                else None
+            )
+            merge_checkpoints(list(runs.values()), folder, config, fishers, data)
+        folders[label] = folder
+    return folders
+
+
+# ---- measuring ---------------------------------------------------------------------------
+
+
+def barrier(runs: dict[str, Path], data: SequenceData, users: int) -> dict[str, Any]:
+    """Validation NDCG@10 on the line between the first two members; the dip below their ends."""
+    first, second = list(runs.values())[:2]
+    start = load_run_checkpoint(first).model
+    end = load_run_checkpoint(second).model.state_dict()
+    probe = validation_probe(data.split(), users=users, seed=0)
+    line = line_profile(start.state_dict(), end, start, probe, points=9, extend=0.0)
+    ends = (line["ndcg@10"][0] + line["ndcg@10"][-1]) / 2
+    inner = line["ndcg@10"][1:-1]
+    return {**line, "barrier": ends - min(inner), "midpoint_gain": line["ndcg@10"][4] - ends}
+
+
+def run_strategy(
+    args: argparse.Namespace,
+    base: ExperimentConfig,
+    data: SequenceData,
+    evaluator: Evaluator,
+    pool: PoolConfig,
+    work: Path,
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    start = time.perf_counter()
+    runs, member_epochs = train_pool(args, base, data, pool, work)
+    train_seconds = time.perf_counter() - start
+    results = measure(evaluator, runs)
+    merged = merges(args, runs, data, work)
+    results.update(measure(evaluator, merged))
+    results[ENSEMBLE] = measure_ensemble(evaluator, runs)
+    best = max(runs, key=lambda label: score(results[label]["valid"]))
+    rows = {k: {"valid": score(v["valid"]), "test": score(v["test"])} for k, v in results.items()}
+    users = {label: per_user(parts["test"]) for label, parts in results.items()}
+    versus = {
+        label: paired_comparison(users[label], users[best], seed=args.seed).to_dict()
+        for label in results
+        if label != best
+    }
+    ceiling = rows[ENSEMBLE]["test"] - rows[best]["test"]
+    flats = [flat_weights(load_run_checkpoint(run).model.state_dict()) for run in runs.values()]
+    names = list(runs)
+    document = {
+        "strategy": pool.model_dump(mode="json"),
+        "best_member": best,
+        "rows": rows,
+        "vs_best_member": versus,
+        "ensemble_gain": versus[ENSEMBLE]["relative"],
+        "merge_gain": {label: versus[label]["relative"] for label in merged},
+        "share_of_ensemble_gain": {
+            label: (rows[label]["test"] - rows[best]["test"]) / ceiling if ceiling > 0 else None
+            for label in merged
+        },
+        "line": barrier(runs, data, args.probe_users),
+        "distance_between_first_two": float((flats[0] - flats[1]).norm()),
+        "norms": [float(f.norm()) for f in flats],
+        "error_inconsistency": error_inconsistency(users[names[0]], users[names[1]]),
+        "member_epochs": member_epochs,
+        "train_seconds": train_seconds,
+        "seconds": time.perf_counter() - start,
+    }
+    return document, users
+
+
+def run_control(
+    args: argparse.Namespace,
+    base: ExperimentConfig,
+    data: SequenceData,
+    evaluator: Evaluator,
+    work: Path,
+) -> tuple[dict[str, Any], np.ndarray]:
+    epochs = len(args.members) * args.epochs
+    cfg = experiment(base, base.model.backbone, {}, epochs, args.seed + 100, base.train.lr)
+    cfg = with_train(cfg, num_threads=None)  # alone: every core
+    start = time.perf_counter()
+    result = train(cfg, data, work / CONTROL, resume=True)
+    parts = measure(evaluator, {CONTROL: result.run_dir})[CONTROL]
+    trained = len(result.history) - (1 if result.history and "loss" not in result.history[0] else 0)
+    return {
+        "valid": score(parts["valid"]),
+        "test": score(parts["test"]),
+        "budget_epochs": epochs,
+        "trained_epochs": trained,
+        "best_epoch": result.best_epoch,
+        "stopped_early": trained < epochs,
+        "seconds": time.perf_counter() - start,
+    }, per_user(parts["test"])
+
+
+# ---- reporting ---------------------------------------------------------------------------
+
+
+def table(strategies: dict[str, dict[str, Any]]) -> str:
+    lines = [
+        "| strategy | best member (test) | ensemble | uniform | fisher | share kept (uniform / fisher) "
+        "| barrier | error incons. | member-epochs | train s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def cell(doc: dict[str, Any], label: str) -> str:
+        if label not in doc["rows"]:
+            return "-"
+        vs = doc["vs_best_member"][label]
+        return f"{doc['rows'][label]['test']:.4f} ({vs['relative']:+.1%}, p {vs['p_ttest']:.2g})"
+
+    for label, doc in strategies.items():
+        shares = " / ".join(
+            "-" if v is None else f"{v:.0%}" for v in doc["share_of_ensemble_gain"].values()
+        )
+        lines.append(
+            f"| {label} | {doc['rows'][doc['best_member']]['test']:.4f} | {cell(doc, ENSEMBLE)} "
+            f"| {cell(doc, UNIFORM)} | {cell(doc, FISHER)} | {shares} | {doc['line']['barrier']:+.4f} "
+            f"| {doc['error_inconsistency']:.3f} | {doc['member_epochs']} | {doc['train_seconds']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(strategies: dict[str, dict[str, Any]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(strategies)
+    x = np.arange(len(labels))
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(6, 1.3 * len(labels)), 6), sharex=True)
+    width = 0.27
+    series = [
+        (ENSEMBLE, "ensemble (Mx cost)", "tab:grey"),
+        (UNIFORM, "uniform average", "tab:blue"),
+    ]
+    series.append((FISHER, "Fisher merge", "tab:orange"))
+    for offset, (key, name, colour) in zip((-width, 0, width), series, strict=True):
+        values = [
+            100 * s["vs_best_member"][key]["relative"] if key in s["rows"] else np.nan
+            for s in strategies.values()
+        ]
+        top.bar(x + offset, values, width, label=name, color=colour)
+    top.axhline(0, color="black", linewidth=0.8)
+    top.set_ylabel("test NDCG@10 vs best member (%)")
+    top.legend(fontsize=8)
+    top.set_title(title, fontsize=9)
+    bottom.bar(x, [s["line"]["barrier"] for s in strategies.values()], color="tab:red")
+    bottom.set_ylabel("barrier (valid NDCG@10)")
+    bottom.set_xticks(x, labels, rotation=20, fontsize=8)
+    for axis in (top, bottom):
+        axis.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    import ray
+
+    args = parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    for name in ("benchmarks", "merging", "training.population"):
+        logging.getLogger(name).setLevel(logging.INFO)
+    out = Path(args.out)
+    work = (Path(args.work) if args.work else out.with_suffix("")) / f"seed-{args.seed}"
+    overrides = dict(parse_override(text) for text in args.overrides)
+    overrides["data.path"] = args.data
+    overrides["train.num_threads"] = 1  # one per actor: the members share the cores
+    base = load_config(ExperimentConfig, Path(args.config) if args.config else None, overrides)
+    data = load_data(Path(args.data))
+    evaluator = Evaluator(data.split())
+    saved = json.loads(out.read_text()) if out.is_file() else {"seeds": {}}
+    seed_doc = saved["seeds"].setdefault(str(args.seed), {"strategies": {}})
+    saved["settings"] = {k: v for k, v in vars(args).items()}
+    ray.init(num_cpus=len(args.members), include_dashboard=False, log_to_driver=False)
+
+    def save() -> None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(saved, indent=2) + "\n")
+
+    try:
+        for text in args.strategies:
+            if text in seed_doc["strategies"]:
+                log.info("%s: already in %s, skipped", text, out)
+                continue
+            log.info("strategy %s: training %d members", text, len(args.members))
+            folder = work / text.replace(":", "-")
+            document, users = run_strategy(
+                args, base, data, evaluator, parse_strategy(text), folder
+            )
+            np.savez_compressed(folder / "per_user.npz", **{k: v for k, v in users.items()})
+            seed_doc["strategies"][text] = document
+            save()
+            print(table({text: document}), flush=True)
+        if args.control and CONTROL not in seed_doc:
+            seed_doc[CONTROL], users = run_control(args, base, data, evaluator, work)
+            np.savez_compressed(work / CONTROL / "per_user.npz", test_ndcg10=users)
+            save()
+    finally:
+        ray.shutdown()
+    strategies = seed_doc["strategies"]
+    title = (
+        f"{Path(args.data).name}, seed {args.seed}: {len(args.members)} members, "
+        f"{args.epochs} epochs each"
+    )
+    plot(strategies, out.with_name(f"{out.stem}-seed{args.seed}.png"), title)
+    print(f"\n## {title}\n")
+    print(table(strategies))
+    if CONTROL in seed_doc:
+        c = seed_doc[CONTROL]
+        print(
+            f"\ncontrol (plain, {c['budget_epochs']} epochs budget, trained {c['trained_epochs']}, "
+            f"best epoch {c['best_epoch']}): test {c['test']:.4f}"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""Pool strategies: population training on Ray actors, spawning, the strategy config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from tests.support import tiny_experiment
+from training.data import SequenceData
+from training.pool import POOL_STRATEGIES, PoolConfig
+from training.population import MemberSpec, population_mean, train_population
+from training.trainer import LAST, load_run_checkpoint, train
+
+
+@pytest.fixture(autouse=True)
+def keep_threads():  # type: ignore[no-untyped-def]
+    """In-process runs below use one thread (as the actors): the session's count comes back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def member(name: str, folder: Path, seed: int, init: Path | None = None, **train) -> MemberSpec:  # type: ignore[no-untyped-def]
+    overrides = {"train__seed": seed, "train__num_threads": 1, **train}
+    experiment = tiny_experiment(**overrides).model_dump(mode="json")
+    return MemberSpec(name, experiment, str(folder / name), str(init) if init else None)
+
+
+def weights(run: Path, last: bool = False) -> dict[str, torch.Tensor]:
+    return load_run_checkpoint(run / LAST if last else run).model.state_dict()
+
+
+def test_pull_zero_is_independent_training_bit_for_bit(
+    ray_local, small_data: SequenceData, small_data_dir: Path, tmp_path: Path
+) -> None:
+    specs = [member("a", tmp_path, seed=3), member("b", tmp_path, seed=4)]
+    results = train_population(specs, str(small_data_dir), pull=0.0, exchange_every=3)
+    alone = train(
+        tiny_experiment(train__seed=3, train__num_threads=1), small_data, tmp_path / "alone"
+    )
+    together, reference = (
+        weights(Path(results["a"]["run_dir"]), True),
+        weights(alone.run_dir / LAST),
+    )
+    assert together.keys() == reference.keys()
+    for name in reference:
+        assert torch.equal(together[name], reference[name]), name
+    assert results["a"]["best_epoch"] == alone.best_epoch
+    assert not torch.equal(
+        together["item_embedding.weight"],
+        weights(Path(results["b"]["run_dir"]), True)["item_embedding.weight"],
+    )
+
+
+def test_full_pull_makes_members_one_model(ray_local, small_data_dir: Path, tmp_path: Path) -> None:
+    """Pull 1 replaces every member by the mean at each exchange: after the last one they agree."""
+    specs = [member("a", tmp_path, seed=3), member("b", tmp_path, seed=4)]
+    train_population(specs, str(small_data_dir), pull=1.0, exchange_every=1)
+    a, b = (weights(tmp_path / name, last=True) for name in ("a", "b"))
+    # last/ is written at the epoch's end, after the exchange that followed its last step.
+    for name in a:
+        if a[name].is_floating_point():
+            torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=0)
+
+
+def test_a_gentle_pull_brings_members_closer(
+    ray_local, small_data_dir: Path, tmp_path: Path
+) -> None:
+    def distance(folder: Path, pull: float) -> float:
+        specs = [member("a", folder, seed=3), member("b", folder, seed=4)]
+        train_population(specs, str(small_data_dir), pull=pull, exchange_every=2)
+        a, b = (weights(folder / name, last=True) for name in ("a", "b"))
+        return float(sum(((a[k] - b[k]) ** 2).sum() for k in a if a[k].is_floating_point()))
+
+    assert distance(tmp_path / "pulled", 0.2) < 0.5 * distance(tmp_path / "free", 0.0)
+
+
+def test_population_mean_is_the_elementwise_mean() -> None:
+    import numpy as np
+
+    mean = population_mean([{"w": np.array([1.0, 2.0])}, {"w": np.array([3.0, 6.0])}])
+    assert mean["w"].tolist() == [2.0, 4.0]
+
+
+def test_members_must_take_the_same_steps_per_epoch(
+    ray_local, small_data_dir: Path, tmp_path: Path
+) -> None:
+    specs = [member("a", tmp_path, seed=3), member("b", tmp_path, seed=4, train__batch_size=32)]
+    with pytest.raises(ValueError, match="different numbers of steps"):
+        train_population(specs, str(small_data_dir), pull=0.1, exchange_every=2)
+
+
+def test_spawning_at_the_last_epoch_equals_the_finetune_setting(
+    ray_local, small_data: SequenceData, small_data_dir: Path, tmp_path: Path
+) -> None:
+    """A member spawned from the shared run's last epoch is the fine-tune of that run.
+
+    The shared run validates only at its end, so its best/ (what finetune starts
+    from) is its last epoch (what spawn starts from).
+    """
+    shared = train(tiny_experiment(train__eval_every=99), small_data, tmp_path / "shared")
+    assert shared.best_epoch == 2
+    spawn = PoolConfig(strategy="spawn", spawn_epoch=2)
+    finetune = PoolConfig(strategy="finetune")
+    assert spawn.base_epochs(2) == finetune.base_epochs(2) == 2
+    start = spawn.member_start(shared.run_dir)
+    assert start == shared.run_dir / LAST
+    spawned = train_population(
+        [member("m", tmp_path / "spawn", seed=7, init=start)], str(small_data_dir), 0.0, 5
+    )
+    tuned = train(
+        tiny_experiment(train__seed=7, train__num_threads=1),
+        small_data,
+        tmp_path / "finetune",
+        init=finetune.member_start(shared.run_dir),
+    )
+    a, b = weights(Path(spawned["m"]["run_dir"])), weights(tuned.run_dir)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_spawn_at_zero_shares_only_the_initialisation(
+    small_data: SequenceData, tmp_path: Path
+) -> None:
+    shared = train(tiny_experiment(train__epochs=0), small_data, tmp_path / "shared-0")
+    start = PoolConfig(strategy="spawn", spawn_epoch=0).member_start(shared.run_dir)
+    assert start == shared.run_dir  # no last/: best/ holds the initial model
+    initial = weights(shared.run_dir)
+    from training.model import ModelConfig, build_model
+
+    spec = tiny_experiment().model.model_dump()
+    fresh = build_model(
+        ModelConfig(num_items=small_data.num_items, **{**spec, "feature_dim": 0}), seed=0
+    )
+    for name, tensor in fresh.state_dict().items():
+        assert torch.equal(initial[name], tensor), name
+
+
+def test_pool_config_validates_and_covers_the_registry() -> None:
+    for name in POOL_STRATEGIES:
+        PoolConfig(strategy=name)  # type: ignore[arg-type]
+    with pytest.raises(ValidationError):
+        PoolConfig(strategy="nearby")  # type: ignore[arg-type]
+    with pytest.raises(ValidationError):
+        PoolConfig(strategy="population", pull=1.5)
+    assert PoolConfig(strategy="scratch").base_epochs(30) is None
+    assert PoolConfig(strategy="finetune").member_lr(1e-3, 3e-4) == 3e-4
+    assert PoolConfig(strategy="spawn").member_lr(1e-3, 3e-4) == 1e-3

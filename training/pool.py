@@ -1,0 +1,97 @@
+"""How the merge pool is trained: the pool strategies, one registry.
+
+A merge can only keep what its members share and gain from what they do not:
+members that are nearly the same model gain nothing from merging, members from
+separate starts cannot be averaged (a loss barrier lies between them). Each
+strategy places the members somewhere on that trade-off:
+
+- `finetune`: a shared base trained to convergence (early stopping, its best
+  checkpoint), then every member continues from it at `recipe_lr`;
+- `scratch`: every member from its own initialisation (the thesis's other setting);
+- `spawn`: members share one trajectory for `spawn_epoch` epochs, then each trains
+  on its own (its seed, data order, objective) for its epochs, at the
+  experiment's rate (Frankle et al. 2020: children spawned after a short shared
+  phase stay linearly connected while they diverge); spawn_epoch 0 is one shared
+  initialisation;
+- `population`: members train at once from their own initialisations and are
+  pulled toward their mean every `exchange_every` steps (PAPA,
+  training/population.py), as Ray actors.
+
+The merge job (`setting` in the pipeline config) and the benchmarks
+(benchmarks/pool_sweep.py, benchmarks/merge_baselines.py) read the same config.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from training.config import StrictModel
+
+# name -> one line for the CLI, the docs and error messages
+POOL_STRATEGIES: dict[str, str] = {
+    "finetune": "members continue from one converged shared base at recipe_lr",
+    "scratch": "every member from its own initialisation",
+    "spawn": "members share the first spawn_epoch epochs, then train on their own",
+    "population": "members train at once, pulled toward their mean every exchange_every steps",
+}
+PoolStrategy = Literal["finetune", "scratch", "spawn", "population"]
+
+
+class PoolConfig(StrictModel):
+    """The pool strategy and its settings (see training/pool.py)."""
+
+    strategy: PoolStrategy = Field(
+        "finetune", description="; ".join(f"{k}: {v}" for k, v in POOL_STRATEGIES.items())
+    )
+    spawn_epoch: int = Field(
+        2, ge=0, description="spawn: epochs of the shared trajectory before members split"
+    )
+    pull: float = Field(
+        0.1,
+        ge=0.0,
+        le=1.0,
+        description="population: w <- (1 - pull) w + pull * mean at every exchange (0: none)",
+    )
+    exchange_every: int = Field(
+        10, ge=1, description="population: optimiser steps between two exchanges"
+    )
+
+    @model_validator(mode="after")
+    def _known(self) -> PoolConfig:
+        if self.strategy not in POOL_STRATEGIES:  # Literal and registry must agree
+            raise ValueError(f"unknown pool strategy {self.strategy!r}")
+        return self
+
+    @property
+    def shared_base(self) -> bool:
+        """Whether members start from a shared base run (trained first)."""
+        return self.strategy in ("finetune", "spawn")
+
+    def base_epochs(self, experiment_epochs: int) -> int | None:
+        """Epochs of the shared base: the experiment's (early-stopped) or spawn_epoch."""
+        if self.strategy == "finetune":
+            return experiment_epochs
+        if self.strategy == "spawn":
+            return self.spawn_epoch
+        return None
+
+    def member_start(self, base_run: Path) -> Path:
+        """Where members start: the base's best/ (finetune), its state at spawn_epoch (spawn).
+
+        A spawn base of zero epochs has no last/: its best/ is the initial model.
+        """
+        from training.trainer import LAST
+
+        last = Path(base_run) / LAST
+        if self.strategy == "spawn" and (last / "checkpoint.json").is_file():
+            return last
+        return Path(base_run)
+
+    def member_lr(self, experiment_lr: float, recipe_lr: float | None) -> float:
+        """Only a fine-tune from a converged base lowers the rate (it must stay in the basin)."""
+        if self.strategy == "finetune":
+            return recipe_lr or experiment_lr
+        return experiment_lr

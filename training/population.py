@@ -1,0 +1,172 @@
+"""Population training: pool members that train at once and are pulled toward their mean.
+
+PAPA (Jolicoeur-Martineau et al., TMLR 2024): every `exchange_every` optimiser
+steps, each member moves toward the population's mean,
+
+    w_i <- (1 - pull) w_i + pull * mean_j(w_j),
+
+so members keep their own initialisation, data order, dropout and objective
+(they stay different enough for their ensemble to gain) while the pull keeps
+them in one basin of the loss (close enough for their average to keep the
+gain). `pull` 0 is independent training, bit for bit.
+
+Each member is a Ray actor holding its own `Trainer` (one process, its own
+threads): the driver advances every member `exchange_every` steps, gathers
+their weights through the object store, and sends the mean back. That is the
+job's own distribution: on a cluster the members run on any nodes. Only the
+model's parameters are pulled; each member keeps its optimiser state and its
+recipe's own modules (projection heads, gates), which have no counterpart in
+the others.
+
+Members must take the same number of steps per epoch (same training sequences
+and batch size), so that exchanges fall at the same point of every member's
+epoch; a member that stops early (patience) leaves the population and the rest
+go on without it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MemberSpec:
+    """One member of a population: its experiment (JSON-able), run folder and start."""
+
+    name: str
+    experiment: dict[str, Any]
+    run_dir: str
+    init: str | None = None
+
+
+class Member:
+    """A pool member that trains a few steps at a time (the body of a Ray actor)."""
+
+    def __init__(self, spec: MemberSpec, data_path: str, threads: int, resume: bool) -> None:
+        import torch
+
+        from training.config import ExperimentConfig
+        from training.data import load_data
+        from training.trainer import Trainer
+
+        torch.set_num_threads(max(1, threads))
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        config = ExperimentConfig.model_validate(spec.experiment)
+        self.name = spec.name
+        self.trainer = Trainer(
+            config,
+            load_data(Path(data_path)),
+            Path(spec.run_dir),
+            init=Path(spec.init) if spec.init else None,
+        )
+        self.trainer.begin(resume=resume)
+        self.steps: Iterator[float] | None = None
+
+    def steps_per_epoch(self) -> tuple[int, int]:
+        """What decides the steps of an epoch: training sequences and batch size."""
+        return len(self.trainer.train_sequences), self.trainer.cfg.batch_size
+
+    def advance(self, steps: int) -> bool:
+        """Take `steps` optimiser steps (crossing epoch ends); True once training is done.
+
+        An epoch's bookkeeping (validation, last/, early stopping) runs when the
+        step after its last one is asked for, so it sees the weights after that
+        exchange's pull.
+        """
+        taken = 0
+        while taken < steps and not self.trainer.done:
+            if self.steps is None:
+                self.steps = self.trainer.epoch_steps(self.trainer.state.epoch)
+            if next(self.steps, None) is None:
+                self.steps = None  # the epoch ended: validated and saved, no step taken
+            else:
+                taken += 1
+        return self.trainer.done
+
+    def weights(self) -> dict[str, np.ndarray]:
+        return {
+            name: parameter.detach().cpu().numpy()
+            for name, parameter in self.trainer.model.named_parameters()
+        }
+
+    def pull(self, mean: dict[str, np.ndarray], strength: float) -> None:
+        import torch
+
+        with torch.no_grad():
+            for name, parameter in self.trainer.model.named_parameters():
+                target = torch.from_numpy(mean[name]).to(parameter.device, parameter.dtype)
+                parameter.lerp_(target, strength)
+
+    def finish(self) -> dict[str, Any]:
+        result = self.trainer.end()
+        assert result is not None
+        return {
+            "run_dir": str(result.run_dir),
+            "best_epoch": result.best_epoch,
+            "best_score": result.best_score,
+            "history": result.history,
+        }
+
+
+def population_mean(weights: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    return {name: np.mean([w[name] for w in weights], axis=0) for name in weights[0]}
+
+
+def train_population(
+    members: list[MemberSpec],
+    data_path: str,
+    pull: float,
+    exchange_every: int,
+    threads: int = 1,
+    num_gpus: float = 0.0,
+    resume: bool = False,
+) -> dict[str, dict[str, Any]]:
+    """Train every member at once on Ray, pulling them toward their mean; name -> result.
+
+    Needs a running Ray (`ray.init` or the job's session). Each member is an
+    actor with `threads` CPUs; the driver only averages.
+    """
+    import ray
+
+    if not members:
+        raise ValueError("a population needs at least one member")
+    if not 0.0 <= pull <= 1.0:
+        raise ValueError(f"pull must lie in [0, 1], got {pull}")
+    actor = ray.remote(Member).options(num_cpus=threads, num_gpus=num_gpus)
+    actors = {m.name: actor.remote(m, data_path, threads, resume) for m in members}
+    counts = set(ray.get([a.steps_per_epoch.remote() for a in actors.values()]))
+    if len(counts) > 1:
+        raise ValueError(f"members take different numbers of steps per epoch: {sorted(counts)}")
+    active = dict(actors)
+    exchanges, start = 0, time.perf_counter()
+    while active:
+        done = ray.get([a.advance.remote(exchange_every) for a in active.values()])
+        if pull > 0 and len(active) > 1:
+            weights = ray.get([a.weights.remote() for a in active.values()])
+            mean = ray.put(population_mean(weights))
+            ray.get([a.pull.remote(mean, pull) for a in active.values()])
+            exchanges += 1
+        active = {
+            n: a for (n, a), finished in zip(active.items(), done, strict=True) if not finished
+        }
+    results = dict(zip(actors, ray.get([a.finish.remote() for a in actors.values()]), strict=True))
+    log.info(
+        "population of %d: %d exchanges (pull %.3g every %d steps) in %.0f s",
+        len(members),
+        exchanges,
+        pull,
+        exchange_every,
+        time.perf_counter() - start,
+    )
+    for a in actors.values():
+        ray.kill(a)
+    return results
