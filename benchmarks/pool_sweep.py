@@ -38,6 +38,7 @@ strategy next to the barrier.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import shutil
@@ -170,7 +171,8 @@ def train_pool(
             )
         )
     pull = pool.pull if pool.strategy == "population" else 0.0
-    results = train_population(members, args.data, pull, pool.exchange_every, resume=True)
+    loader = functools.partial(load_data, Path(args.data))
+    results = train_population(members, loader, pull, pool.exchange_every, resume=True)
     return {name: Path(r["run_dir"]) for name, r in results.items()}, shared + len(members) * (
         args.epochs - shared
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 from pydantic import ValidationError
 
 from tests.support import tiny_experiment
-from training.data import SequenceData
+from training.data import SequenceData, load_data
 from training.pool import POOL_STRATEGIES, PoolConfig
 from training.population import MemberSpec, population_mean, train_population
 from training.trainer import LAST, load_run_checkpoint, train
@@ -29,6 +30,10 @@ def member(name: str, folder: Path, seed: int, init: Path | None = None, **train
     return MemberSpec(name, experiment, str(folder / name), str(init) if init else None)
 
 
+def loader(folder: Path):  # type: ignore[no-untyped-def]
+    return functools.partial(load_data, folder)
+
+
 def weights(run: Path, last: bool = False) -> dict[str, torch.Tensor]:
     return load_run_checkpoint(run / LAST if last else run).model.state_dict()
 
@@ -37,7 +42,7 @@ def test_pull_zero_is_independent_training_bit_for_bit(
     ray_local, small_data: SequenceData, small_data_dir: Path, tmp_path: Path
 ) -> None:
     specs = [member("a", tmp_path, seed=3), member("b", tmp_path, seed=4)]
-    results = train_population(specs, str(small_data_dir), pull=0.0, exchange_every=3)
+    results = train_population(specs, loader(small_data_dir), pull=0.0, exchange_every=3)
     alone = train(
         tiny_experiment(train__seed=3, train__num_threads=1), small_data, tmp_path / "alone"
     )
@@ -58,7 +63,7 @@ def test_pull_zero_is_independent_training_bit_for_bit(
 def test_full_pull_makes_members_one_model(ray_local, small_data_dir: Path, tmp_path: Path) -> None:
     """Pull 1 replaces every member by the mean at each exchange: after the last one they agree."""
     specs = [member("a", tmp_path, seed=3), member("b", tmp_path, seed=4)]
-    train_population(specs, str(small_data_dir), pull=1.0, exchange_every=1)
+    train_population(specs, loader(small_data_dir), pull=1.0, exchange_every=1)
     a, b = (weights(tmp_path / name, last=True) for name in ("a", "b"))
     # last/ is written at the epoch's end, after the exchange that followed its last step.
     for name in a:
@@ -71,7 +76,7 @@ def test_a_gentle_pull_brings_members_closer(
 ) -> None:
     def distance(folder: Path, pull: float) -> float:
         specs = [member("a", folder, seed=3), member("b", folder, seed=4)]
-        train_population(specs, str(small_data_dir), pull=pull, exchange_every=2)
+        train_population(specs, loader(small_data_dir), pull=pull, exchange_every=2)
         a, b = (weights(folder / name, last=True) for name in ("a", "b"))
         return float(sum(((a[k] - b[k]) ** 2).sum() for k in a if a[k].is_floating_point()))
 
@@ -90,7 +95,7 @@ def test_members_must_take_the_same_steps_per_epoch(
 ) -> None:
     specs = [member("a", tmp_path, seed=3), member("b", tmp_path, seed=4, train__batch_size=32)]
     with pytest.raises(ValueError, match="different numbers of steps"):
-        train_population(specs, str(small_data_dir), pull=0.1, exchange_every=2)
+        train_population(specs, loader(small_data_dir), pull=0.1, exchange_every=2)
 
 
 def test_spawning_at_the_last_epoch_equals_the_finetune_setting(
@@ -109,7 +114,7 @@ def test_spawning_at_the_last_epoch_equals_the_finetune_setting(
     start = spawn.member_start(shared.run_dir)
     assert start == shared.run_dir / LAST
     spawned = train_population(
-        [member("m", tmp_path / "spawn", seed=7, init=start)], str(small_data_dir), 0.0, 5
+        [member("m", tmp_path / "spawn", seed=7, init=start)], loader(small_data_dir), 0.0, 5
     )
     tuned = train(
         tiny_experiment(train__seed=7, train__num_threads=1),

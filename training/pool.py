@@ -40,12 +40,9 @@ POOL_STRATEGIES: dict[str, str] = {
 PoolStrategy = Literal["finetune", "scratch", "spawn", "population"]
 
 
-class PoolConfig(StrictModel):
-    """The pool strategy and its settings (see training/pool.py)."""
+class PoolSettings(StrictModel):
+    """The settings of the strategies (the merge job's `pool:` block)."""
 
-    strategy: PoolStrategy = Field(
-        "finetune", description="; ".join(f"{k}: {v}" for k, v in POOL_STRATEGIES.items())
-    )
     spawn_epoch: int = Field(
         2, ge=0, description="spawn: epochs of the shared trajectory before members split"
     )
@@ -59,6 +56,14 @@ class PoolConfig(StrictModel):
         10, ge=1, description="population: optimiser steps between two exchanges"
     )
 
+
+class PoolConfig(PoolSettings):
+    """A pool strategy with its settings (see training/pool.py)."""
+
+    strategy: PoolStrategy = Field(
+        "finetune", description="; ".join(f"{k}: {v}" for k, v in POOL_STRATEGIES.items())
+    )
+
     @model_validator(mode="after")
     def _known(self) -> PoolConfig:
         if self.strategy not in POOL_STRATEGIES:  # Literal and registry must agree
@@ -69,6 +74,11 @@ class PoolConfig(StrictModel):
     def shared_base(self) -> bool:
         """Whether members start from a shared base run (trained first)."""
         return self.strategy in ("finetune", "spawn")
+
+    @property
+    def spawns_from_last(self) -> bool:
+        """Members start from the base's last epoch (its best/ otherwise)."""
+        return self.strategy == "spawn" and self.spawn_epoch > 0
 
     def base_epochs(self, experiment_epochs: int) -> int | None:
         """Epochs of the shared base: the experiment's (early-stopped) or spawn_epoch."""
@@ -85,10 +95,7 @@ class PoolConfig(StrictModel):
         """
         from training.trainer import LAST
 
-        last = Path(base_run) / LAST
-        if self.strategy == "spawn" and (last / "checkpoint.json").is_file():
-            return last
-        return Path(base_run)
+        return Path(base_run) / LAST if self.spawns_from_last else Path(base_run)
 
     def member_lr(self, experiment_lr: float, recipe_lr: float | None) -> float:
         """Only a fine-tune from a converged base lowers the rate (it must stay in the basin)."""

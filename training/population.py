@@ -28,14 +28,20 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+if TYPE_CHECKING:
+    from training.data import SequenceData
+
 log = logging.getLogger(__name__)
+# Called in the member's own process once it has trained: (name, run folder) -> None.
+# The job uploads the run to its artifact store from there (members may sit on any node).
+FinishHook = Callable[[str, Path], None]
 
 
 @dataclass(frozen=True)
@@ -51,11 +57,17 @@ class MemberSpec:
 class Member:
     """A pool member that trains a few steps at a time (the body of a Ray actor)."""
 
-    def __init__(self, spec: MemberSpec, data_path: str, threads: int, resume: bool) -> None:
+    def __init__(
+        self,
+        spec: MemberSpec,
+        load_data: Callable[[], SequenceData],
+        threads: int,
+        resume: bool,
+        on_finish: FinishHook | None = None,
+    ) -> None:
         import torch
 
         from training.config import ExperimentConfig
-        from training.data import load_data
         from training.trainer import Trainer
 
         torch.set_num_threads(max(1, threads))
@@ -64,12 +76,13 @@ class Member:
         self.name = spec.name
         self.trainer = Trainer(
             config,
-            load_data(Path(data_path)),
+            load_data() if callable(load_data) else _load_path(load_data),
             Path(spec.run_dir),
             init=Path(spec.init) if spec.init else None,
         )
         self.trainer.begin(resume=resume)
         self.steps: Iterator[float] | None = None
+        self.on_finish = on_finish
 
     def steps_per_epoch(self) -> tuple[int, int]:
         """What decides the steps of an epoch: training sequences and batch size."""
@@ -109,12 +122,21 @@ class Member:
     def finish(self) -> dict[str, Any]:
         result = self.trainer.end()
         assert result is not None
+        if self.on_finish is not None:
+            self.on_finish(self.name, result.run_dir)
         return {
             "run_dir": str(result.run_dir),
             "best_epoch": result.best_epoch,
             "best_score": result.best_score,
             "history": result.history,
+            "metrics": result.metrics,
         }
+
+
+def _load_path(path: str) -> SequenceData:  # TEMPORARY: a sweep started before the change
+    from training.data import load_data
+
+    return load_data(Path(path))
 
 
 def population_mean(weights: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -123,17 +145,19 @@ def population_mean(weights: list[dict[str, np.ndarray]]) -> dict[str, np.ndarra
 
 def train_population(
     members: list[MemberSpec],
-    data_path: str,
+    load_data: Callable[[], SequenceData],
     pull: float,
     exchange_every: int,
     threads: int = 1,
     num_gpus: float = 0.0,
     resume: bool = False,
+    on_finish: FinishHook | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Train every member at once on Ray, pulling them toward their mean; name -> result.
 
     Needs a running Ray (`ray.init` or the job's session). Each member is an
-    actor with `threads` CPUs; the driver only averages.
+    actor with `threads` CPUs that loads the data itself (`load_data` is shipped
+    to it: a picklable function); the driver only averages.
     """
     import ray
 
@@ -142,7 +166,7 @@ def train_population(
     if not 0.0 <= pull <= 1.0:
         raise ValueError(f"pull must lie in [0, 1], got {pull}")
     actor = ray.remote(Member).options(num_cpus=threads, num_gpus=num_gpus)
-    actors = {m.name: actor.remote(m, data_path, threads, resume) for m in members}
+    actors = {m.name: actor.remote(m, load_data, threads, resume, on_finish) for m in members}
     counts = set(ray.get([a.steps_per_epoch.remote() for a in actors.values()]))
     if len(counts) > 1:
         raise ValueError(f"members take different numbers of steps per epoch: {sorted(counts)}")

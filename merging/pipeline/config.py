@@ -15,6 +15,7 @@ from merging.fisher import FisherConfig
 from merging.merge import MERGE_METHODS, NEEDS_BASE, MergeConfig
 from serving.settings import check_run_id
 from training.config import ExperimentConfig, StrictModel
+from training.pool import POOL_STRATEGIES, PoolConfig, PoolSettings, PoolStrategy
 
 
 class RecipeEntry(StrictModel):
@@ -185,9 +186,13 @@ class PipelineConfig(StrictModel):
     experiment: ExperimentConfig = Field(
         default_factory=ExperimentConfig, description="data, backbone and the base model's training"
     )
-    setting: Literal["finetune", "scratch"] = Field(
+    setting: PoolStrategy = Field(
         "finetune",
-        description="finetune: recipes continue from one shared base; scratch: each from its own init",
+        description="how the pool trains (training/pool.py): "
+        + "; ".join(f"{k}: {v}" for k, v in POOL_STRATEGIES.items()),
+    )
+    pool: PoolSettings = Field(
+        default_factory=PoolSettings, description="settings of the spawn and population strategies"
     )
     recipes: list[RecipeEntry] = Field(
         default_factory=lambda: [
@@ -196,7 +201,10 @@ class PipelineConfig(StrictModel):
         description="the merge pool; 'plain' means the backbone's own objective",
     )
     recipe_epochs: int = Field(
-        10, ge=0, description="epochs of each recipe (fine-tune length in finetune)"
+        10,
+        ge=0,
+        description="epochs of each recipe (after the base in finetune, after the shared "
+        "spawn_epoch epochs in spawn)",
     )
     # A fine-tune that restarts at the base's rate (1e-3) leaves the base's basin, and
     # models merged from different basins lose (README, "Merging: what the numbers say").
@@ -204,7 +212,7 @@ class PipelineConfig(StrictModel):
         3e-4,
         gt=0,
         description="learning rate of the recipe fine-tunes (finetune setting; None: the "
-        "experiment's lr); scratch runs always use the experiment's lr",
+        "experiment's lr); every other setting trains at the experiment's lr",
     )
     control: bool = Field(
         False,
@@ -232,25 +240,29 @@ class PipelineConfig(StrictModel):
             raise ValueError(f"recipe names must be unique; repeated: {duplicated}")
         if not names:
             raise ValueError("the merge pool needs at least one recipe")
-        if self.control and self.setting == "scratch":
+        if self.control and self.setting != "finetune":
             raise ValueError("control fine-tunes from the base: it needs setting: finetune")
-        if self.base.init_from and self.setting == "scratch":
+        if self.base.init_from and self.setting != "finetune":
             raise ValueError(
                 "base.init_from warm-starts the shared base: it needs setting: finetune"
             )
         if CONTROL in names:
             raise ValueError(f"{CONTROL!r} names the equal-compute control, not a recipe")
         based = sorted(set(self.merge.methods) & NEEDS_BASE)
-        if based and self.setting == "scratch":
+        if based and not self.pool_config.shared_base:
             raise ValueError(
                 f"merge methods {based} add task vectors to the recipes' shared base; the "
-                "scratch setting has none (use setting: finetune)"
+                f"{self.setting} setting has none (use setting: finetune or spawn)"
             )
         return self
 
+    @property
+    def pool_config(self) -> PoolConfig:
+        return PoolConfig(strategy=self.setting, **self.pool.model_dump())
+
     def recipe_lr_of(self, entry: RecipeEntry) -> float:
-        """The learning rate an entry trains with."""
-        if self.setting == "scratch":
+        """The learning rate an entry trains with (only a fine-tune lowers it)."""
+        if self.setting != "finetune":
             return self.experiment.train.lr
         return entry.lr or self.recipe_lr or self.experiment.train.lr
 

@@ -45,6 +45,7 @@ from merging.pipeline.tasks import ENSEMBLE, TaskContext
 log = logging.getLogger(__name__)
 
 BASE = "base"
+POPULATION = "train/population"  # the one stage that trains a population's members
 WARM = "warm-start"  # models/warm-start: the published model on this run's catalogue
 
 
@@ -140,11 +141,11 @@ class Pipeline:
         self.stage_seconds: dict[str, float] = {}
         self.runner = StageRunner(store, self.work, on_event=self.report_progress)
         recipes, merges = len(config.recipes), len(config.merge.methods)
-        # data, [base], recipes (+ control), Fishers, merges, baselines, metrics, export,
-        # report, gate, publish
-        self.total_stages = (
-            1 + (config.setting == "finetune") + 2 * recipes + config.control + merges + 6
-        )
+        pool = config.pool_config
+        # data, [base], recipes (one stage for a population) (+ control), Fishers, merges,
+        # baselines, metrics, export, report, gate, publish
+        trainings = 1 if pool.strategy == "population" else recipes
+        self.total_stages = 1 + pool.shared_base + trainings + recipes + config.control + merges + 6
         self.stages_done = 0
 
     # ---- progress and Ray plumbing -----------------------------------------------------
@@ -314,13 +315,13 @@ class Pipeline:
         return "cuda" if self.config.resources.num_gpus > 0 else "cpu"
 
     def training_stage(
-        self, name: str, experiment: dict[str, Any], init: str | None
+        self, name: str, experiment: dict[str, Any], init: str | None, keep_last: bool = False
     ) -> ParallelStage:
         workers = experiment["train"]["workers"]
         task = self.remote(tasks.train_model, f"train/{name}", coordinator=workers > 1)
         return ParallelStage(
             name=f"train/{name}",
-            submit=lambda: [task.remote(self.context, name, experiment, init)],
+            submit=lambda: [task.remote(self.context, name, experiment, init, keep_last)],
             finish=lambda values: StageOutput([f"models/{name}"], values[0]),
         )
 
@@ -363,22 +364,25 @@ class Pipeline:
         return result
 
     def stage_base(self, warm: dict[str, Any] | None = None) -> None:
-        if self.config.setting != "finetune":
-            return
+        """The shared base: converged (finetune) or the first spawn_epoch epochs (spawn)."""
+        pool = self.config.pool_config
         train = self.config.experiment.train
-        epochs = train.epochs
+        epochs = pool.base_epochs(train.epochs)
+        if epochs is None:
+            return
         if warm is not None and self.config.base.warm_epochs is not None:
             epochs = self.config.base.warm_epochs
         experiment = self.experiment_for(
             self.config.experiment.model.backbone, {}, epochs, train.seed
         )
+        if pool.strategy == "spawn":  # the shared phase runs its epochs: no early stop
+            experiment["train"]["patience"] = max(train.patience, epochs + 1)
         init = f"models/{WARM}" if warm is not None else None
-        self.run_parallel([self.training_stage(BASE, experiment, init)])
+        self.run_parallel([self.training_stage(BASE, experiment, init, pool.spawns_from_last)])
 
-    def stage_recipes(self) -> dict[str, dict[str, Any]]:
-        """Every recipe of the pool, trained concurrently (fine-tuned from the base or from scratch)."""
-        init = f"models/{BASE}" if self.config.setting == "finetune" else None
-        stages = []
+    def recipe_experiments(self) -> dict[str, dict[str, Any]]:
+        """name -> the experiment of every pool member."""
+        out = {}
         for position, entry in enumerate(self.config.recipes):
             seed = (
                 entry.seed
@@ -386,20 +390,51 @@ class Pipeline:
                 else self.config.experiment.train.seed + position + 1
             )
             epochs = entry.epochs if entry.epochs is not None else self.config.recipe_epochs
-            experiment = self.experiment_for(
+            out[entry.name] = self.experiment_for(
                 self.config.recipe_of(entry),
                 entry.params,
                 epochs,
                 seed,
                 self.config.recipe_lr_of(entry),
             )
-            stages.append(self.training_stage(entry.name, experiment, init))
-        names = [entry.name for entry in self.config.recipes]
+        return out
+
+    def stage_recipes(self) -> dict[str, dict[str, Any]]:
+        """Every member of the pool, trained concurrently as the pool strategy says."""
+        pool = self.config.pool_config
+        experiments = self.recipe_experiments()
+        if pool.strategy == "population":
+            return self.population_stage(experiments)
+        init = None
+        if pool.shared_base:
+            init = f"models/{BASE}/last" if pool.spawns_from_last else f"models/{BASE}"
+        stages = [self.training_stage(n, e, init) for n, e in experiments.items()]
+        names = list(experiments)
         if self.config.control:
             stages.append(self.training_stage(CONTROL, self._control_experiment(), init))
             names.append(CONTROL)
         results = self.run_parallel(stages)
         return {name: results[f"train/{name}"] for name in names}
+
+    def population_stage(self, experiments: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        """All members at once as Ray actors (training/population.py), driven by one task."""
+        pool = self.config.pool_config
+        task = self.remote(tasks.train_population_members, POPULATION, coordinator=True)
+        resources = self.config.resources
+        stage = ParallelStage(
+            name=POPULATION,
+            submit=lambda: [
+                task.remote(
+                    self.context,
+                    experiments,
+                    pool.pull,
+                    pool.exchange_every,
+                    resources.num_gpus,
+                )
+            ],
+            finish=lambda values: StageOutput([f"models/{n}" for n in experiments], values[0]),
+        )
+        return self.run_parallel([stage])[POPULATION]
 
     def _control_experiment(self) -> dict[str, Any]:
         """The plain objective for every epoch the pool spent, at the recipes' rate."""
@@ -654,9 +689,13 @@ class Pipeline:
         names = [entry.name for entry in self.config.recipes]
         trained = {n: f"models/{n}" for n in names}
         offsets: dict[str, int] = {}
-        if self.config.setting == "finetune":
+        pool = self.config.pool_config
+        if pool.shared_base:
             trained = {BASE: f"models/{BASE}", **trained}
-            offsets = dict.fromkeys(names, max(0, int((base_result or {}).get("best_epoch", 0))))
+            start = (base_result or {}).get("best_epoch", 0)
+            if pool.strategy == "spawn":
+                start = pool.spawn_epoch
+            offsets = dict.fromkeys(names, max(0, int(start)))
         return {
             "run_id": self.run_id,
             "summary": {

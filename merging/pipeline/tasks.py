@@ -131,9 +131,16 @@ def warm_start(context: TaskContext, source_run: str, name: str, seed: int) -> d
 
 
 def train_model(
-    context: TaskContext, name: str, experiment: dict[str, Any], init: str | None
+    context: TaskContext,
+    name: str,
+    experiment: dict[str, Any],
+    init: str | None,
+    keep_last: bool = False,
 ) -> dict[str, Any]:
-    """Train one model into `models/<name>` of the work folder (resuming a crashed attempt)."""
+    """Train one model into `models/<name>` of the work folder (resuming a crashed attempt).
+
+    keep_last: also publish last/ (a spawn base: members start from its last epoch).
+    """
     from training.config import ExperimentConfig
     from training.trainer import train
 
@@ -143,19 +150,72 @@ def train_model(
     scratch = context.scratch(f"train/{name}")
     init_path = local_checkpoint(context, init) if init else None
     result = train(config, data, scratch, init=init_path, resume=True)
-    publishable = context.scratch(f"out/{name}")
-    shutil.rmtree(publishable, ignore_errors=True)
-    publishable.mkdir(parents=True)
-    for item in ("best", "config.yaml", "history.json", "metrics.json"):
-        source = scratch / item
-        copy = shutil.copytree if source.is_dir() else shutil.copy2
-        copy(source, publishable / item)
-    context.store.upload_folder(publishable, f"{context.work}/models/{name}")
+    publish_run(context, name, scratch, keep_last)
     return {
         "name": name,
         "best_epoch": result.best_epoch,
         "best_score": result.best_score,
         "metrics": result.metrics,
+    }
+
+
+def publish_run(context: TaskContext, name: str, run_dir: Path, keep_last: bool = False) -> None:
+    """Upload a trained run folder to `models/<name>` (best/, config, history, metrics)."""
+    publishable = context.scratch(f"out/{name}")
+    shutil.rmtree(publishable, ignore_errors=True)
+    publishable.mkdir(parents=True)
+    items = ["best", "config.yaml", "history.json", "metrics.json"] + (
+        ["last"] if keep_last else []
+    )
+    for item in items:
+        source = run_dir / item
+        copy = shutil.copytree if source.is_dir() else shutil.copy2
+        copy(source, publishable / item)
+    context.store.upload_folder(publishable, f"{context.work}/models/{name}")
+
+
+def train_population_members(
+    context: TaskContext,
+    experiments: dict[str, dict[str, Any]],
+    pull: float,
+    exchange_every: int,
+    num_gpus: float = 0.0,
+) -> dict[str, dict[str, Any]]:
+    """The pool as a population (training/population.py): one actor per member.
+
+    This task only drives: each actor loads the run's data, trains, and uploads
+    its own run to `models/<name>` (actors may sit on any node). A retried task
+    resumes every member from its last epoch.
+    """
+    from training.population import MemberSpec, train_population
+
+    start_task(context, "train/population")
+    members = [
+        MemberSpec(
+            name,
+            with_staged_features(context, experiment),
+            str(context.scratch(f"train/{name}")),
+        )
+        for name, experiment in experiments.items()
+    ]
+    results = train_population(
+        members,
+        functools.partial(load_run_data, context.store_root, context.work),
+        pull,
+        exchange_every,
+        threads=context.threads,
+        num_gpus=num_gpus,
+        resume=True,
+        on_finish=functools.partial(publish_run, context),
+    )
+    return {
+        name: {
+            "name": name,
+            "best_epoch": result["best_epoch"],
+            "best_score": result["best_score"],
+            "metrics": result["metrics"],
+        }
+        for name, result in results.items()
     }
 
 
