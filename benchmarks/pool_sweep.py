@@ -15,6 +15,10 @@ budget of --epochs epochs per member, counting a shared phase:
 - `population:PULL:EVERY`: members from their own initialisations, E epochs at
   once, pulled toward their mean every EVERY steps (PAPA).
 
+A `+align` suffix (e.g. `scratch+align`) reuses that strategy's trained pool and
+merges it after weight matching (merging/alignment.py): the barrier is then
+measured on the line to the aligned second member.
+
 All members of a strategy train at once as Ray actors (training/population.py;
 scratch and spawn are populations with pull 0), 1 thread each.
 
@@ -58,6 +62,7 @@ from merge_baselines import (  # benchmarks/merge_baselines.py
 )
 from recipes import PLAIN, parse_recipe  # benchmarks/recipes.py
 
+from merging.alignment import match_weights
 from merging.landscape import flat_weights, line_profile, validation_probe
 from merging.merge import MergeConfig, merge_checkpoints
 from merging.significance import paired_comparison
@@ -72,6 +77,7 @@ from training.trainer import LAST, load_run_checkpoint, train
 
 log = logging.getLogger("benchmarks.pool_sweep")
 ENSEMBLE, UNIFORM, FISHER, CONTROL = "ensemble", "uniform", "fisher", "control"
+ALIGN = "+align"
 
 
 def parse_args() -> argparse.Namespace:
@@ -90,7 +96,8 @@ def parse_args() -> argparse.Namespace:
         "--strategies",
         nargs="+",
         default=["scratch", "spawn:0", "spawn:2", "spawn:6", "population:0.1:10"],
-        help="scratch | spawn:S | population:PULL:EVERY",
+        help="scratch | spawn:S | population:PULL:EVERY, each optionally +align (merge after "
+        "weight matching)",
     )
     parser.add_argument("--epochs", type=int, default=12, help="epochs per member, shared included")
     parser.add_argument("--seed", type=int, default=0)
@@ -179,14 +186,14 @@ def train_pool(
 
 
 def merges(
-    args: argparse.Namespace, runs: dict[str, Path], data: SequenceData, work: Path
+    args: argparse.Namespace, runs: dict[str, Path], data: SequenceData, work: Path, align: bool
 ) -> dict[str, Path]:
-    methods = {UNIFORM: MergeConfig(method="uniform")}
+    methods = {UNIFORM: MergeConfig(method="uniform", align=align)}
     if not args.no_fisher:
-        methods[FISHER] = MergeConfig(method="fisher")
+        methods[FISHER] = MergeConfig(method="fisher", align=align)
     folders = {}
     for label, config in methods.items():
-        folder = work / "merged" / label
+        folder = work / ("merged-aligned" if align else "merged") / label
         if not (folder / "checkpoint.json").is_file():
             shutil.rmtree(folder, ignore_errors=True)
             fishers = (
@@ -202,11 +209,16 @@ def merges(
 # ---- measuring ---------------------------------------------------------------------------
 
 
-def barrier(runs: dict[str, Path], data: SequenceData, users: int) -> dict[str, Any]:
-    """Validation NDCG@10 on the line between the first two members; the dip below their ends."""
+def barrier(runs: dict[str, Path], data: SequenceData, users: int, align: bool) -> dict[str, Any]:
+    """Validation NDCG@10 on the line between the first two members; the dip below their ends.
+
+    align: the second member's units permuted onto the first's first (weight matching).
+    """
     first, second = list(runs.values())[:2]
     start = load_run_checkpoint(first).model
     end = load_run_checkpoint(second).model.state_dict()
+    if align:
+        end = {**end, **match_weights(start.state_dict(), end, start.config.num_heads)[0]}
     probe = validation_probe(data.split(), users=users, seed=0)
     line = line_profile(start.state_dict(), end, start, probe, points=9, extend=0.0)
     ends = (line["ndcg@10"][0] + line["ndcg@10"][-1]) / 2
@@ -221,12 +233,13 @@ def run_strategy(
     evaluator: Evaluator,
     pool: PoolConfig,
     work: Path,
+    align: bool,
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     start = time.perf_counter()
     runs, member_epochs = train_pool(args, base, data, pool, work)
     train_seconds = time.perf_counter() - start
     results = measure(evaluator, runs)
-    merged = merges(args, runs, data, work)
+    merged = merges(args, runs, data, work, align)
     results.update(measure(evaluator, merged))
     results[ENSEMBLE] = measure_ensemble(evaluator, runs)
     best = max(runs, key=lambda label: score(results[label]["valid"]))
@@ -251,7 +264,8 @@ def run_strategy(
             label: (rows[label]["test"] - rows[best]["test"]) / ceiling if ceiling > 0 else None
             for label in merged
         },
-        "line": barrier(runs, data, args.probe_users),
+        "aligned": align,
+        "line": barrier(runs, data, args.probe_users, align),
         "distance_between_first_two": float((flats[0] - flats[1]).norm()),
         "norms": [float(f.norm()) for f in flats],
         "error_inconsistency": error_inconsistency(users[names[0]], users[names[1]]),
@@ -380,11 +394,13 @@ def main() -> None:
                 log.info("%s: already in %s, skipped", text, out)
                 continue
             log.info("strategy %s: training %d members", text, len(args.members))
-            folder = work / text.replace(":", "-")
-            document, users = run_strategy(
-                args, base, data, evaluator, parse_strategy(text), folder
-            )
-            np.savez_compressed(folder / "per_user.npz", **{k: v for k, v in users.items()})
+            # "+align": the same trained pool, merged after weight matching.
+            trained, align = text.removesuffix(ALIGN), text.endswith(ALIGN)
+            folder = work / trained.replace(":", "-")
+            pool = parse_strategy(trained)
+            document, users = run_strategy(args, base, data, evaluator, pool, folder, align)
+            name = "per_user-aligned.npz" if align else "per_user.npz"
+            np.savez_compressed(folder / name, **{k: v for k, v in users.items()})
             seed_doc["strategies"][text] = document
             save()
             print(table({text: document}), flush=True)

@@ -33,6 +33,7 @@ checkpoints and Fisher files, merges, optionally fine-tunes the merged model
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -246,6 +247,11 @@ class MergeConfig(BaseModel):
     )
     regmean_alpha: float = Field(
         0.9, ge=0.0, le=1.0, description="regmean: scale of the Grams' off-diagonal entries"
+    )
+    align: bool = Field(
+        False,
+        description="first permute every model's hidden units onto the first model's (weight "
+        "matching, merging/alignment.py): for members trained from their own initialisations",
     )
     finetune_epochs: int = Field(
         0, ge=0, description="epochs of the plain objective after merging (0: no fine-tune)"
@@ -638,6 +644,8 @@ def merge_checkpoints(
         base=base_checkpoint.model.state_dict() if base_checkpoint else None,
         grams=[f.grams for f in fisher_files] if fisher_files else None,
     )
+    if config.align:
+        inputs = _aligned(inputs, loaded[0].config.num_heads, config)
     outcome = run_merge(inputs, config)
     merged = copy.deepcopy(template)
     merged.load_state_dict(outcome.state)
@@ -655,6 +663,25 @@ def merge_checkpoints(
     if data is None:
         raise ValueError("a post-merge fine-tune needs the training data (pass --data)")
     return _finetune(Path(out), merged, loaded[0], info, extra, data, config)
+
+
+def _aligned(inputs: MergeInputs, num_heads: int, config: MergeConfig) -> MergeInputs:
+    """Every model's units (and its Fisher) permuted onto the first model's."""
+    from merging.alignment import apply_permutations, match_weights
+
+    if config.method in NEEDS_BASE or config.method == "regmean":
+        raise ValueError(
+            f"align works on models from separate starts; {config.method} needs a shared base "
+            "or input Grams, which alignment does not permute"
+        )
+    states, fishers = [inputs.states[0]], [inputs.fishers[0]] if inputs.fishers else None
+    for index in range(1, len(inputs.states)):
+        state, perms = match_weights(inputs.states[0], inputs.states[index], num_heads)
+        states.append({**inputs.states[index], **state})
+        if fishers is not None and inputs.fishers is not None:
+            fisher = inputs.fishers[index]
+            fishers.append({**fisher, **apply_permutations(fisher, perms, num_heads)})
+    return dataclasses.replace(inputs, states=states, fishers=fishers)
 
 
 def _load_base(path: Path, loaded: Sequence[Checkpoint]) -> Checkpoint:
