@@ -18,7 +18,13 @@ from fastapi import FastAPI
 
 from serving.errors import add_error_handlers
 from serving.metrics import Metrics
-from serving.middleware import API_KEY_HEADER, PROTECTED_PREFIX, RequestContextMiddleware
+from serving.middleware import (
+    ADMIN_KEY_HEADER,
+    ADMIN_PREFIX,
+    API_KEY_HEADER,
+    PROTECTED_PREFIX,
+    RequestContextMiddleware,
+)
 from serving.reload import ModelManager
 from serving.routes import add_routes
 from serving.settings import Settings
@@ -53,6 +59,7 @@ def create_app(settings: Settings) -> FastAPI:
         max_body_bytes=settings.max_body_bytes,
         max_drain_bytes=settings.max_drain_bytes,
         api_key=settings.api_key_value(),
+        admin_key=settings.admin_key_value(),
         log_requests=settings.log_requests,
         paths=frozenset(getattr(route, "path", "") for route in app.routes),
     )
@@ -69,10 +76,12 @@ def document_api_key(app: FastAPI) -> None:
             schema = generate()
             schemes = schema.setdefault("components", {}).setdefault("securitySchemes", {})
             schemes["APIKeyHeader"] = {"type": "apiKey", "in": "header", "name": API_KEY_HEADER}
+            schemes["AdminKeyHeader"] = {"type": "apiKey", "in": "header", "name": ADMIN_KEY_HEADER}
             for path, operations in schema["paths"].items():
+                scheme = "AdminKeyHeader" if path.startswith(ADMIN_PREFIX) else "APIKeyHeader"
                 if path.startswith(PROTECTED_PREFIX):
                     for operation in operations.values():
-                        operation["security"] = [{"APIKeyHeader": []}]
+                        operation["security"] = [{scheme: []}]
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]

@@ -28,6 +28,8 @@ errors = logging.getLogger(__name__)
 REQUEST_ID_HEADER = b"x-request-id"
 API_KEY_HEADER = "X-API-Key"
 PROTECTED_PREFIX = "/v1/"  # paths that need the API key when one is configured
+ADMIN_KEY_HEADER = "X-Admin-Key"
+ADMIN_PREFIX = "/v1/admin/"  # operator paths: their own key, refused when none is configured
 MAX_REQUEST_ID = 128
 # Request ids: a random prefix per process and a counter; uuid4 per request costs a
 # getrandom() system call, a visible share of a request's CPU time at a few thousand per second.
@@ -54,6 +56,7 @@ class RequestContextMiddleware:
         metrics: Metrics,
         max_body_bytes: int,
         api_key: str | None = None,
+        admin_key: str | None = None,
         log_requests: bool = False,
         paths: frozenset[str] = frozenset(),
         max_drain_bytes: int = 32 * 1024 * 1024,
@@ -63,6 +66,7 @@ class RequestContextMiddleware:
         self.max_body_bytes = max_body_bytes
         self.max_drain_bytes = max_drain_bytes
         self.api_key = None if api_key is None else api_key.encode()
+        self.admin_key = None if admin_key is None else admin_key.encode()
         self.log_requests = log_requests
         self.paths = paths  # the app's route paths: labels for requests refused before routing
 
@@ -112,14 +116,33 @@ class RequestContextMiddleware:
             request_id.reset(token)
 
     def check_api_key(self, scope: Scope) -> tuple[int, str, str] | None:
-        """(status, error, message) when a /v1/ request lacks the right key, else None."""
-        if self.api_key is None or not scope["path"].startswith(PROTECTED_PREFIX):
+        """(status, error, message) when a /v1/ request lacks the right key, else None.
+
+        /v1/admin/ takes the admin key instead of the client key (a client must not
+        swap the model), and is closed when no admin key is configured.
+        """
+        path = scope["path"]
+        if path.startswith(ADMIN_PREFIX):
+            if self.admin_key is None:
+                return (
+                    403,
+                    "forbidden",
+                    "admin endpoints are off: set FISHREC_ADMIN_KEY to use them",
+                )
+            return self._compare(scope, ADMIN_KEY_HEADER, self.admin_key, "admin key")
+        if self.api_key is None or not path.startswith(PROTECTED_PREFIX):
             return None
-        given = header(scope, API_KEY_HEADER.lower().encode())
+        return self._compare(scope, API_KEY_HEADER, self.api_key, "API key")
+
+    @staticmethod
+    def _compare(
+        scope: Scope, name: str, expected: bytes, what: str
+    ) -> tuple[int, str, str] | None:
+        given = header(scope, name.lower().encode())
         if given is None:
-            return 401, "unauthorized", f"missing {API_KEY_HEADER} header"
-        if not hmac.compare_digest(given.encode("latin-1"), self.api_key):
-            return 403, "forbidden", "wrong API key"
+            return 401, "unauthorized", f"missing {name} header"
+        if not hmac.compare_digest(given.encode("latin-1"), expected):
+            return 403, "forbidden", f"wrong {what}"
         return None
 
     def too_large(self) -> str:

@@ -104,6 +104,11 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = Field(
         None, description="when set, /v1/* requires the header X-API-Key with this value"
     )
+    admin_key: SecretStr | None = Field(
+        None,
+        description="when set, /v1/admin/* requires the header X-Admin-Key with this value; "
+        "unset, the admin endpoints answer 403 (the client key never opens them)",
+    )
     max_body_bytes: int = Field(
         256 * 1024, ge=1024, description="largest request body, counted on the stream"
     )
@@ -155,7 +160,7 @@ class Settings(BaseSettings):
     def _plain_run_id(cls, value: str | None) -> str | None:
         return None if value is None else check_run_id(value)
 
-    @field_validator("api_key", mode="before")
+    @field_validator("api_key", "admin_key", mode="before")
     @classmethod
     def _empty_key_is_none(cls, value: object) -> object:
         # FISHREC_API_KEY= (set but empty, as compose files do) means no key, not the empty key.
@@ -163,3 +168,6 @@ class Settings(BaseSettings):
 
     def api_key_value(self) -> str | None:
         return None if self.api_key is None else self.api_key.get_secret_value()
+
+    def admin_key_value(self) -> str | None:
+        return None if self.admin_key is None else self.admin_key.get_secret_value()

@@ -22,6 +22,8 @@ from serving.settings import Settings
 
 API_KEY = "test-key"
 AUTH = {"X-API-Key": API_KEY}
+ADMIN_KEY = "test-admin-key"
+ADMIN = {"X-Admin-Key": ADMIN_KEY}
 
 
 def server_settings(root: Path, **overrides: Any) -> Settings:
@@ -31,6 +33,7 @@ def server_settings(root: Path, **overrides: Any) -> Settings:
         "host": "127.0.0.1",
         "port": 0,
         "api_key": API_KEY,
+        "admin_key": ADMIN_KEY,
         "reload_interval_s": 0.1,
         "max_k": 1000,
         "max_body_bytes": 64 * 1024,

@@ -353,6 +353,10 @@ def test_api_key(server: LiveServer) -> None:
         assert_error(anonymous.post("/v1/recommendations", json={"items": []}), 401)
         assert_error(anonymous.get("/v1/model"), 401)
         assert_error(anonymous.post("/v1/admin/reload"), 401)
+        # The client key does not open the admin endpoints: they have their own.
+        assert_error(anonymous.post("/v1/admin/reload", headers=AUTH), 401)
+        wrong_admin = {**AUTH, "X-Admin-Key": "guess"}
+        assert_error(anonymous.post("/v1/admin/reload", headers=wrong_admin), 403)
         wrong = anonymous.post(
             "/v1/recommendations", json={"items": []}, headers={"X-API-Key": "guess"}
         )

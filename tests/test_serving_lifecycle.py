@@ -20,6 +20,7 @@ import httpx
 import pytest
 
 from tests.serving_support import (
+    ADMIN,
     AUTH,
     LiveServer,
     corrupt,
@@ -112,7 +113,9 @@ def test_hot_reload_under_load_fails_no_request(tmp_path: Path, serving_bundle: 
             await asyncio.to_thread(wait_for, lambda: ready_version(client) == "r2", 10.0, "r2")
             await asyncio.sleep(0.3)
             publish(tmp_path, serving_bundle, "r3", latest=False)  # loaded on request
-            reload = await asyncio.to_thread(client.post, "/v1/admin/reload", json={"run_id": "r3"})
+            reload = await asyncio.to_thread(
+                client.post, "/v1/admin/reload", json={"run_id": "r3"}, headers=ADMIN
+            )
             assert reload.json() == {
                 "changed": True,
                 "model_version": "r3",
@@ -146,13 +149,13 @@ def test_bad_bundles_are_refused_and_the_old_one_keeps_serving(
         answer = client.post("/v1/recommendations", json={"items": ["i3"]})
         assert answer.status_code == 200 and answer.json()["model_version"] == "r1"
 
-        refused = client.post("/v1/admin/reload")
+        refused = client.post("/v1/admin/reload", headers=ADMIN)
         assert refused.status_code == 409 and "sha256 mismatch" in refused.json()["message"]
 
         newer = publish(tmp_path, serving_bundle, "r3", latest=False)
         manifest = json.loads((newer / "manifest.json").read_text())
         (newer / "manifest.json").write_text(json.dumps({**manifest, "schema": "fishrec.bundle/2"}))
-        incompatible = client.post("/v1/admin/reload", json={"run_id": "r3"})
+        incompatible = client.post("/v1/admin/reload", json={"run_id": "r3"}, headers=ADMIN)
         assert (
             incompatible.status_code == 409 and "major version 2" in incompatible.json()["message"]
         )
@@ -297,3 +300,18 @@ def test_the_model_on_a_thread_answers_like_the_model_process(
             assert all(r.status_code == 200 for r in responses)
             answers.append([r.json() for r in responses])
     assert answers[0] == answers[1]
+
+
+def test_admin_endpoints_are_closed_without_an_admin_key(
+    tmp_path: Path, serving_bundle: Path
+) -> None:
+    """No FISHREC_ADMIN_KEY: /v1/admin/* answers 403 whatever key comes, clients keep working."""
+    publish(tmp_path, serving_bundle, "r1")
+    settings = server_settings(tmp_path, admin_key=None)
+    with LiveServer(settings) as live, httpx.Client(base_url=live.url, headers=AUTH) as client:
+        wait_for(lambda: ready_version(client) == "r1", what="r1")
+        for headers in ({}, ADMIN):
+            refused = client.post("/v1/admin/reload", headers=headers)
+            assert refused.status_code == 403
+            assert "FISHREC_ADMIN_KEY" in refused.json()["message"]
+        assert client.post("/v1/recommendations", json={"items": ["i3"]}).status_code == 200
