@@ -20,9 +20,15 @@ Per seed, setting finetune (the default, as the thesis's main setting):
 
 Setting scratch (--setting scratch, the thesis's other setting): every pool
 member trains from its own initialisation for --base-epochs at the config's
-rate; there is no base, so no control and no task-vector merges (task
-arithmetic, TIES), and the evidence gives the distances between members and the
-validation line between the two best members. The thesis finds that merging
+rate; there is no base, so no task-vector merges (task arithmetic, TIES), and
+the evidence gives the distances between members and the validation line
+between the two best members. Settings spawn (--spawn-epoch shared epochs,
+then --recipe-epochs per member at the config's rate) and population
+(--base-epochs per member from its own initialisation, pulled --pull toward the
+members' mean every --exchange-every steps) are the other pool strategies of
+training/pool.py; members train at once as Ray actors (training/population.py).
+The control is a plain model given the pool's whole budget in epochs: from the
+base in finetune, from scratch otherwise (counting spawn's shared epochs). The thesis finds that merging
 such models loses: they sit in different basins of the loss (permutation
 symmetry of the hidden units), and their average falls between them.
 
@@ -47,9 +53,12 @@ invocation (`pooled_seeds`).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import logging
 import math
+import os
 import re
 import shutil
 import statistics
@@ -71,6 +80,8 @@ from training.data import SequenceData, load_data
 from training.diagnostics import error_inconsistency
 from training.evaluate import EvalResult, Evaluator
 from training.flags import add_override_flags
+from training.pool import POOL_STRATEGIES, PoolConfig
+from training.population import MemberSpec, train_population
 from training.trainer import load_run_checkpoint, train
 
 log = logging.getLogger("benchmarks.merge_baselines")
@@ -97,9 +108,18 @@ def parse_args() -> argparse.Namespace:
         help="recipes merged with plain: NAME or NAME:key=value,...",
     )
     parser.add_argument(
-        "--setting", choices=["finetune", "scratch"], default="finetune", help="see above"
+        "--setting",
+        choices=list(POOL_STRATEGIES),
+        default="finetune",
+        help="the pool strategy (training/pool.py): "
+        + "; ".join(f"{k}: {v}" for k, v in POOL_STRATEGIES.items()),
     )
-    parser.add_argument("--base-epochs", type=int, default=30, help="scratch: every member")
+    parser.add_argument(
+        "--base-epochs", type=int, default=30, help="scratch, population: every member"
+    )
+    parser.add_argument("--spawn-epoch", type=int, default=2, help="spawn: shared epochs")
+    parser.add_argument("--pull", type=float, default=0.1, help="population: pull per exchange")
+    parser.add_argument("--exchange-every", type=int, default=10, help="population: steps")
     parser.add_argument("--recipe-epochs", type=int, default=5)
     parser.add_argument("--recipe-lr", type=float, default=3e-4)
     parser.add_argument("--finetune-epochs", type=int, default=1, help="post-merge fine-tune")
@@ -135,42 +155,82 @@ def experiment(
 def train_pool(
     args: argparse.Namespace, base: ExperimentConfig, data: SequenceData, seed: int, work: Path
 ) -> tuple[dict[str, Path], Path | None, Path | None, dict[str, Any]]:
-    """Run folders of the pool, the base and the control; what each recipe's training logged.
+    """Run folders of the pool, the shared base and the control; what each recipe's training logged.
 
-    Scratch has neither base nor control (both are None).
+    The pool strategy (training/pool.py) says where members start: finetune and
+    spawn from a shared base (converged, or after --spawn-epoch epochs), scratch
+    and population from their own initialisations. Scratch and population have
+    no base (None), so no task-vector merges; their control is a plain model
+    trained from scratch for the pool's whole budget.
     """
+    pool = pool_config(args)
     backbone = base.model.backbone
-    scratch = args.setting == "scratch"
     base_run = None
-    if not scratch:
-        log.info("seed %d: base, up to %d epochs", seed, args.base_epochs)
-        base_cfg = experiment(base, backbone, {}, args.base_epochs, seed, base.train.lr)
+    base_epochs = pool.base_epochs(args.base_epochs)
+    if base_epochs is not None:
+        log.info("seed %d: shared base, %d epochs (%s)", seed, base_epochs, pool.strategy)
+        base_cfg = experiment(base, backbone, {}, base_epochs, seed, base.train.lr)
+        if pool.strategy == "spawn":  # the shared phase runs its epochs: no early stop
+            patience = max(base_cfg.train.patience, base_epochs + 1)
+            base_cfg = base_cfg.model_copy(
+                update={"train": base_cfg.train.model_copy(update={"patience": patience})}
+            )
         base_run = train(base_cfg, data, work / "base", resume=True).run_dir
-    epochs, lr = (
-        (args.base_epochs, base.train.lr) if scratch else (args.recipe_epochs, args.recipe_lr)
-    )
-    start = "from its own initialisation" if scratch else "from the base"
+    own = pool.strategy in ("scratch", "population")
+    epochs = args.base_epochs if own else args.recipe_epochs
+    lr = pool.member_lr(base.train.lr, args.recipe_lr)
+    init = pool.member_start(base_run) if base_run is not None else None
     specs = [parse_recipe(PLAIN), *(parse_recipe(spec) for spec in args.recipes)]
-    runs: dict[str, Path] = {}
-    logs: dict[str, Any] = {}
+    members = []
     for position, spec in enumerate(specs, start=1):
         name = backbone if spec.name == PLAIN else spec.name
-        # Distinct seeds: in scratch the members must not share an initialisation.
+        # Distinct seeds: members from their own initialisations must not share one.
         cfg = experiment(base, name, spec.params, epochs, seed + position, lr)
-        log.info("seed %d: %s, %d epochs %s", seed, spec.label, epochs, start)
         folder = work / folder_name(spec.label)
-        result = train(cfg, data, folder, init=base_run, resume=True)
-        runs[spec.label] = result.run_dir
-        logs[spec.label] = {
-            k: v for k, v in result.history[-1].items() if k.endswith("_loss") or k == "loss"
-        }
+        members.append(MemberSpec(spec.label, cfg.model_dump(mode="json"), str(folder), init))
+    log.info("seed %d: %d members, %d epochs each (%s)", seed, len(members), epochs, pool.strategy)
+    pull = pool.pull if pool.strategy == "population" else 0.0
+    loader = functools.partial(load_data, Path(args.data))
+    threads = max(1, (os.cpu_count() or 2) // len(members))
+    with ray_session():
+        trained = train_population(
+            members, loader, pull, pool.exchange_every, threads=threads, resume=True
+        )
+    runs = {label: Path(result["run_dir"]) for label, result in trained.items()}
+    logs = {
+        label: {k: v for k, v in result["history"][-1].items() if k.endswith("loss")}
+        for label, result in trained.items()
+    }
     control = None
-    if base_run is not None and not args.no_control:
-        epochs = len(specs) * args.recipe_epochs
-        log.info("seed %d: equal-compute plain, %d epochs from the base", seed, epochs)
-        cfg = experiment(base, backbone, {}, epochs, seed + len(specs) + 1, args.recipe_lr)
-        control = train(cfg, data, work / "control", init=base_run, resume=True).run_dir
+    if not args.no_control:
+        shared = (base_epochs or 0) if pool.strategy == "spawn" else 0
+        budget = len(specs) * epochs + shared
+        start = base_run if pool.strategy == "finetune" else None
+        log.info("seed %d: equal-compute plain, %d epochs", seed, budget)
+        cfg = experiment(base, backbone, {}, budget, seed + len(specs) + 1, lr)
+        control = train(cfg, data, work / "control", init=start, resume=True).run_dir
     return runs, base_run, control, logs
+
+
+@contextlib.contextmanager
+def ray_session():  # type: ignore[no-untyped-def]
+    """A local Ray for the members' actors (stopped after: the rest of a seed runs in process)."""
+    import ray
+
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def pool_config(args: argparse.Namespace) -> PoolConfig:
+    return PoolConfig(
+        strategy=args.setting,
+        spawn_epoch=args.spawn_epoch,
+        pull=args.pull,
+        exchange_every=args.exchange_every,
+    )
 
 
 def fisher_path(
@@ -542,6 +602,18 @@ def plot(seeds: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def seed_folder(args: argparse.Namespace, seed: int) -> str:
+    """Runs of one seed (finetune and scratch keep the names of earlier results)."""
+    pool = pool_config(args)
+    tag = {
+        "finetune": "",
+        "scratch": "scratch-",
+        "spawn": f"spawn{pool.spawn_epoch}-",
+        "population": f"population{pool.pull:g}x{pool.exchange_every}-",
+    }[pool.strategy]
+    return f"{tag}seed-{seed}"
+
+
 def main() -> None:
     args = parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
@@ -557,7 +629,7 @@ def main() -> None:
     start = time.perf_counter()
     seeds, users = [], []
     for seed in args.seeds:
-        folder = work / (f"seed-{seed}" if args.setting == "finetune" else f"scratch-seed-{seed}")
+        folder = work / seed_folder(args, seed)
         document, per_user_test = run_seed(args, base, data, seed, folder)
         saved["seeds"][str(seed)] = document
         saved["settings"] = {k: v for k, v in vars(args).items() if k != "overrides"}
@@ -600,6 +672,16 @@ def main() -> None:
 def pool_text(args: argparse.Namespace, base: ExperimentConfig) -> str:
     if args.setting == "scratch":
         return f"every member {args.base_epochs} epochs from scratch at lr {base.train.lr}"
+    if args.setting == "population":
+        return (
+            f"every member {args.base_epochs} epochs from scratch at lr {base.train.lr}, "
+            f"pulled {args.pull:g} toward the mean every {args.exchange_every} steps"
+        )
+    if args.setting == "spawn":
+        return (
+            f"shared {args.spawn_epoch} epochs, then {args.recipe_epochs} epochs per member "
+            f"at lr {base.train.lr}"
+        )
     return (
         f"base {args.base_epochs} epochs, recipes {args.recipe_epochs} epochs at lr "
         f"{args.recipe_lr}"

@@ -165,10 +165,14 @@ def train_population(
         raise ValueError("a population needs at least one member")
     if not 0.0 <= pull <= 1.0:
         raise ValueError(f"pull must lie in [0, 1], got {pull}")
-    actor = ray.remote(Member).options(num_cpus=threads, num_gpus=num_gpus)
+    # Every member must be alive at once (they step together): on a cluster smaller
+    # than members x threads, each actor reserves its share of the CPUs instead.
+    cpus = min(float(threads), ray.cluster_resources().get("CPU", threads) / len(members))
+    gpus = min(num_gpus, ray.cluster_resources().get("GPU", 0.0) / len(members))
+    actor = ray.remote(Member).options(num_cpus=cpus, num_gpus=gpus)
     actors = {m.name: actor.remote(m, load_data, threads, resume, on_finish) for m in members}
     counts = set(ray.get([a.steps_per_epoch.remote() for a in actors.values()]))
-    if len(counts) > 1:
+    if pull > 0 and len(counts) > 1:
         raise ValueError(f"members take different numbers of steps per epoch: {sorted(counts)}")
     active = dict(actors)
     exchanges, start = 0, time.perf_counter()
