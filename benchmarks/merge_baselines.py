@@ -73,7 +73,8 @@ from scipy import stats
 from merging.ensemble import ensemble_max_len, ensemble_scorer
 from merging.fisher import FisherConfig, checkpoint_fisher, load_fisher, model_sha256, save_fisher
 from merging.landscape import flat_weights, line_profile, validation_probe
-from merging.merge import NEEDS_BASE, NEEDS_FISHERS, MergeConfig, merge_checkpoints
+from merging.merge import merge_checkpoints
+from merging.methods import NEEDS_BASE, NEEDS_FISHERS, MergeConfig
 from merging.significance import paired_comparison
 from training.config import ExperimentConfig, load_config, parse_override
 from training.data import SequenceData, load_data

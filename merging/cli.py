@@ -9,7 +9,23 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from training.flags import add_override_flags, collect_overrides
+from merging.methods import METHODS, MergeConfig
+from training.flags import add_config_flags, add_override_flags, collect_overrides
+
+# MergeConfig fields that `fishrec merge` takes as flags of the same name (--fisher-floor):
+# type, default and help come from the config, so the two cannot drift apart.
+MERGE_FLAGS = (
+    "coefficients",
+    "search",
+    "fisher_floor",
+    "normalize_fishers",
+    "seed",
+    "task_scale",
+    "ties_density",
+    "regmean_alpha",
+    "align",
+    "finetune_epochs",
+)
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -83,23 +99,15 @@ def register_fisher(commands: argparse._SubParsersAction) -> None:
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
-    from merging.merge import MergeConfig, merge_checkpoints
+    from merging.merge import merge_checkpoints
     from training.cli import print_metrics
     from training.config import DataSpec
     from training.sources import load_source
 
     config = MergeConfig(
         method=args.method,
-        coefficients=args.coefficients,
-        fisher_floor=args.fisher_floor,
-        normalize_fishers=args.normalize_fishers,
-        search=args.search,
-        seed=args.seed,
+        **{field: getattr(args, field) for field in MERGE_FLAGS},
         group_coefficients=dict(parse_group_coefficients(text) for text in args.group_coefficients),
-        task_scale=args.task_scale,
-        ties_density=args.ties_density,
-        regmean_alpha=args.regmean_alpha,
-        finetune_epochs=args.finetune_epochs,
         finetune_overrides=collect_overrides(args, {}),
     )
     data = load_source(DataSpec(path=args.data)) if args.data else None
@@ -141,62 +149,24 @@ def register_merge(commands: argparse._SubParsersAction) -> None:
         "regmean need --fishers (one per checkpoint, same order); task_arithmetic and ties need "
         "--base (the checkpoint the inputs were fine-tuned from).",
     )
-    parser.add_argument(
-        "--method",
-        choices=[
-            "uniform",
-            "greedy",
-            "fisher",
-            "fisher_grouped",
-            "regmean",
-            "task_arithmetic",
-            "ties",
-        ],
-        default="fisher",
-        help='merge method (README "Fisher information and merging")',
-    )
+    defaults = {name: field.default for name, field in MergeConfig.model_fields.items()}
+    methods = "; ".join(f"{name}: {spec.summary}" for name, spec in METHODS.items())
+    parser.add_argument("--method", choices=list(METHODS), default=defaults["method"], help=methods)
     parser.add_argument("--checkpoints", nargs="+", required=True, help="checkpoint or run folders")
     parser.add_argument("--fishers", nargs="+", default=None, help="Fisher files, one per input")
     parser.add_argument(
         "--data", default=None, help="training data: validation for greedy/search, fine-tune"
     )
     parser.add_argument(
-        "--coefficients", nargs="+", type=float, default=None, help="λ per input (default uniform)"
-    )
-    parser.add_argument(
-        "--search", action="store_true", help="choose λ by validation NDCG@10 (grid / Dirichlet)"
-    )
-    parser.add_argument(
-        "--fisher-floor", type=float, default=1e-6, help="lower bound on every Fisher value"
-    )
-    parser.add_argument(
-        "--normalize-fishers", action="store_true", help="divide each Fisher by its mean first"
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the Dirichlet search")
-    parser.add_argument(
         "--base", default=None, help="task_arithmetic, ties: the shared base checkpoint"
     )
-    parser.add_argument(
-        "--task-scale", type=float, default=1.0, help="task_arithmetic, ties: s in θ_0 + s τ"
-    )
-    parser.add_argument(
-        "--ties-density", type=float, default=0.2, help="ties: share of each task vector kept"
-    )
-    parser.add_argument(
-        "--regmean-alpha", type=float, default=0.9, help="regmean: off-diagonal Gram scale"
-    )
+    add_config_flags(parser, MergeConfig, MERGE_FLAGS)
     parser.add_argument(
         "--group-coefficients",
         action="append",
         default=[],
         metavar="GROUP=λ1,λ2",
         help="fisher_grouped: λ of one parameter group (items, positions, block0, ..., other)",
-    )
-    parser.add_argument(
-        "--finetune-epochs",
-        type=int,
-        default=0,
-        help="post-merge fine-tune with the plain objective (e.g. 1); --out becomes a run folder",
     )
     add_override_flags(parser, "train.lr=1e-4", "a fine-tune config field")
     parser.add_argument("--out", required=True, help="checkpoint folder to write")

@@ -43,10 +43,10 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor
 
 from merging.fisher import FisherFile, check_same_keys, load_fisher, model_sha256
+from merging.methods import METHODS, NEEDS_BASE, MergeConfig
 from merging.regmean import regmean_state
 from merging.task_vectors import task_arithmetic, task_vectors, ties
 from training.checkpoint import Checkpoint, write_checkpoint
@@ -205,68 +205,6 @@ def merge_state_dicts(
 
 
 # ---- methods --------------------------------------------------------------------------
-
-
-class MergeConfig(BaseModel):
-    """How checkpoints are merged; the CLI and the Ray job build one of these."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    method: str = Field(
-        "fisher",
-        description="a key of MERGE_METHODS: uniform, greedy, fisher, fisher_grouped, regmean, "
-        "task_arithmetic, ties",
-    )
-    coefficients: list[float] | None = Field(
-        None, description="λ per model, in input order (None: uniform)"
-    )
-    fisher_floor: float = Field(
-        1e-6,
-        ge=0.0,
-        description="lower bound on F: uninformed coordinates fall back to the average",
-    )
-    normalize_fishers: bool = Field(
-        False, description="divide each model's Fisher by its mean before merging"
-    )
-    search: bool = Field(False, description="choose λ by validation NDCG@10 (needs data)")
-    grid_points: int = Field(11, ge=2, description="search, 2 models: λ_1 on this many grid points")
-    dirichlet_samples: int = Field(
-        20, ge=1, description="search, 3+ models: Dirichlet(1) draws tried besides uniform"
-    )
-    seed: int = Field(0, description="seed of the Dirichlet draws")
-    group_coefficients: dict[str, list[float]] = Field(
-        default_factory=dict,
-        description="fisher_grouped: λ per parameter group (items, positions, block0, ..., "
-        "other); groups not named use `coefficients`",
-    )
-    task_scale: float = Field(
-        1.0, ge=0.0, description="task_arithmetic, ties: s in θ_0 + s τ (searched with `search`)"
-    )
-    ties_density: float = Field(
-        0.2, gt=0.0, le=1.0, description="ties: share of each task vector kept per tensor"
-    )
-    regmean_alpha: float = Field(
-        0.9, ge=0.0, le=1.0, description="regmean: scale of the Grams' off-diagonal entries"
-    )
-    align: bool = Field(
-        False,
-        description="first permute every model's hidden units onto the first model's (weight "
-        "matching, merging/alignment.py): for members trained from their own initialisations",
-    )
-    finetune_epochs: int = Field(
-        0, ge=0, description="epochs of the plain objective after merging (0: no fine-tune)"
-    )
-    finetune_overrides: dict[str, Any] = Field(
-        default_factory=dict,
-        description="dotted ExperimentConfig overrides for the fine-tune, e.g. {'train.lr': 1e-4}",
-    )
-
-    @field_validator("method")
-    @classmethod
-    def _known_method(cls, value: str) -> str:
-        if value not in MERGE_METHODS:
-            raise ValueError(f"unknown merge method {value!r}; known: {', '.join(MERGE_METHODS)}")
-        return value
 
 
 @dataclass
@@ -512,10 +450,7 @@ def merge_ties(inputs: MergeInputs, config: MergeConfig) -> MergeOutcome:
 
 MergeMethod = Callable[[MergeInputs, MergeConfig], MergeOutcome]
 
-# What a method reads besides the models: the Fisher files (with their Grams), the base.
-NEEDS_FISHERS = frozenset({"fisher", "fisher_grouped", "regmean"})
-NEEDS_BASE = frozenset({"task_arithmetic", "ties"})
-
+# The implementations, by the names of merging/methods.py (which says what each needs).
 MERGE_METHODS: dict[str, MergeMethod] = {
     "uniform": merge_uniform,
     "greedy": merge_greedy,
@@ -525,6 +460,10 @@ MERGE_METHODS: dict[str, MergeMethod] = {
     "task_arithmetic": merge_task_arithmetic,
     "ties": merge_ties,
 }
+
+
+if set(MERGE_METHODS) != set(METHODS):  # the catalogue and the implementations must agree
+    raise ImportError(f"merge methods {sorted(MERGE_METHODS)} vs catalogue {sorted(METHODS)}")
 
 
 def run_merge(inputs: MergeInputs, config: MergeConfig) -> MergeOutcome:

@@ -12,7 +12,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from merging.fisher import FisherConfig
-from merging.merge import MERGE_METHODS, NEEDS_BASE, MergeConfig
+from merging.methods import METHODS, NEEDS_BASE, MergeConfig
 from serving.settings import check_run_id
 from training.config import ExperimentConfig, StrictModel
 from training.pool import POOL_STRATEGIES, PoolConfig, PoolSettings, PoolStrategy
@@ -69,7 +69,7 @@ class JobMergeConfig(MergeConfig):
     method: str = Field("fisher", exclude=True, description="not a job field: see `methods`")
     methods: list[str] = Field(
         default_factory=lambda: ["uniform", "greedy", "fisher"],
-        description="merged models to build (keys of MERGE_METHODS)",
+        description="merged models to build (keys of METHODS)",
     )
     finetune_epochs: int = Field(
         1,
@@ -87,9 +87,9 @@ class JobMergeConfig(MergeConfig):
     def _methods(self) -> JobMergeConfig:
         if "method" in self.model_fields_set:
             raise ValueError("the job builds every merge in `methods`; `method` is not a job field")
-        unknown = sorted(set(self.methods) - set(MERGE_METHODS))
+        unknown = sorted(set(self.methods) - set(METHODS))
         if unknown:
-            raise ValueError(f"unknown merge methods {unknown}; known: {', '.join(MERGE_METHODS)}")
+            raise ValueError(f"unknown merge methods {unknown}; known: {', '.join(METHODS)}")
         if self.publish != "best" and self.publish not in self.methods:
             raise ValueError(
                 f"publish {self.publish!r} is neither 'best' nor one of {self.methods}"

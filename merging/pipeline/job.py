@@ -33,7 +33,7 @@ from typing import Any
 import yaml
 
 from merging.bundle import MANIFEST, utc_now
-from merging.merge import NEEDS_BASE, NEEDS_FISHERS
+from merging.methods import NEEDS_BASE, NEEDS_FISHERS
 from merging.pipeline import tasks
 from merging.pipeline.config import CONTROL, PipelineConfig
 from merging.pipeline.gate import GateDecision, GateRefused
