@@ -36,6 +36,8 @@ def test_a_spawned_pool_starts_every_member_from_the_shared_epoch(tmp_path: Path
     manifest = verify_bundle(tmp_path / "runs" / "spawn")
     assert manifest["merge"]["published"] == "merged-fisher"
     assert {"plain", "cl4srec", "merged-fisher", "base"} <= set(result.metrics["models"])
+    # The budget counts the shared epoch once and each member's own epochs.
+    assert result.metrics["pool"]["member_epochs_budget"] == 1 + 2 * config.recipe_epochs
 
 
 def test_a_population_pool_trains_members_together_and_publishes(tmp_path: Path) -> None:
@@ -57,6 +59,13 @@ def test_a_population_pool_trains_members_together_and_publishes(tmp_path: Path)
     assert (tmp_path / LATEST).read_text().strip() == "population"
     verify_bundle(tmp_path / "runs" / "population")
     assert result.metrics["models"]["merged-fisher"]["test"]["full"]["ndcg@10"] > 0
+    pool = result.metrics["pool"]
+    assert pool["strategy"] == "population" and pool["pull"] == 0.5
+    assert pool["member_epochs_budget"] == 2 * config.recipe_epochs
+    assert set(pool["error_inconsistency"]) == {"plain | cl4srec"}
+    assert len(pool["line"]["ndcg@10"]) == 9 and "barrier" in pool["line"]
+    report = (tmp_path / "runs" / "population" / "report.md").read_text()
+    assert "population (pull 0.5 every 2 steps): 2 members" in report
     assert torch.isfinite(plain["item_embedding.weight"]).all()
 
 

@@ -458,10 +458,29 @@ class Pipeline:
         task = self.remote(tasks.evaluate_baselines, "baselines")
         stage = ParallelStage(
             "baselines",
-            submit=lambda: [task.remote(self.context, pool, others)],
+            submit=lambda: [
+                task.remote(self.context, pool, others, self.config.report.landscape_users)
+            ],
             finish=lambda values: StageOutput([], values[0]),
         )
         return self.run_parallel([stage])["baselines"]
+
+    def pool_summary(self, baselines: dict[str, Any]) -> dict[str, Any]:
+        """The pool strategy, its training budget and how different its members came out."""
+        config, pool = self.config, self.config.pool_config
+        epochs = [
+            e.epochs if e.epochs is not None else config.recipe_epochs for e in config.recipes
+        ]
+        shared = pool.base_epochs(config.experiment.train.epochs) or 0
+        seconds = [v for k, v in self.stage_seconds.items() if k.startswith("train/")]
+        return {
+            **pool.model_dump(mode="json"),
+            "members": len(epochs),
+            # Budgets: early stopping may end a run sooner (its history says when).
+            "member_epochs_budget": shared + sum(epochs),
+            "train_stage_seconds": sum(seconds) if seconds else None,
+            **baselines.get("members", {}),
+        }
 
     def stage_fishers(self) -> dict[str, dict[str, Any]]:
         """The Fisher of every recipe: Ray tasks over user shards, summed per recipe."""
@@ -540,6 +559,7 @@ class Pipeline:
                 "models": table,
                 "best_recipe": baselines["best_recipe"],
                 "vs_best_recipe": baselines["vs_best_recipe"],
+                "pool": self.pool_summary(baselines),
             }
             self.store.write_text(
                 f"{self.work}/metrics.json", json.dumps(document, indent=2) + "\n"
@@ -702,7 +722,7 @@ class Pipeline:
                 "data": f"{self.config.experiment.data.path} ({data['num_users']} users, {data['num_items']} items, "
                 f"{data['num_interactions']} interactions, {data['fingerprint'][:19]}...)",
                 "backbone": self.config.experiment.model.backbone,
-                "setting": self.config.setting,
+                "setting": describe_pool(metrics.get("pool")) or self.config.setting,
                 "protocol": data.get("protocol", "leave-one-out"),
                 "base": describe_warm_start(self.config.base.init_from, data.get("warm_start")),
                 "Fisher estimator": self.config.fisher.estimator,
@@ -720,6 +740,29 @@ class Pipeline:
             "stage_seconds": dict(self.stage_seconds),
             "report": self.config.report.model_dump(),
         }
+
+
+def describe_pool(pool: dict[str, Any] | None) -> str | None:
+    """The report's line on the pool: strategy, budget, how far apart the members are."""
+    if not pool:
+        return None
+    strategy = pool["strategy"]
+    detail = {
+        "spawn": f" (shared {pool['spawn_epoch']} epochs)",
+        "population": f" (pull {pool['pull']:g} every {pool['exchange_every']} steps)",
+    }.get(strategy, "")
+    parts = [
+        f"{strategy}{detail}: {pool['members']} members, {pool['member_epochs_budget']} "
+        "member-epochs at most"
+    ]
+    pairs = pool.get("error_inconsistency") or {}
+    if pairs:
+        parts.append(f"error inconsistency {min(pairs.values()):.3f}-{max(pairs.values()):.3f}")
+    if pool.get("line"):
+        parts.append(
+            f"barrier between the first two {pool['line']['barrier']:+.4f} (valid NDCG@10)"
+        )
+    return "; ".join(parts)
 
 
 def describe_warm_start(init_from: str | None, warm: dict[str, Any] | None) -> str:

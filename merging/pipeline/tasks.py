@@ -239,17 +239,20 @@ ENSEMBLE = "ensemble"
 
 
 def evaluate_baselines(
-    context: TaskContext, pool: dict[str, str], others: dict[str, str]
+    context: TaskContext, pool: dict[str, str], others: dict[str, str], line_users: int = 500
 ) -> dict[str, Any]:
     """What a merge must beat, on the run's test users (README "The merge job").
 
     The output ensemble of the pool (mean log-probability, M times the serving
     cost) is evaluated; every other model and the ensemble are compared with the
     best pool member on validation by a paired test on per-user test NDCG@10,
-    with the share of the ensemble's gain each reaches.
+    with the share of the ensemble's gain each reaches. Also how the members
+    differ: error inconsistency of every pair, and (line_users > 0) validation
+    NDCG@10 on the line between the first two members and its barrier.
     """
     from merging.ensemble import ensemble_max_len, ensemble_scorer
     from merging.significance import paired_comparison
+    from training.diagnostics import error_inconsistency
     from training.evaluate import Evaluator
     from training.trainer import load_run_checkpoint
 
@@ -274,7 +277,18 @@ def evaluate_baselines(
     best = max(pool, key=lambda name: ndcg(name, "valid"))
     users = {name: parts["test"].per_user["full"]["ndcg@10"] for name, parts in results.items()}
     gain = ndcg(ENSEMBLE, "test") - ndcg(best, "test")
+    names = list(pool)
     return {
+        "members": {
+            "error_inconsistency": {
+                f"{a} | {b}": error_inconsistency(users[a], users[b])
+                for i, a in enumerate(names)
+                for b in names[i + 1 :]
+            },
+            "line": member_line(models[names[0]], models[names[1]], data, line_users)
+            if len(names) > 1 and line_users > 0
+            else None,
+        },
         "best_recipe": best,
         "ensemble": {p: results[ENSEMBLE][p].metrics for p in ("valid", "test")},
         "ensemble_members": len(pool),
@@ -289,6 +303,16 @@ def evaluate_baselines(
             if name != best
         },
     }
+
+
+def member_line(first: Any, second: Any, data: Any, users: int) -> dict[str, Any]:
+    """Validation NDCG@10 on the line between two members, and the dip below their ends."""
+    from merging.landscape import line_profile, validation_probe
+
+    probe = validation_probe(data.split(), users=users, seed=0)
+    line = line_profile(first.state_dict(), second.state_dict(), first, probe, points=9, extend=0.0)
+    values = line["ndcg@10"]
+    return {**line, "barrier": (values[0] + values[-1]) / 2 - min(values[1:-1])}
 
 
 def shard(rows: list[int], shards: int) -> list[list[int]]:
