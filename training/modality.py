@@ -17,8 +17,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from training.features import ItemFeatures
-
 
 class WhiteningMixture(nn.Module):
     """(N, F) features -> (N, D) item vectors through `experts` whitening experts."""
@@ -58,10 +56,3 @@ class WhiteningMixture(nn.Module):
         outputs = projected.view(-1, experts, hidden) - shifts  # (N, K, D)
         gate = torch.softmax(features @ self.gate, dim=-1)  # (N, K)
         return torch.einsum("nk,nkd->nd", gate, outputs)  # (N, D)
-
-
-def load_features_into(model: nn.Module, features: ItemFeatures) -> None:
-    """Copy a feature file's matrix and mask into a model with text (`set_item_features`)."""
-    model.set_item_features(  # type: ignore[operator]
-        torch.from_numpy(features.vectors).float(), torch.from_numpy(features.mask).float()
-    )

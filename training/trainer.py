@@ -48,10 +48,9 @@ from training.config import ExperimentConfig, TrainConfig
 from training.data import SequenceData
 from training.evaluate import Evaluator
 from training.features import ItemFeatures, load_item_features
-from training.modality import load_features_into
 from training.model import ModelConfig, SequenceRecommender, build_model
 from training.recipes import FeatureRecipe, Recipe, build_recipe, needs_features
-from training.transfer import Transfer, frozen_parameters, transfer_model
+from training.transfer import Transfer, frozen_parameters, load_features_into, transfer_model
 
 log = logging.getLogger(__name__)
 

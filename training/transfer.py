@@ -32,7 +32,6 @@ import torch
 from torch import nn
 
 from training.features import ItemFeatures
-from training.modality import load_features_into
 from training.model import SequenceRecommender, build_model
 
 Adaptation = Literal["finetune", "relearn"]
@@ -105,3 +104,10 @@ def relearn(model: SequenceRecommender, seed: int = 0) -> None:
 def frozen_parameters(model: nn.Module) -> list[str]:
     """Names of the parameters that do not train (relearn's transformer blocks)."""
     return [name for name, param in model.named_parameters() if not param.requires_grad]
+
+
+def load_features_into(model: nn.Module, features: ItemFeatures) -> None:
+    """Copy a feature file's matrix and mask into a model with text (`set_item_features`)."""
+    model.set_item_features(  # type: ignore[operator]
+        torch.from_numpy(features.vectors).float(), torch.from_numpy(features.mask).float()
+    )
