@@ -4,9 +4,12 @@
 # version pyproject.toml pins, plus torch (CPU build by default) and fishrec.
 #
 #   docker build -f deploy/job.Dockerfile -t fishrec-job .           (from the repository root)
+#     --build-arg FISHREC_VERSION="$(git describe --tags --always)" \
+#     --build-arg FISHREC_REVISION="$(git rev-parse HEAD)"   (OCI labels, `fishrec --version`)
 #   GPU nodes: --build-arg RAY_IMAGE_VARIANT=gpu --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
 #
-# RAY_VERSION must equal the ray pin of the `train` extra: the build stops otherwise.
+# RAY_VERSION must equal the ray pin of deploy/constraints.txt (the tested versions, inside
+# the `train` extra's ranges): the build stops otherwise.
 
 ARG RAY_VERSION=2.60.0
 ARG RAY_IMAGE_VARIANT=cpu
@@ -14,9 +17,18 @@ FROM rayproject/ray:${RAY_VERSION}-py311-${RAY_IMAGE_VARIANT}
 
 ARG RAY_VERSION
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ARG FISHREC_VERSION=0.1.0
+ARG FISHREC_REVISION=unknown
+LABEL org.opencontainers.image.title="fishrec-job" \
+      org.opencontainers.image.description="fishrec merge job: Ray nodes with torch and fishrec" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.version="${FISHREC_VERSION}" \
+      org.opencontainers.image.revision="${FISHREC_REVISION}"
+# No git history in the build context: the package version comes from the build argument.
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    PYTHONUNBUFFERED=1
+    PYTHONUNBUFFERED=1 \
+    SETUPTOOLS_SCM_PRETEND_VERSION=${FISHREC_VERSION}
 
 # /app holds the configs; /artifacts is where the artifact volume is mounted
 # (owned by the image's ray user, uid 1000, so that a fresh named volume is writable).
@@ -27,11 +39,11 @@ WORKDIR /app
 
 # Dependencies first, from pyproject.toml alone. torch comes from TORCH_INDEX_URL
 # (PyPI's Linux wheel is the CUDA build, several GB); the rest from PyPI.
-COPY --chown=1000:100 pyproject.toml deploy/requirements.py ./
+COPY --chown=1000:100 pyproject.toml deploy/requirements.py deploy/constraints.txt ./
 RUN python requirements.py pyproject.toml train > requirements.txt \
     && grep -E '^torch([=<>!~ ;[]|$)' requirements.txt > torch.txt \
-    && pip install --index-url "${TORCH_INDEX_URL}" -r torch.txt \
-    && pip install -r requirements.txt \
+    && pip install --index-url "${TORCH_INDEX_URL}" -c constraints.txt -r torch.txt \
+    && pip install -c constraints.txt -r requirements.txt \
     && python -c "import ray, sys; sys.exit(None if ray.__version__ == '${RAY_VERSION}' else f'ray {ray.__version__} installed, image built for ${RAY_VERSION}')"
 
 COPY --chown=1000:100 training/ src/training/

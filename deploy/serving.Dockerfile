@@ -3,6 +3,8 @@
 # installed: no torch, no ray. The model bundle is read from a mounted volume.
 #
 #   docker build -f deploy/serving.Dockerfile -t fishrec-serve .      (from the repository root)
+#     --build-arg FISHREC_VERSION="$(git describe --tags --always)" \
+#     --build-arg FISHREC_REVISION="$(git rev-parse HEAD)"   (OCI labels, `fishrec --version`)
 #   docker run -p 8000:8000 -v "$PWD/artifacts:/artifacts:ro" fishrec-serve
 #
 # The command is `fishrec serve`; its settings are FISHREC_* environment variables
@@ -13,14 +15,19 @@
 # core for the event loop (FISHREC_INTRA_OP_THREADS overrides).
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+ARG FISHREC_VERSION=0.1.0
+ARG FISHREC_REVISION=unknown
 
 # ---- build: a virtual environment with the dependencies, then the package ----
 FROM ${PYTHON_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
+ARG FISHREC_VERSION
 RUN python -m venv /opt/venv
-ENV PATH=/opt/venv/bin:$PATH
+# No git history in the build context: the version comes from the build argument.
+ENV PATH=/opt/venv/bin:$PATH \
+    SETUPTOOLS_SCM_PRETEND_VERSION=${FISHREC_VERSION}
 WORKDIR /src
 
 # Dependencies first, from the hash-pinned lock (deploy/serving.lock, compiled from
@@ -41,7 +48,11 @@ RUN pip install --no-deps . \
 
 # ---- runtime: the virtual environment only, run as an unprivileged user ----
 FROM ${PYTHON_IMAGE} AS runtime
+ARG FISHREC_VERSION
+ARG FISHREC_REVISION
 LABEL org.opencontainers.image.title="fishrec-serve" \
+      org.opencontainers.image.version="${FISHREC_VERSION}" \
+      org.opencontainers.image.revision="${FISHREC_REVISION}" \
       org.opencontainers.image.description="fishrec recommendations over HTTP (onnxruntime, no torch)" \
       org.opencontainers.image.licenses="Apache-2.0"
 RUN groupadd --system --gid 10001 fishrec \

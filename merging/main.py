@@ -28,12 +28,23 @@ The pipeline command runs them all on Ray; demo runs it on the embedded data.
 Run `fishrec COMMAND --help` for the flags of a stage."""
 
 
+def package_version() -> str:
+    """The installed package's version (from the git tag it was built at, setuptools-scm)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("fishrec")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fishrec",
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"fishrec {package_version()}")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
