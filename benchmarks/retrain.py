@@ -8,7 +8,7 @@ The log's interactions are cut at the quantiles --start, --start + --step, ...
 of their timestamps (by count: ML-1M's timeline is dense in 2000 and sparse
 after). Each "day" k holds the interactions before cut k + 1 and is judged by
 the temporal split at cut k (train and validate before it, test on each user's
-first interaction after it: README "Evaluation"), so every step is scored on
+first interaction after it: docs/evaluation.md), so every step is scored on
 the interactions it has not seen, as a production model is judged.
 
 - day 0: a full run (cold start), published;

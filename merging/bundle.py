@@ -1,4 +1,4 @@
-"""The writing side of the model bundle (contract fishrec.bundle/1, README "The model bundle").
+"""The writing side of the model bundle (contract fishrec.bundle/1, docs/export.md, "The model bundle").
 
 A bundle folder holds model.onnx, vocab.json, popular.json, item_vectors.npy,
 manifest.json and optionally model.int8.onnx and checkpoint/ (the job adds report

@@ -1,4 +1,4 @@
-"""Diagonal Fisher information of the next-item distribution (README "Fisher information and merging").
+"""Diagonal Fisher information of the next-item distribution (docs/merging.md).
 
 For a model θ and training sequences s = (history, v*), the Fisher of the
 next-item distribution p(v | history) = softmax(model.logits(history)) is
@@ -360,7 +360,7 @@ def _text_model_engine(
     """Models with text run on the autograd engine; `exact` and `structured` refuse them.
 
     Both treat the output matrix W as free parameters whose rows are also the input
-    embeddings (README "The exact Fisher identity"). With text, W = E + adaptor(features): the adaptor's
+    embeddings (docs/merging.md, "The exact Fisher identity"). With text, W = E + adaptor(features): the adaptor's
     gradient through W is outside that identity. Brute force is exact for any model.
     """
     if spec.kind.engine == "exact" or config.engine == "structured":

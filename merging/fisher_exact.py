@@ -7,7 +7,7 @@ input), the gradient of log p_j for one sequence is
           (e_j − p)       on b,
         + Jᵀ u_j          through the hidden state h,  J = ∂h/∂θ, u_j = w_j − w̄.
 
-Squaring and summing g_j² with weights splits into three parts (README "The exact Fisher identity"):
+Squaring and summing g_j² with weights splits into three parts (docs/merging.md, "The exact Fisher identity"):
 the closed-form output-layer part, the Jacobian part Σ_k c_k (Jᵀ a_k)², and
 the cross term 2 h_d Σ_k A[k, i] (Jᵀ a_k)[i, d] on the rows of W that are also
 input rows of this sequence. The exact estimator takes a_r = q_r, c_r = λ_r from
@@ -127,7 +127,7 @@ def exact_identity(
     rank: int | None,
     accumulator: FisherAccumulator,
 ) -> None:
-    """Add one sequence's full-vocabulary Fisher (README "The exact Fisher identity") in D (or `rank`) VJPs."""
+    """Add one sequence's full-vocabulary Fisher (docs/merging.md, "The exact Fisher identity") in D (or `rank`) VJPs."""
     lin = Linearisation(model, history)
     h, p = lin.h, lin.p
     weight = model.output_weight().detach()  # (N, D)

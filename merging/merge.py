@@ -1,6 +1,6 @@
 """Merging checkpoints of one architecture: uniform soup, greedy soup, Fisher merge.
 
-README "Fisher information and merging" describes the methods.
+docs/merging.md describes the methods.
 
 One formula serves every method (`merge_state_dicts`): per coordinate,
 

@@ -1,4 +1,4 @@
-"""The FastAPI application: routes, errors as JSON, API key, lifespan (README "Serving").
+"""The FastAPI application: routes, errors as JSON, API key, lifespan (docs/serving.md).
 
 `create_app(settings)` builds an independent app (its own metrics registry and
 model manager), so tests can run several side by side. The model is loaded in

@@ -1,4 +1,4 @@
-"""Read and verify a model bundle (contract fishrec.bundle/1, README "The model bundle").
+"""Read and verify a model bundle (contract fishrec.bundle/1, docs/export.md, "The model bundle").
 
 This module is the one implementation of the contract's checks: merging/bundle.py
 (the writer) verifies what it wrote with `load_bundle` before anything is published.

@@ -29,7 +29,7 @@ PROC_CGROUP = Path("/proc/self/cgroup")
 # The interface of model.onnx (bundle contract fishrec.bundle/1).
 INPUTS = {"item_ids": "tensor(int64)", "k": "tensor(int64)", "exclude_seen": "tensor(bool)"}
 # Business rules inside the graph; bundles exported before them lack these inputs and
-# serve without filters (README "Serving").
+# serve without filters (docs/serving.md).
 FILTER_INPUTS = {
     "exclude_ids": "tensor(int64)",
     "candidate_ids": "tensor(int64)",

@@ -28,7 +28,7 @@ class ModelSpec(StrictModel):
 
     # SASRec is the default: on CPU it reaches a useful model in tens of epochs,
     # while BERT4Rec's Cloze needs ~30 epochs just to leave the popularity plateau
-    # on the synthetic set (it gets there; see README, "Backbones").
+    # on the synthetic set (it gets there; see docs/models.md).
     backbone: Literal["bert4rec", "sasrec"] = Field(
         "sasrec", description="sasrec: causal next-item; bert4rec: bidirectional Cloze"
     )
@@ -39,7 +39,7 @@ class ModelSpec(StrictModel):
     dropout: float = Field(0.1, ge=0.0, lt=1.0, description="dropout on embeddings and residuals")
     attn_dropout: float = Field(0.1, ge=0.0, lt=1.0, description="dropout on attention weights")
     ffn_mult: int = Field(1, ge=1, description="feed-forward width as a multiple of D")
-    # The three below were measured one by one in benchmarks/convergence.py (README,
+    # The three below were measured one by one in benchmarks/convergence.py (docs/models.md,
     # "Training defaults"); the defaults are SASRec's choices.
     embedding_input: Literal["scaled", "layernorm"] = Field(
         "scaled",
@@ -93,7 +93,7 @@ class SyntheticSpec(StrictModel):
 
 
 class SplitSpec(StrictModel):
-    """The evaluation protocol (training/splits.py, README "Evaluation")."""
+    """The evaluation protocol (training/splits.py, docs/evaluation.md)."""
 
     protocol: Literal["leave_one_out", "temporal"] = Field(
         "leave_one_out",

@@ -1,4 +1,4 @@
-"""Ranking metrics under the three candidate settings of README "Evaluation".
+"""Ranking metrics under the three candidate settings of docs/evaluation.md.
 
 - `full`: every item is a candidate; the items of the user's whole history
   (other than the target itself) are excluded by default, as in the
@@ -274,7 +274,7 @@ class Evaluator:
         return self.evaluate(popularity_scorer(self.split.popularity), part)
 
     def metrics_document(self, model: SequenceRecommender | Scorer) -> dict:
-        """The metrics.json structure of README "Architecture" for a model (or any scorer) and MostPop."""
+        """The metrics.json structure of docs/architecture.md for a model (or any scorer) and MostPop."""
         document: dict = {
             "protocol": {
                 "split": self.split.protocol,

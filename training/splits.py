@@ -1,6 +1,6 @@
 """Evaluation protocols: how a data set is cut into train, validation and test.
 
-Two protocols, in the registry `SPLITS` (README "Evaluation"):
+Two protocols, in the registry `SPLITS` (docs/evaluation.md):
 
 - `leave_one_out` (SASRec/BERT4Rec): each user's last item is the test target,
   the second-to-last the validation target, the rest trains. Every user is

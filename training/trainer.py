@@ -8,7 +8,7 @@ A run folder holds:
                    trainer.json: what `--resume` continues from
     config.yaml    the resolved experiment configuration
     history.json   one entry per epoch: loss, throughput, validation metrics, recipe logs
-    metrics.json   valid/test metrics of the best model and MostPop (README "Architecture")
+    metrics.json   valid/test metrics of the best model and MostPop (docs/architecture.md)
 
 Every epoch starts from a seed derived from (seed, epoch), so a run resumed
 after epoch e continues exactly as the uninterrupted run would have.

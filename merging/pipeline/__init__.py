@@ -1,4 +1,4 @@
-"""The merge job on Ray (README "The merge job"): config, stages, tasks, store, report, demo.
+"""The merge job on Ray (docs/pipeline.md): config, stages, tasks, store, report, demo.
 
 `job.py` runs the stages in order; `tasks.py` holds what each Ray task does;
 `stages.py` records and verifies stage outputs (resume); `store.py` moves

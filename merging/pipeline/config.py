@@ -120,7 +120,7 @@ CONTROL = "control"  # the equal-compute plain model's name in the run
 
 
 class GateSpec(StrictModel):
-    """Champion/challenger before publishing (README "The merge job")."""
+    """Champion/challenger before publishing (docs/pipeline.md)."""
 
     enabled: bool = Field(
         True, description="compare with the bundle LATEST names before publishing"
@@ -136,7 +136,7 @@ class GateSpec(StrictModel):
 
 
 class BaseSpec(StrictModel):
-    """Where the shared base starts (finetune setting; README "The merge job")."""
+    """Where the shared base starts (finetune setting; docs/pipeline.md)."""
 
     init_from: str | None = Field(
         None,
@@ -157,7 +157,7 @@ class BaseSpec(StrictModel):
 
 
 class RetentionSpec(StrictModel):
-    """What a successful publish cleans up (README "The merge job")."""
+    """What a successful publish cleans up (docs/pipeline.md)."""
 
     keep_runs: int = Field(
         0,
@@ -168,7 +168,7 @@ class RetentionSpec(StrictModel):
 
 
 class ReportSpec(StrictModel):
-    """What the run report evaluates besides the metric table (README "The merge job")."""
+    """What the run report evaluates besides the metric table (docs/pipeline.md)."""
 
     landscape_users: int = Field(
         500,
@@ -207,7 +207,7 @@ class PipelineConfig(StrictModel):
         "spawn_epoch epochs in spawn)",
     )
     # A fine-tune that restarts at the base's rate (1e-3) leaves the base's basin, and
-    # models merged from different basins lose (README, "Merging: what the numbers say").
+    # models merged from different basins lose (docs/results/merge.md).
     recipe_lr: float | None = Field(
         3e-4,
         gt=0,

@@ -1,6 +1,6 @@
 """`fishrec demo`: the merge job on the embedded synthetic data, then the service.
 
-What a new user runs first: a complete run of the merge job (README "The merge job") on a laptop (local Ray,
+What a new user runs first: a complete run of the merge job (docs/pipeline.md) on a laptop (local Ray,
 a few minutes on 2 cores), a look at the results, and a live HTTP endpoint on
 the published bundle with a request to try.
 """
@@ -28,7 +28,7 @@ def default_demo_config() -> Path:
     """The demo's pipeline YAML, shipped inside the package; an error when it is missing.
 
     A silent fallback to the library defaults once made the demo train for twice
-    as long with settings the README warns against: never again.
+    as long with settings docs/recipes.md warns against: never again.
     """
     path = Path(str(resources.files("merging.pipeline").joinpath(DEMO_CONFIG)))
     if not path.is_file():

@@ -1,4 +1,4 @@
-"""The merge job (README "The merge job"): train, Fisher, merge, evaluate, export, publish, on Ray.
+"""The merge job (docs/pipeline.md): train, Fisher, merge, evaluate, export, publish, on Ray.
 
     data -> base -> recipes (parallel) -> Fisher (parallel shards) -> merge
          -> [post-merge fine-tune] -> evaluate -> export -> report -> publish
@@ -606,7 +606,7 @@ class Pipeline:
         return self.run_parallel([stage])["report"]
 
     def stage_publish(self, gate: dict[str, Any] | None = None) -> str:
-        """Bundle + report + metrics as runs/<run_id>/, verified, then LATEST (README "The model bundle")."""
+        """Bundle + report + metrics as runs/<run_id>/, verified, then LATEST (docs/export.md, "The model bundle")."""
 
         def work() -> StageOutput:
             relative = publish_bundle(
@@ -619,7 +619,7 @@ class Pipeline:
     # ---- the whole job ---------------------------------------------------------------------
 
     def run(self) -> PipelineResult:
-        """The whole job; work/<run_id>/outcome.json says how it ended (README "The merge job")."""
+        """The whole job; work/<run_id>/outcome.json says how it ended (docs/pipeline.md)."""
         try:
             return self._run()
         except StageError as err:

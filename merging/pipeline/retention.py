@@ -1,4 +1,4 @@
-"""Retention of published runs and work folders (README "The merge job").
+"""Retention of published runs and work folders (docs/pipeline.md).
 
 A nightly job publishes a run every day; without clean-up the artifact store
 grows by a bundle and a work folder each night. After a successful publish,

@@ -241,7 +241,7 @@ ENSEMBLE = "ensemble"
 def evaluate_baselines(
     context: TaskContext, pool: dict[str, str], others: dict[str, str], line_users: int = 500
 ) -> dict[str, Any]:
-    """What a merge must beat, on the run's test users (README "The merge job").
+    """What a merge must beat, on the run's test users (docs/pipeline.md).
 
     The output ensemble of the pool (mean log-probability, M times the serving
     cost) is evaluated; every other model and the ensemble are compared with the
