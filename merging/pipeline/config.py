@@ -13,6 +13,7 @@ from pydantic import Field, model_validator
 
 from merging.fisher import FisherConfig
 from merging.methods import METHODS, NEEDS_BASE, MergeConfig
+from merging.pipeline.tracking import TrackingSpec
 from serving.settings import check_run_id
 from training.config import ExperimentConfig, StrictModel
 from training.pool import POOL_STRATEGIES, PoolConfig, PoolSettings, PoolStrategy
@@ -228,6 +229,9 @@ class PipelineConfig(StrictModel):
     report: ReportSpec = Field(default_factory=ReportSpec)
     retention: RetentionSpec = Field(default_factory=RetentionSpec)
     gate: GateSpec = Field(default_factory=GateSpec)
+    tracking: TrackingSpec = Field(
+        default_factory=TrackingSpec, description="MLflow tracking of every run (off by default)"
+    )
     num_cpus: int | None = Field(
         None, ge=1, description="size of a local Ray instance (None: the machine's CPU quota)"
     )

@@ -41,6 +41,7 @@ from merging.pipeline.retention import LATEST, apply_retention
 from merging.pipeline.stages import StageError, StageOutput, StageRunner
 from merging.pipeline.store import ArtifactStore
 from merging.pipeline.tasks import ENSEMBLE, TaskContext
+from merging.pipeline.tracking import make_tracker
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +140,7 @@ class Pipeline:
             store.root, self.work, threads=int(max(1, config.resources.num_cpus))
         )
         self.stage_seconds: dict[str, float] = {}
+        self.tracker = make_tracker(config.tracking)
         self.runner = StageRunner(store, self.work, on_event=self.report_progress)
         recipes, merges = len(config.recipes), len(config.merge.methods)
         pool = config.pool_config
@@ -157,6 +159,7 @@ class Pipeline:
         done = f"[{self.stages_done}/{self.total_stages}]"
         if event == "finished":
             self.stage_seconds[stage] = info["seconds"]
+            self.tracker.stage(stage, info["seconds"])
             log.info("%s %-18s done in %.1f s", done, stage, info["seconds"])
         elif event == "skipped":
             log.info("%s %-18s already done and verified: skipped", done, stage)
@@ -620,10 +623,16 @@ class Pipeline:
 
     def run(self) -> PipelineResult:
         """The whole job; work/<run_id>/outcome.json says how it ended (docs/pipeline.md)."""
+        self.tracker.start(self.run_id, self.config.model_dump(mode="json"))
         try:
             return self._run()
         except StageError as err:
             self.write_outcome("failed", stage=err.stage, error=str(err.cause))
+            raise
+        except GateRefused:
+            raise  # its outcome is written where the gate refused
+        except BaseException as err:  # a bug or an interrupt: the tracked run says so too
+            self.tracker.finish("failed", error=repr(err))
             raise
 
     def _run(self) -> PipelineResult:
@@ -638,6 +647,7 @@ class Pipeline:
         baselines = self.stage_baselines(trained, merged)
         everything = {**({BASE: base_result} if base_result else {}), **trained}
         metrics = self.stage_metrics(everything, merged, baselines)
+        self.tracker.metrics(metrics)
         label, model = self.published_model(metrics)
         data = {**data, "warm_start": warm}
         merge_info = {
@@ -657,6 +667,12 @@ class Pipeline:
         }
         self.stage_export(model, fields)
         self.stage_report(self._report_info(data, metrics, label, model, merged, base_result))
+        if self.config.tracking.enabled:
+            self.tracker.report(
+                self.store.download_folder(
+                    f"{self.work}/report", self.context.scratch("tracked-report")
+                )
+            )
         # A run that already published is not judged again (its manifest has the decision).
         published = self.runner.completed("publish") is not None
         gate = None if published else self.check_gate()
@@ -664,6 +680,11 @@ class Pipeline:
             self.write_outcome("refused", gate=gate)
             raise GateRefused(GateDecision(**gate).describe() + "; LATEST is unchanged")
         bundle = self.stage_publish(gate)
+        if self.config.tracking.enabled and not published:
+            self.tracker.published(
+                self.run_id,
+                self.store.download_folder(bundle, self.context.scratch("tracked-bundle")),
+            )
         apply_retention(self.store, self.config.retention.keep_runs, self.run_id)
         if not published:
             self.write_outcome("published", gate=gate, bundle=bundle)
@@ -692,6 +713,7 @@ class Pipeline:
         """work/<run_id>/outcome.json: what the run ended with, for schedulers and ops."""
         document = {"run_id": self.run_id, "outcome": outcome, "finished": utc_now(), **fields}
         self.store.write_text(f"{self.work}/{OUTCOME}", json.dumps(document, indent=2) + "\n")
+        self.tracker.finish(outcome, **fields)
 
     def _base_result(self) -> dict[str, Any] | None:
         done = self.runner.completed(f"train/{BASE}")
