@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the serving image without a Docker daemon (podman), run it on an
 # artifact root and wait until /readyz answers. Used by the opt-in test
-# (FISHREC_CONTAINER_TESTS=1 pytest tests/test_deploy.py) and by hand:
+# (FISHREC_CONTAINER_TESTS=1 pytest tests/deploy/test_deploy.py) and by hand:
 #
 #   deploy/podman-smoke.sh ARTIFACTS_ROOT [HOST_PORT]        (from the repository root, as root)
 #

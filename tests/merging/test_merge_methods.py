@@ -1,7 +1,7 @@
 """The merge methods beyond averaging: task arithmetic, TIES, RegMean, per-group Fisher.
 
 Each is checked against its definition on tiny tensors or tiny models; the
-formula's identities shared by every method live in tests/test_merge.py.
+formula's identities shared by every method live in tests/merging/test_merge.py.
 """
 
 from __future__ import annotations
@@ -14,7 +14,13 @@ from merging.fisher import FisherConfig, compute_fisher, load_fisher, save_fishe
 from merging.merge import MergeConfig, MergeInputs, parameter_group, run_merge
 from merging.regmean import compute_grams, regmean_linear
 from merging.task_vectors import ties_vector, trimmed
-from tests.test_merge import TINY, assert_states_close, distance_scorer, random_fishers, states
+from tests.merging.test_merge import (
+    TINY,
+    assert_states_close,
+    distance_scorer,
+    random_fishers,
+    states,
+)
 from training.model import ModelConfig, build_model
 
 StateDict = dict[str, torch.Tensor]

@@ -204,7 +204,7 @@ def test_operations_endpoints(server: LiveServer, client: httpx.Client) -> None:
     assert client.get("/openapi.json").json()["paths"]["/v1/recommendations:batch"]
 
 
-MONITORING = Path(__file__).resolve().parents[1] / "deploy" / "monitoring"
+MONITORING = Path(__file__).resolve().parents[2] / "deploy" / "monitoring"
 
 
 def test_alert_rules_and_dashboard_name_metrics_the_service_exports(

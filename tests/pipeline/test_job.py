@@ -568,7 +568,7 @@ def test_demo_config_is_package_data_and_a_missing_one_is_an_error(monkeypatch) 
 
     path = demo.default_demo_config()
     assert path.parent == Path(demo.__file__).parent
-    assert (Path(__file__).parents[1] / "configs" / "pipeline-demo.yaml").resolve() == path
+    assert (Path(__file__).parents[2] / "configs" / "pipeline-demo.yaml").resolve() == path
     monkeypatch.setattr(demo, "DEMO_CONFIG", "no-such-demo.yaml")
     with pytest.raises(FileNotFoundError, match="missing from the installed package"):
         demo.default_demo_config()

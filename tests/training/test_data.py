@@ -26,7 +26,7 @@ from training.data import (
     read_interactions,
 )
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
 
 
 def write(tmp_path: Path, name: str, text: str) -> Path:

@@ -45,7 +45,7 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 K8S = DEPLOY / "k8s"
 DOCKERFILES = {"serving": DEPLOY / "serving.Dockerfile", "job": DEPLOY / "job.Dockerfile"}

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from merging.main import build_parser
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 MAX_README_LINES = 250
 # [text](target) links; images too. The target stops at whitespace or ')'.
