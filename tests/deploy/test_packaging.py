@@ -13,6 +13,10 @@ REPO = Path(__file__).resolve().parents[2]
 HEAVY = {"torch", "ray", "transformers", "sentence-transformers"}
 
 
+# pip resolves every extra against the index: outside the inner loop (pytest -m "not slow").
+pytestmark = pytest.mark.slow
+
+
 def resolved(target: str, tmp_path: Path) -> set[str]:
     """Distribution names pip would install for `target` into an empty environment."""
     report = tmp_path / "report.json"

@@ -27,7 +27,8 @@ from merging.pipeline.store import ArtifactStore
 from merging.pipeline.tasks import FAULT_DIR, FAULT_LABEL
 from tests.support import tiny_pipeline
 
-pytestmark = pytest.mark.usefixtures("ray_local")
+# Real Ray runs of the job: minutes, so outside the inner loop (pytest -m "not slow").
+pytestmark = [pytest.mark.usefixtures("ray_local"), pytest.mark.slow]
 
 
 def reference_config():  # type: ignore[no-untyped-def]

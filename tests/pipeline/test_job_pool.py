@@ -15,7 +15,8 @@ from merging.pipeline.job import LATEST, run_pipeline
 from tests.support import tiny_pipeline
 from training.trainer import load_run_checkpoint
 
-pytestmark = pytest.mark.usefixtures("ray_local")
+# Real Ray runs of the job: minutes, so outside the inner loop (pytest -m "not slow").
+pytestmark = [pytest.mark.usefixtures("ray_local"), pytest.mark.slow]
 
 
 def test_a_spawned_pool_starts_every_member_from_the_shared_epoch(tmp_path: Path) -> None:

@@ -19,7 +19,8 @@ from merging.pipeline.job import run_pipeline
 from merging.pipeline.tracking import OUTCOME_TAG, RUN_ID_TAG, model_metrics
 from tests.support import tiny_pipeline
 
-pytestmark = pytest.mark.usefixtures("ray_local")
+# Real Ray runs of the job: minutes, so outside the inner loop (pytest -m "not slow").
+pytestmark = [pytest.mark.usefixtures("ray_local"), pytest.mark.slow]
 mlflow = pytest.importorskip("mlflow")
 
 
@@ -80,7 +81,6 @@ def run_of(client, run_id: str):  # type: ignore[no-untyped-def]
     return run
 
 
-@pytest.mark.slow
 def test_a_published_run_is_tracked_and_its_bundle_registered(
     tracking_server: str, tmp_path: Path
 ) -> None:

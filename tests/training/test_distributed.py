@@ -13,7 +13,8 @@ from tests.support import tiny_experiment
 from training.distributed import FAULT_DIR, RAY_TRAIN_DIR
 from training.trainer import load_run_checkpoint, train
 
-pytestmark = pytest.mark.usefixtures("ray_local")
+# Real Ray runs of the job: minutes, so outside the inner loop (pytest -m "not slow").
+pytestmark = [pytest.mark.usefixtures("ray_local"), pytest.mark.slow]
 
 
 def distributed(epochs: int, workers: int = 2):  # type: ignore[no-untyped-def]

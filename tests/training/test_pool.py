@@ -24,6 +24,10 @@ def keep_threads():  # type: ignore[no-untyped-def]
     torch.set_num_threads(threads)
 
 
+# Population training on Ray actors: outside the inner loop (pytest -m "not slow").
+pytestmark = pytest.mark.slow
+
+
 def member(name: str, folder: Path, seed: int, init: Path | None = None, **train) -> MemberSpec:  # type: ignore[no-untyped-def]
     overrides = {"train__seed": seed, "train__num_threads": 1, **train}
     experiment = tiny_experiment(**overrides).model_dump(mode="json")
