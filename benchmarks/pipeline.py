@@ -12,6 +12,10 @@ the same machine:
 
 Prints the wall time of each, the time of every stage (from the stage
 markers), and the ratios against the sequential run.
+
+With --settings S1 S2 ... the variants are instead the parallel run under each
+pool strategy (training/pool.py), e.g. `--settings finetune population`: the
+job's wall time for the same members under today's and another default.
 """
 
 from __future__ import annotations
@@ -70,25 +74,32 @@ def main() -> None:
     parser.add_argument("--config", default="configs/pipeline-demo.yaml", help="pipeline YAML")
     parser.add_argument("--cpus", type=int, default=machine_cpus(), help="CPUs of the parallel run")
     add_override_flags(parser, "recipe_epochs=2", "a pipeline config field of every variant")
+    parser.add_argument(
+        "--settings", nargs="+", default=None, help="compare pool strategies (parallel runs)"
+    )
     args = parser.parse_args()
-    variants = {
-        "parallel": (args.cpus, 1),
-        "sequential": (1, 1),
-        "sequential-threads": (args.cpus, args.cpus),
+    variants: dict[str, tuple[int, int, list[str]]] = {
+        "parallel": (args.cpus, 1, []),
+        "sequential": (1, 1, []),
+        "sequential-threads": (args.cpus, args.cpus, []),
     }
+    if args.settings:
+        variants = {f"parallel, {s}": (args.cpus, 1, [f"setting={s}"]) for s in args.settings}
     results: dict[str, tuple[float, dict[str, float]]] = {}
-    for name, (cpus, threads) in variants.items():
-        root = Path(tempfile.mkdtemp(prefix=f"fishrec-bench-{name}-"))
+    for name, (cpus, threads, extra) in variants.items():
+        root = Path(tempfile.mkdtemp(prefix="fishrec-bench-"))
         try:
             print(
                 f"running {name} (Ray CPUs {cpus}, {threads} CPU/threads per task) ...", flush=True
             )
-            results[name] = run_variant(args.config, cpus, threads, args.overrides, root)
+            overrides = [*args.overrides, *extra]
+            results[name] = run_variant(args.config, cpus, threads, overrides, root)
         finally:
             shutil.rmtree(root, ignore_errors=True)
-    baseline = results["sequential"][0]
+    reference = "sequential" if "sequential" in results else next(iter(results))
+    baseline = results[reference][0]
     print(f"\n## Merge job wall time ({args.config}, {args.cpus} CPUs)\n")
-    print("| variant | wall s | speed-up vs sequential |\n|---|---|---|")
+    print(f"| variant | wall s | speed-up vs {reference} |\n|---|---|---|")
     for name, (wall, _) in results.items():
         print(f"| {name} | {wall:.1f} | x{baseline / wall:.2f} |")
     stages = sorted({s for _, per_stage in results.values() for s in per_stage})
