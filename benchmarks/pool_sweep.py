@@ -104,7 +104,18 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--fisher-sequences", type=int, default=1000)
     parser.add_argument("--no-fisher", action="store_true", help="uniform average only")
     parser.add_argument("--control", action="store_true", help="also a plain model for M x E")
-    parser.add_argument("--probe-users", type=int, default=1000, help="users of the line probe")
+    parser.add_argument(
+        "--probe-users",
+        type=int,
+        default=100_000,
+        help="validation users of the line between two members (default: all of them; a "
+        "few thousand users cannot see a dip of 2%%)",
+    )
+    parser.add_argument(
+        "--remeasure-lines",
+        action="store_true",
+        help="measure the line again for strategies the JSON holds (e.g. with more users)",
+    )
     add_override_flags(parser)
     parser.add_argument("--work", default=None, help="runs (default: beside --out)")
     parser.add_argument("--out", required=True, help="results JSON (PNG beside it)")
@@ -223,7 +234,13 @@ def barrier(runs: dict[str, Path], data: SequenceData, users: int, align: bool) 
     line = line_profile(start.state_dict(), end, start, probe, points=9, extend=0.0)
     ends = (line["ndcg@10"][0] + line["ndcg@10"][-1]) / 2
     inner = line["ndcg@10"][1:-1]
-    return {**line, "barrier": ends - min(inner), "midpoint_gain": line["ndcg@10"][4] - ends}
+    return {
+        **line,
+        "users": len(probe.split.users),
+        "barrier": ends - min(inner),
+        "barrier_relative": (ends - min(inner)) / ends,
+        "midpoint_gain": line["ndcg@10"][4] - ends,
+    }
 
 
 def run_strategy(
@@ -276,6 +293,17 @@ def run_strategy(
     return document, users
 
 
+def remeasure_line(
+    args: argparse.Namespace, data: SequenceData, work: Path, text: str, document: dict[str, Any]
+) -> None:
+    """The line between the first two members of a stored strategy, with --probe-users."""
+    trained = text.removesuffix(ALIGN)
+    folder = work / trained.replace(":", "-")
+    members = sorted(p for p in folder.iterdir() if p.name[0].isdigit() and (p / "best").is_dir())
+    runs = {member.name: member for member in members}  # "1-plain", "2-plain", ...
+    document["line"] = barrier(runs, data, args.probe_users, text.endswith(ALIGN))
+
+
 def run_control(
     args: argparse.Namespace,
     base: ExperimentConfig,
@@ -307,7 +335,7 @@ def run_control(
 def table(strategies: dict[str, dict[str, Any]]) -> str:
     lines = [
         "| strategy | best member (test) | ensemble | uniform | fisher | share kept (uniform / fisher) "
-        "| barrier | error incons. | member-epochs | train s |",
+        "| barrier (valid NDCG@10) | error incons. | member-epochs | train s |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
 
@@ -323,10 +351,15 @@ def table(strategies: dict[str, dict[str, Any]]) -> str:
         )
         lines.append(
             f"| {label} | {doc['rows'][doc['best_member']]['test']:.4f} | {cell(doc, ENSEMBLE)} "
-            f"| {cell(doc, UNIFORM)} | {cell(doc, FISHER)} | {shares} | {doc['line']['barrier']:+.4f} "
+            f"| {cell(doc, UNIFORM)} | {cell(doc, FISHER)} | {shares} | {barrier_text(doc['line'])} "
             f"| {doc['error_inconsistency']:.3f} | {doc['member_epochs']} | {doc['train_seconds']:.0f} |"
         )
     return "\n".join(lines)
+
+
+def barrier_text(line: dict[str, Any]) -> str:
+    relative = line.get("barrier_relative")
+    return f"{line['barrier']:+.4f}" + ("" if relative is None else f" ({relative:+.1%})")
 
 
 def plot(strategies: dict[str, dict[str, Any]], path: Path, title: str) -> None:
@@ -391,6 +424,9 @@ def main() -> None:
     try:
         for text in args.strategies:
             if text in seed_doc["strategies"]:
+                if args.remeasure_lines:
+                    remeasure_line(args, data, work, text, seed_doc["strategies"][text])
+                    save()
                 log.info("%s: already in %s, skipped", text, out)
                 continue
             log.info("strategy %s: training %d members", text, len(args.members))
