@@ -29,9 +29,10 @@ from serving.availability import FILE as AVAILABILITY_FILE
 from serving.availability import Availability
 from serving.batcher import MicroBatcher
 from serving.bundle import Bundle, BundleError, bundle_folder, load_bundle, read_latest
+from serving.cpus import cpu_quota, serving_threads
 from serving.metrics import Metrics
 from serving.model_process import ModelProcess, ModelRunner, ModelSpec, ModelThread
-from serving.runtime import NO_IDS, Ranked, Row, cpu_quota, serving_threads
+from serving.runtime import NO_IDS, Ranked, Row
 from serving.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -1,17 +1,11 @@
-"""The onnxruntime side: thread counts from the container's CPU quota, and one session.
+"""The onnxruntime side: the model session and the graph's inputs and outputs.
 
-A container limited to 2 CPUs on a 64-core host still sees 64 cores through
-os.cpu_count(); onnxruntime's default pool would then run 64 threads on a
-2-CPU quota and get throttled. The thread count is therefore set explicitly,
-by default from the cgroup CPU quota (v2 cpu.max, v1 cpu.cfs_quota_us) and the
-CPU affinity, whichever is smaller.
+Its thread count comes from serving/cpus.py (the container's CPU quota).
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,9 +16,6 @@ import onnxruntime as ort
 from serving.bundle import BundleError
 
 log = logging.getLogger(__name__)
-
-CGROUP_ROOT = Path("/sys/fs/cgroup")
-PROC_CGROUP = Path("/proc/self/cgroup")
 
 # The interface of model.onnx (bundle contract fishrec.bundle/1).
 INPUTS = {"item_ids": "tensor(int64)", "k": "tensor(int64)", "exclude_seen": "tensor(bool)"}
@@ -125,99 +116,6 @@ def graph_feed(
             "(its graph has no exclude_ids/candidate_ids/blocked_ids inputs): re-export it"
         )
     return feed
-
-
-# ---- CPU quota -------------------------------------------------------------------------
-
-
-def cgroup_paths(proc_cgroup: Path) -> dict[str, str]:
-    """{controller: path} from /proc/self/cgroup ('' is the v2 unified hierarchy)."""
-    paths: dict[str, str] = {}
-    try:
-        lines = proc_cgroup.read_text().splitlines()
-    except OSError:
-        return paths
-    for line in lines:
-        parts = line.split(":", 2)
-        if len(parts) == 3:
-            for controller in parts[1].split(","):
-                paths[controller] = parts[2]
-    return paths
-
-
-def ancestors(base: Path, relative: str) -> list[Path]:
-    """base/relative and every folder above it up to base: a parent's limit applies too."""
-    folders = [base]
-    current = base
-    for part in Path(relative.lstrip("/")).parts:
-        current = current / part
-        folders.append(current)
-    return folders
-
-
-def read_v2_quota(folder: Path) -> float | None:
-    try:
-        quota, period = (folder / "cpu.max").read_text().split()[:2]
-    except (OSError, ValueError):
-        return None
-    if quota == "max":
-        return None
-    return int(quota) / int(period)
-
-
-def read_v1_quota(folder: Path) -> float | None:
-    try:
-        quota = int((folder / "cpu.cfs_quota_us").read_text())
-        period = int((folder / "cpu.cfs_period_us").read_text())
-    except (OSError, ValueError):
-        return None
-    return quota / period if quota > 0 and period > 0 else None
-
-
-def cpu_quota(root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_CGROUP) -> float | None:
-    """The CPU limit of this process's cgroup in CPUs (e.g. 1.5), or None when unlimited.
-
-    Inside a container the process's own cgroup is usually mounted at the root,
-    outside it lives at the path /proc/self/cgroup names: both are looked at,
-    and the smallest limit found wins.
-    """
-    paths = cgroup_paths(proc_cgroup)
-    candidates: list[float | None] = []
-    for folder in ancestors(root, paths.get("", "/")):
-        candidates.append(read_v2_quota(folder))
-    for v1_mount in ("cpu", "cpu,cpuacct", "cpuacct,cpu"):
-        for folder in ancestors(root / v1_mount, paths.get("cpu", "/")):
-            candidates.append(read_v1_quota(folder))
-    limits = [value for value in candidates if value is not None]
-    return min(limits) if limits else None
-
-
-def available_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-def default_threads(quota: float | None = None, cpus: int | None = None) -> int:
-    """Threads for onnxruntime: the CPU quota rounded down (at least 1), at most the CPUs we may use."""
-    cpus = available_cpus() if cpus is None else cpus
-    if quota is None:
-        return max(1, cpus)
-    # Rounding down: a thread per fraction of a CPU would be throttled by the quota.
-    return max(1, min(cpus, math.floor(quota)))
-
-
-# Under load the server's event loop keeps about one core busy (0.35 ms of CPU per
-# request: 70% of a core at 2000 req/s with the ML-1M model), so the model gets the
-# others. On 2 CPUs at 32 clients, 1 onnxruntime thread served 2010 req/s, 2 threads
-# 1889 (medians of 3): the second thread only competed with the loop.
-EVENT_LOOP_CPUS = 1
-
-
-def serving_threads(budget: float | None = None, cpus: int | None = None) -> int:
-    """onnxruntime threads of the service: its CPU budget less the event loop's core, at least 1."""
-    return max(1, default_threads(budget, cpus) - EVENT_LOOP_CPUS)
 
 
 # ---- the session ----------------------------------------------------------------------

@@ -57,13 +57,9 @@ def new_run_id() -> str:
 
 def machine_cpus() -> int:
     """CPUs this process may use: the cgroup quota of a container, else the affinity mask."""
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
-        if quota != "max":
-            return max(1, int(int(quota) / int(period)))
-    except (OSError, ValueError):
-        pass
-    return len(os.sched_getaffinity(0))
+    from serving.cpus import usable_cpus
+
+    return usable_cpus()
 
 
 @contextmanager

@@ -21,11 +21,10 @@ import logging
 from dataclasses import dataclass
 
 from merging.pipeline.store import ArtifactStore
+from serving.bundle import LATEST, RUNS  # the bundle contract's names, one home
 
 log = logging.getLogger(__name__)
 
-LATEST = "LATEST"
-RUNS = "runs"
 WORK = "work"
 
 
