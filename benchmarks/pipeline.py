@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from merging.pipeline.job import machine_cpus
+from merging.pipeline.scheduler import machine_cpus
 from training.flags import add_override_flags
 
 

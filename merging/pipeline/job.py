@@ -20,13 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import secrets
-import time
-from collections.abc import Callable
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +31,14 @@ from merging.methods import NEEDS_BASE, NEEDS_FISHERS
 from merging.pipeline import tasks
 from merging.pipeline.config import CONTROL, PipelineConfig
 from merging.pipeline.gate import GateDecision, GateRefused
+from merging.pipeline.publish import describe_pool, describe_warm_start, publish_bundle
 from merging.pipeline.retention import LATEST, apply_retention
+from merging.pipeline.scheduler import (
+    ParallelStage,
+    StageScheduler,
+    new_run_id,
+    ray_session,
+)
 from merging.pipeline.stages import StageError, StageOutput, StageRunner
 from merging.pipeline.store import ArtifactStore
 from merging.pipeline.tasks import ENSEMBLE, TaskContext
@@ -48,62 +49,6 @@ log = logging.getLogger(__name__)
 BASE = "base"
 POPULATION = "train/population"  # the one stage that trains a population's members
 WARM = "warm-start"  # models/warm-start: the published model on this run's catalogue
-
-
-def new_run_id() -> str:
-    """Sortable and unique: UTC time plus a random suffix."""
-    return datetime.now(UTC).strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
-
-
-def machine_cpus() -> int:
-    """CPUs this process may use: the cgroup quota of a container, else the affinity mask."""
-    from serving.cpus import usable_cpus
-
-    return usable_cpus()
-
-
-@contextmanager
-def ray_session(address: str | None, num_cpus: int | None):  # type: ignore[no-untyped-def]
-    """Connect to `address` (or RAY_ADDRESS), or start a local instance; stop only what we started."""
-    import ray
-
-    if ray.is_initialized():
-        yield
-        return
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    if address:
-        log.info("connecting to the Ray cluster at %s", address)
-        ray.init(address=address, log_to_driver=True)
-    else:
-        cpus = num_cpus or machine_cpus()
-        log.info("starting a local Ray instance with %d CPUs", cpus)
-        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True)
-    try:
-        yield
-    finally:
-        ray.shutdown()
-
-
-def failure_cause(err: BaseException) -> str:
-    """One readable line for a Ray failure (the remote traceback stays in the logs)."""
-    import ray.exceptions
-
-    if isinstance(err, ray.exceptions.RayTaskError) and err.cause is not None:
-        return f"{type(err.cause).__name__}: {err.cause}"
-    if isinstance(err, ray.exceptions.WorkerCrashedError | ray.exceptions.NodeDiedError):
-        return f"the worker died on every attempt ({type(err).__name__})"
-    return f"{type(err).__name__}: {err}"
-
-
-@dataclass
-class ParallelStage:
-    """A stage made of Ray tasks: submitted together, recorded as each completes."""
-
-    name: str
-    submit: Callable[[], list[Any]]  # returns Ray object refs
-    finish: Callable[[list[Any]], StageOutput]  # turns their values into the stage output
-    refs: list[Any] = field(default_factory=list)
-    started: float = 0.0
 
 
 OUTCOME = "outcome.json"  # work/<run_id>/outcome.json: published or refused, with the gate
@@ -138,6 +83,9 @@ class Pipeline:
         self.stage_seconds: dict[str, float] = {}
         self.tracker = make_tracker(config.tracking)
         self.runner = StageRunner(store, self.work, on_event=self.report_progress)
+        self.scheduler = StageScheduler(
+            self.runner, config.resources, config.max_retries, self.report_progress
+        )
         recipes, merges = len(config.recipes), len(config.merge.methods)
         pool = config.pool_config
         # data, [base], recipes (one stage for a population) (+ control), Fishers, merges,
@@ -146,7 +94,7 @@ class Pipeline:
         self.total_stages = 1 + pool.shared_base + trainings + recipes + config.control + merges + 6
         self.stages_done = 0
 
-    # ---- progress and Ray plumbing -----------------------------------------------------
+    # ---- progress -------------------------------------------------------------------------
 
     def report_progress(self, stage: str, event: str, info: dict[str, Any]) -> None:
         """One line per stage event, with how many of the run's stages are done."""
@@ -161,75 +109,6 @@ class Pipeline:
             log.info("%s %-18s already done and verified: skipped", done, stage)
         else:
             log.info("%s %-18s started", done, stage)
-
-    def remote(  # type: ignore[no-untyped-def]
-        self, function: Callable[..., Any], label: str, coordinator: bool = False
-    ):
-        """`function` as a Ray task with the job's resources and retries.
-
-        coordinator: the task only drives Ray Train workers (train.workers > 1),
-        which take the resources; it must not hold them itself.
-        """
-        import ray
-
-        env = {k: os.environ[k] for k in (tasks.FAULT_LABEL, tasks.FAULT_DIR) if k in os.environ}
-        resources = self.config.resources
-        return ray.remote(function).options(
-            num_cpus=0 if coordinator else resources.num_cpus,
-            num_gpus=0 if coordinator else resources.num_gpus,
-            max_retries=self.config.max_retries,
-            retry_exceptions=True,
-            name=label,
-            runtime_env={"env_vars": env} if env else None,
-        )
-
-    def run_parallel(
-        self, stages: list[ParallelStage], record: bool = True
-    ) -> dict[str, dict[str, Any]]:
-        """Run stages whose tasks may overlap; every stage that succeeds is recorded.
-
-        `record=False`: always run (no skip on resume, no marker), e.g. the quality
-        gate, whose answer depends on what LATEST names at the time.
-        """
-        import ray
-
-        results: dict[str, dict[str, Any]] = {}
-        waiting: dict[Any, ParallelStage] = {}
-        for stage in stages:
-            done = self.runner.completed(stage.name) if record else None
-            if done is not None:
-                self.report_progress(stage.name, "skipped", done)
-                results[stage.name] = done["result"]
-                continue
-            self.report_progress(stage.name, "started", {})
-            stage.started = time.perf_counter()
-            stage.refs = stage.submit()
-            waiting.update({ref: stage for ref in stage.refs})
-        failures: list[StageError] = []
-        pending = {stage.name: stage for stage in waiting.values()}
-        while waiting:
-            ready, _ = ray.wait(list(waiting), num_returns=1)
-            stage = waiting.pop(ready[0])
-            if any(ref in waiting for ref in stage.refs) or stage.name not in pending:
-                continue
-            del pending[stage.name]
-            try:
-                values = ray.get(stage.refs)
-                output = stage.finish(values)
-            except Exception as err:
-                failures.append(StageError(stage.name, failure_cause(err)))
-                for ref in [r for r in waiting if waiting[r] is stage]:
-                    waiting.pop(ref)
-                continue
-            seconds = time.perf_counter() - stage.started
-            if record:
-                results[stage.name] = self.runner.record(stage.name, output, seconds)
-            else:
-                self.report_progress(stage.name, "finished", {"seconds": seconds})
-                results[stage.name] = output.result
-        if failures:
-            raise failures[0]
-        return results
 
     # ---- stages --------------------------------------------------------------------------
 
@@ -317,7 +196,7 @@ class Pipeline:
         self, name: str, experiment: dict[str, Any], init: str | None, keep_last: bool = False
     ) -> ParallelStage:
         workers = experiment["train"]["workers"]
-        task = self.remote(tasks.train_model, f"train/{name}", coordinator=workers > 1)
+        task = self.scheduler.remote(tasks.train_model, f"train/{name}", coordinator=workers > 1)
         return ParallelStage(
             name=f"train/{name}",
             submit=lambda: [task.remote(self.context, name, experiment, init, keep_last)],
@@ -345,14 +224,14 @@ class Pipeline:
             return result if result["source_run"] else None
         if wanted != "latest" and not self.store.exists(f"runs/{source}/{MANIFEST}"):
             raise StageError(WARM, f"base.init_from: runs/{source} is not a published run")
-        task = self.remote(tasks.warm_start, WARM)
+        task = self.scheduler.remote(tasks.warm_start, WARM)
         seed = self.config.experiment.train.seed
         stage = ParallelStage(
             name=WARM,
             submit=lambda: [task.remote(self.context, source, WARM, seed)],
             finish=lambda values: StageOutput([f"models/{WARM}"], values[0]),
         )
-        result = self.run_parallel([stage])[WARM]
+        result = self.scheduler.run_parallel([stage])[WARM]
         log.info(
             "warm start from run %s: %d items kept, %d new, %d dropped",
             result["source_run"],
@@ -377,7 +256,9 @@ class Pipeline:
         if pool.strategy == "spawn":  # the shared phase runs its epochs: no early stop
             experiment["train"]["patience"] = max(train.patience, epochs + 1)
         init = f"models/{WARM}" if warm is not None else None
-        self.run_parallel([self.training_stage(BASE, experiment, init, pool.spawns_from_last)])
+        self.scheduler.run_parallel(
+            [self.training_stage(BASE, experiment, init, pool.spawns_from_last)]
+        )
 
     def recipe_experiments(self) -> dict[str, dict[str, Any]]:
         """name -> the experiment of every pool member."""
@@ -412,13 +293,13 @@ class Pipeline:
         if self.config.control:
             stages.append(self.training_stage(CONTROL, self._control_experiment(), init))
             names.append(CONTROL)
-        results = self.run_parallel(stages)
+        results = self.scheduler.run_parallel(stages)
         return {name: results[f"train/{name}"] for name in names}
 
     def population_stage(self, experiments: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         """All members at once as Ray actors (training/population.py), driven by one task."""
         pool = self.config.pool_config
-        task = self.remote(tasks.train_population_members, POPULATION, coordinator=True)
+        task = self.scheduler.remote(tasks.train_population_members, POPULATION, coordinator=True)
         resources = self.config.resources
         stage = ParallelStage(
             name=POPULATION,
@@ -433,7 +314,7 @@ class Pipeline:
             ],
             finish=lambda values: StageOutput([f"models/{n}" for n in experiments], values[0]),
         )
-        return self.run_parallel([stage])[POPULATION]
+        return self.scheduler.run_parallel([stage])[POPULATION]
 
     def _control_experiment(self) -> dict[str, Any]:
         """The plain objective for every epoch the pool spent, at the recipes' rate."""
@@ -454,7 +335,7 @@ class Pipeline:
         others = {f"merged-{m}": f"merged/{m}" for m in merged}
         if CONTROL in trained:
             others[CONTROL] = f"models/{CONTROL}"
-        task = self.remote(tasks.evaluate_baselines, "baselines")
+        task = self.scheduler.remote(tasks.evaluate_baselines, "baselines")
         stage = ParallelStage(
             "baselines",
             submit=lambda: [
@@ -462,7 +343,7 @@ class Pipeline:
             ],
             finish=lambda values: StageOutput([], values[0]),
         )
-        return self.run_parallel([stage])["baselines"]
+        return self.scheduler.run_parallel([stage])["baselines"]
 
     def pool_summary(self, baselines: dict[str, Any]) -> dict[str, Any]:
         """The pool strategy, its training budget and how different its members came out."""
@@ -490,7 +371,7 @@ class Pipeline:
         train = tasks.load_run_data(self.store.root, self.work).split().train
         ids, _ = select_sequences(train, spec.num_sequences, spec.seed)
         shards = tasks.shard(ids, spec.shards)
-        shard_task = self.remote(tasks.fisher_shard, "fisher")
+        shard_task = self.scheduler.remote(tasks.fisher_shard, "fisher")
         stages = []
         for entry in self.config.recipes:
             name = entry.name
@@ -507,7 +388,7 @@ class Pipeline:
                 return StageOutput([f"fisher/{name}.safetensors"], result)
 
             stages.append(ParallelStage(f"fisher/{name}", submit, finish))
-        results = self.run_parallel(stages)
+        results = self.scheduler.run_parallel(stages)
         return {entry.name: results[f"fisher/{entry.name}"] for entry in self.config.recipes}
 
     def stage_merges(self) -> dict[str, dict[str, Any]]:
@@ -516,7 +397,7 @@ class Pipeline:
         names = [entry.name for entry in self.config.recipes]
         models = [f"models/{name}" for name in names]
         fishers = [f"fisher/{name}.safetensors" for name in names]
-        merge_task = self.remote(tasks.merge_models, "merge")
+        merge_task = self.scheduler.remote(tasks.merge_models, "merge")
         stages = []
         for method in spec.methods:
             # The job's seed for every merge (Dirichlet draws, post-merge fine-tune).
@@ -534,7 +415,7 @@ class Pipeline:
                 return StageOutput([f"merged/{method}"], values[0])
 
             stages.append(ParallelStage(f"merge/{method}", submit, finish))
-        results = self.run_parallel(stages)
+        results = self.scheduler.run_parallel(stages)
         return {method: results[f"merge/{method}"] for method in spec.methods}
 
     def stage_metrics(
@@ -586,23 +467,23 @@ class Pipeline:
         )
 
     def stage_export(self, model: str, fields: dict[str, Any]) -> dict[str, Any]:
-        export_task = self.remote(tasks.export_model, "export")
+        export_task = self.scheduler.remote(tasks.export_model, "export")
         export = self.config.export.model_dump()
         stage = ParallelStage(
             "export",
             submit=lambda: [export_task.remote(self.context, model, export, fields)],
             finish=lambda values: StageOutput(["bundle"], values[0]),
         )
-        return self.run_parallel([stage])["export"]
+        return self.scheduler.run_parallel([stage])["export"]
 
     def stage_report(self, info: dict[str, Any]) -> dict[str, Any]:
-        report_task = self.remote(tasks.write_run_report, "report")
+        report_task = self.scheduler.remote(tasks.write_run_report, "report")
         stage = ParallelStage(
             "report",
             submit=lambda: [report_task.remote(self.context, info)],
             finish=lambda values: StageOutput(["report"], values[0]),
         )
-        return self.run_parallel([stage])["report"]
+        return self.scheduler.run_parallel([stage])["report"]
 
     def stage_publish(self, gate: dict[str, Any] | None = None) -> str:
         """Bundle + report + metrics as runs/<run_id>/, verified, then LATEST (docs/export.md, "The model bundle")."""
@@ -693,7 +574,7 @@ class Pipeline:
             return None
         latest = self.store.read_text(LATEST).strip() if self.store.exists(LATEST) else None
         champion = latest if latest and latest != self.run_id else None
-        task = self.remote(tasks.check_gate, "gate")
+        task = self.scheduler.remote(tasks.check_gate, "gate")
         stage = ParallelStage(
             "gate",
             submit=lambda: [
@@ -701,7 +582,7 @@ class Pipeline:
             ],
             finish=lambda values: StageOutput([], values[0]),
         )
-        decision = self.run_parallel([stage], record=False)["gate"]
+        decision = self.scheduler.run_parallel([stage], record=False)["gate"]
         log.info("%s", GateDecision(**decision).describe())
         return decision
 
@@ -758,79 +639,6 @@ class Pipeline:
             "stage_seconds": dict(self.stage_seconds),
             "report": self.config.report.model_dump(),
         }
-
-
-def describe_pool(pool: dict[str, Any] | None) -> str | None:
-    """The report's line on the pool: strategy, budget, how far apart the members are."""
-    if not pool:
-        return None
-    strategy = pool["strategy"]
-    detail = {
-        "spawn": f" (shared {pool['spawn_epoch']} epochs)",
-        "population": f" (pull {pool['pull']:g} every {pool['exchange_every']} steps)",
-    }.get(strategy, "")
-    parts = [
-        f"{strategy}{detail}: {pool['members']} members, {pool['member_epochs_budget']} "
-        "member-epochs at most"
-    ]
-    pairs = pool.get("error_inconsistency") or {}
-    if pairs:
-        parts.append(f"error inconsistency {min(pairs.values()):.3f}-{max(pairs.values()):.3f}")
-    if pool.get("line"):
-        parts.append(
-            f"barrier between the first two {pool['line']['barrier']:+.4f} (valid NDCG@10)"
-        )
-    return "; ".join(parts)
-
-
-def describe_warm_start(init_from: str | None, warm: dict[str, Any] | None) -> str:
-    """The report's line on where the base started."""
-    if init_from is None:
-        return "trained from scratch"
-    if warm is None:
-        return f"from scratch (base.init_from {init_from}: nothing was published yet)"
-    return (
-        f"warm-started from run {warm['source_run']}: {warm['kept']} items kept, "
-        f"{warm['new']} new (fresh rows), {warm['dropped']} dropped"
-    )
-
-
-def publish_bundle(
-    store: ArtifactStore,
-    work: str,
-    run_id: str,
-    scratch: Path,
-    gate: dict[str, Any] | None = None,
-) -> str:
-    """Assemble, verify and publish runs/<run_id>/, then point LATEST at it.
-
-    LATEST moves only after the published folder verifies, so a reader of
-    LATEST always finds a complete bundle.
-    """
-    import shutil
-
-    from merging.bundle import verify_bundle, write_manifest
-
-    staging = scratch / run_id
-    shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(store.download_folder(f"{work}/bundle", scratch / "in-bundle"), staging)
-    report = store.download_folder(f"{work}/report", scratch / "in-report")
-    shutil.copytree(report, staging, dirs_exist_ok=True)
-    (staging / "metrics.json").write_text(store.read_text(f"{work}/metrics.json"))
-    manifest = json.loads((staging / "manifest.json").read_text())
-    fields = {k: v for k, v in manifest.items() if k not in ("schema", "files", "created")}
-    if gate is not None:
-        fields["gate"] = gate
-        with (staging / "report.md").open("a") as report:
-            report.write(f"\n## Quality gate\n\n{GateDecision(**gate).describe()}.\n")
-    write_manifest(staging, fields)
-    verify_bundle(staging)
-    relative = f"runs/{run_id}"
-    store.upload_folder(staging, relative)
-    verify_bundle(store.download_folder(relative, scratch / "check"))
-    store.write_text(LATEST, run_id + "\n")
-    log.info("published %s and pointed %s at it", relative, LATEST)
-    return relative
 
 
 def load_pipeline_config(path: Path | None, overrides: list[str]) -> PipelineConfig:
