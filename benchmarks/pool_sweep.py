@@ -64,7 +64,8 @@ from recipes import PLAIN, parse_recipe  # benchmarks/recipes.py
 
 from merging.alignment import match_weights
 from merging.landscape import flat_weights, line_profile, validation_probe
-from merging.merge import MergeConfig, merge_checkpoints
+from merging.merge import merge_checkpoints
+from merging.methods import NEEDS_FISHERS, MergeConfig
 from merging.significance import paired_comparison
 from training.config import ExperimentConfig, load_config, parse_override
 from training.data import SequenceData, load_data
@@ -102,7 +103,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=12, help="epochs per member, shared included")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fisher-sequences", type=int, default=1000)
-    parser.add_argument("--no-fisher", action="store_true", help="uniform average only")
+    parser.add_argument(
+        "--merges",
+        nargs="+",
+        default=[UNIFORM, FISHER],
+        choices=list(MERGES),
+        help="merged models per strategy (stored strategies get the ones they lack)",
+    )
     parser.add_argument("--control", action="store_true", help="also a plain model for M x E")
     parser.add_argument(
         "--probe-users",
@@ -196,25 +203,74 @@ def train_pool(
     )
 
 
+# The merges --merges can ask for: does Fisher weighting matter once members differ, and
+# do its floor and normalisation (rare items' rows) matter?
+MERGES = {
+    UNIFORM: MergeConfig(method="uniform"),
+    FISHER: MergeConfig(method="fisher"),
+    "fisher normalized": MergeConfig(method="fisher", normalize_fishers=True),
+    "fisher floor 1e-3": MergeConfig(method="fisher", fisher_floor=1e-3),
+    "regmean": MergeConfig(method="regmean"),
+}
+
+
 def merges(
-    args: argparse.Namespace, runs: dict[str, Path], data: SequenceData, work: Path, align: bool
+    args: argparse.Namespace,
+    runs: dict[str, Path],
+    data: SequenceData,
+    work: Path,
+    align: bool,
+    labels: list[str] | None = None,
 ) -> dict[str, Path]:
-    methods = {UNIFORM: MergeConfig(method="uniform", align=align)}
-    if not args.no_fisher:
-        methods[FISHER] = MergeConfig(method="fisher", align=align)
+    """Folder of each merged model (`labels`, default --merges), built once and reused."""
     folders = {}
-    for label, config in methods.items():
-        folder = work / ("merged-aligned" if align else "merged") / label
+    for label in labels or args.merges:
+        config = MERGES[label].model_copy(update={"align": align})
+        if align and config.method == "regmean":
+            continue  # alignment does not permute RegMean's Grams
+        folder = work / ("merged-aligned" if align else "merged") / label.replace(" ", "-")
         if not (folder / "checkpoint.json").is_file():
             shutil.rmtree(folder, ignore_errors=True)
             fishers = (
                 [fisher_path(run, name, args, data, work) for name, run in runs.items()]
-                if config.method == "fisher"
+                if config.method in NEEDS_FISHERS
                 else None
             )
             merge_checkpoints(list(runs.values()), folder, config, fishers, data)
         folders[label] = folder
     return folders
+
+
+def add_merges(
+    args: argparse.Namespace,
+    data: SequenceData,
+    evaluator: Evaluator,
+    work: Path,
+    text: str,
+    document: dict[str, Any],
+) -> None:
+    """Rows of --merges a stored strategy lacks, compared with its best member as the rest."""
+    missing = [label for label in args.merges if label not in document["rows"]]
+    align = text.endswith(ALIGN)
+    folder = work / text.removesuffix(ALIGN).replace(":", "-")
+    members = sorted(p for p in folder.iterdir() if p.name[0].isdigit() and (p / "best").is_dir())
+    runs = {member.name: member for member in members}
+    merged = merges(args, runs, data, folder, align, missing)
+    if not merged:
+        return
+    name = "per_user-aligned.npz" if align else "per_user.npz"
+    users = dict(np.load(folder / name))
+    best = document["best_member"]
+    for label, parts in measure(evaluator, merged).items():
+        users[label] = per_user(parts["test"])
+        document["rows"][label] = {"valid": score(parts["valid"]), "test": score(parts["test"])}
+        versus = paired_comparison(users[label], users[best], seed=args.seed).to_dict()
+        document["vs_best_member"][label] = versus
+        document["merge_gain"][label] = versus["relative"]
+        ceiling = document["rows"][ENSEMBLE]["test"] - document["rows"][best]["test"]
+        gain = document["rows"][label]["test"] - document["rows"][best]["test"]
+        document["share_of_ensemble_gain"][label] = gain / ceiling if ceiling > 0 else None
+    np.savez_compressed(folder / name, **users)
 
 
 # ---- measuring ---------------------------------------------------------------------------
@@ -333,26 +389,31 @@ def run_control(
 
 
 def table(strategies: dict[str, dict[str, Any]]) -> str:
+    """One line per strategy: the best member, the ensemble and every merge against it."""
+    labels = [ENSEMBLE, *dict.fromkeys(m for d in strategies.values() for m in d["merge_gain"])]
     lines = [
-        "| strategy | best member (test) | ensemble | uniform | fisher | share kept (uniform / fisher) "
-        "| barrier (valid NDCG@10) | error incons. | member-epochs | train s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| strategy | best member | "
+        + " | ".join(labels)
+        + " | barrier (valid NDCG@10) | error incons. | member-epochs | train s |",
+        "|---|---|" + "---|" * len(labels) + "---|---|---|---|",
     ]
 
     def cell(doc: dict[str, Any], label: str) -> str:
         if label not in doc["rows"]:
             return "-"
         vs = doc["vs_best_member"][label]
-        return f"{doc['rows'][label]['test']:.4f} ({vs['relative']:+.1%}, p {vs['p_ttest']:.2g})"
-
-    for label, doc in strategies.items():
-        shares = " / ".join(
-            "-" if v is None else f"{v:.0%}" for v in doc["share_of_ensemble_gain"].values()
+        share = doc["share_of_ensemble_gain"].get(label)
+        kept = "" if share is None else f", keeps {share:.0%}"
+        return (
+            f"{doc['rows'][label]['test']:.4f} ({vs['relative']:+.1%}, p {vs['p_ttest']:.2g}{kept})"
         )
+
+    for name, doc in strategies.items():
+        cells = " | ".join(cell(doc, label) for label in labels)
         lines.append(
-            f"| {label} | {doc['rows'][doc['best_member']]['test']:.4f} | {cell(doc, ENSEMBLE)} "
-            f"| {cell(doc, UNIFORM)} | {cell(doc, FISHER)} | {shares} | {barrier_text(doc['line'])} "
-            f"| {doc['error_inconsistency']:.3f} | {doc['member_epochs']} | {doc['train_seconds']:.0f} |"
+            f"| {name} | {doc['rows'][doc['best_member']]['test']:.4f} | {cells} "
+            f"| {barrier_text(doc['line'])} | {doc['error_inconsistency']:.3f} "
+            f"| {doc['member_epochs']} | {doc['train_seconds']:.0f} |"
         )
     return "\n".join(lines)
 
@@ -427,6 +488,8 @@ def main() -> None:
                 if args.remeasure_lines:
                     remeasure_line(args, data, work, text, seed_doc["strategies"][text])
                     save()
+                add_merges(args, data, evaluator, work, text, seed_doc["strategies"][text])
+                save()
                 log.info("%s: already in %s, skipped", text, out)
                 continue
             log.info("strategy %s: training %d members", text, len(args.members))
