@@ -217,8 +217,9 @@ class PipelineConfig(StrictModel):
     )
     control: bool = Field(
         False,
-        description="also fine-tune the plain objective from the base for every epoch the pool "
-        "spent (the equal-compute control a merge must beat; costs the pool's training again)",
+        description="also train the plain objective for every epoch the pool spent (from the "
+        "base in finetune, from scratch otherwise): the equal-compute control a merge must "
+        "beat; costs the pool's training again",
     )
     base: BaseSpec = Field(default_factory=BaseSpec)
     resources: ResourceSpec = Field(default_factory=ResourceSpec)
@@ -244,8 +245,6 @@ class PipelineConfig(StrictModel):
             raise ValueError(f"recipe names must be unique; repeated: {duplicated}")
         if not names:
             raise ValueError("the merge pool needs at least one recipe")
-        if self.control and self.setting != "finetune":
-            raise ValueError("control fine-tunes from the base: it needs setting: finetune")
         if self.base.init_from and self.setting != "finetune":
             raise ValueError(
                 "base.init_from warm-starts the shared base: it needs setting: finetune"

@@ -280,28 +280,34 @@ class Pipeline:
         return out
 
     def stage_recipes(self) -> dict[str, dict[str, Any]]:
-        """Every member of the pool, trained concurrently as the pool strategy says."""
+        """Every member of the pool, trained concurrently as the pool strategy says.
+
+        With `control`, the equal-compute plain model trains alongside them.
+        """
         pool = self.config.pool_config
         experiments = self.recipe_experiments()
-        if pool.strategy == "population":
-            return self.population_stage(experiments)
         init = None
         if pool.shared_base:
             init = f"models/{BASE}/last" if pool.spawns_from_last else f"models/{BASE}"
-        stages = [self.training_stage(n, e, init) for n, e in experiments.items()]
-        names = list(experiments)
+        if pool.strategy == "population":
+            stages = [self.population_stage(experiments)]
+        else:
+            stages = [self.training_stage(n, e, init) for n, e in experiments.items()]
         if self.config.control:
-            stages.append(self.training_stage(CONTROL, self._control_experiment(), init))
-            names.append(CONTROL)
+            # From the base in finetune (the fine-tunes' start), from scratch otherwise.
+            start = init if pool.strategy == "finetune" else None
+            stages.append(self.training_stage(CONTROL, self._control_experiment(), start))
         results = self.scheduler.run_parallel(stages)
-        return {name: results[f"train/{name}"] for name in names}
+        trained = results.pop(POPULATION, {})
+        trained.update({name.removeprefix("train/"): result for name, result in results.items()})
+        return trained
 
-    def population_stage(self, experiments: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    def population_stage(self, experiments: dict[str, dict[str, Any]]) -> ParallelStage:
         """All members at once as Ray actors (training/population.py), driven by one task."""
         pool = self.config.pool_config
         task = self.scheduler.remote(tasks.train_population_members, POPULATION, coordinator=True)
         resources = self.config.resources
-        stage = ParallelStage(
+        return ParallelStage(
             name=POPULATION,
             submit=lambda: [
                 task.remote(
@@ -314,15 +320,21 @@ class Pipeline:
             ],
             finish=lambda values: StageOutput([f"models/{n}" for n in experiments], values[0]),
         )
-        return self.scheduler.run_parallel([stage])[POPULATION]
 
     def _control_experiment(self) -> dict[str, Any]:
-        """The plain objective for every epoch the pool spent, at the recipes' rate."""
-        config = self.config
+        """The plain objective for every epoch the pool spent (its shared epochs included).
+
+        At the fine-tunes' rate from the base in finetune; at the experiment's
+        rate from scratch otherwise, so that early stopping may end it sooner
+        (its history says when).
+        """
+        config, pool = self.config, self.config.pool_config
         epochs = sum(
             entry.epochs if entry.epochs is not None else config.recipe_epochs
             for entry in config.recipes
         )
+        if pool.strategy == "spawn":
+            epochs += pool.spawn_epoch
         backbone = config.experiment.model.backbone
         seed = config.experiment.train.seed + len(config.recipes) + 1
         return self.experiment_for(

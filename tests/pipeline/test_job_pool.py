@@ -46,10 +46,15 @@ def test_a_population_pool_trains_members_together_and_publishes(tmp_path: Path)
         setting="population",
         pool={"pull": 0.5, "exchange_every": 2},
         recipes=[{"name": "plain"}, {"name": "cl4srec"}],
+        control=True,
     )
     result = run_pipeline(config, str(tmp_path), run_id="population")
     work = tmp_path / "work" / "population"
     assert not (work / "models" / "base").exists()  # no shared base: own initialisations
+    # The equal-compute control trained from scratch beside the population, for its budget.
+    control = json.loads((work / "models" / "control" / "history.json").read_text())
+    assert [e["epoch"] for e in control if "loss" in e] == [1, 2]
+    assert "control" in result.metrics["vs_best_recipe"]
     plain, cl4srec = (
         load_run_checkpoint(work / "models" / name).model.state_dict()
         for name in ("plain", "cl4srec")
@@ -71,8 +76,6 @@ def test_a_population_pool_trains_members_together_and_publishes(tmp_path: Path)
 
 
 def test_strategy_settings_are_validated() -> None:
-    with pytest.raises(ValidationError, match="control"):
-        tiny_pipeline(setting="population", control=True)
     with pytest.raises(ValidationError, match="task vectors"):
         tiny_pipeline(setting="population", merge__methods=["ties"], merge__publish="ties")
     tiny_pipeline(setting="spawn", merge__methods=["ties"], merge__publish="ties")  # a base exists
