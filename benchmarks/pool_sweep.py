@@ -448,8 +448,12 @@ def plot(strategies: dict[str, dict[str, Any]], path: Path, title: str) -> None:
     top.set_ylabel("test NDCG@10 vs best member (%)")
     top.legend(fontsize=8)
     top.set_title(title, fontsize=9)
-    bottom.bar(x, [s["line"]["barrier"] for s in strategies.values()], color="tab:red")
-    bottom.set_ylabel("barrier (valid NDCG@10)")
+    barriers = [
+        100 * s["line"].get("barrier_relative", s["line"]["barrier"]) for s in strategies.values()
+    ]
+    bottom.bar(x, barriers, color="tab:red")
+    bottom.axhline(0, color="black", linewidth=0.8)
+    bottom.set_ylabel("barrier: dip below the ends\nof the line between two members (%)")
     bottom.set_xticks(x, labels, rotation=20, fontsize=8)
     for axis in (top, bottom):
         axis.grid(axis="y", alpha=0.3)
