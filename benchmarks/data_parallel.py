@@ -24,7 +24,7 @@ import numpy as np
 
 from training.config import ExperimentConfig
 from training.data import load_data
-from training.trainer import train
+from training.run import train
 
 
 def parse_args() -> argparse.Namespace:

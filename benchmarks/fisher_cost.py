@@ -33,7 +33,8 @@ from merging.fisher import FisherConfig, compute_fisher, relative_error, select_
 from training.config import ExperimentConfig
 from training.data import SequenceData, load_data
 from training.model import SequenceRecommender
-from training.trainer import load_run_checkpoint, train
+from training.run import train
+from training.trainer import load_run_checkpoint
 
 EMBEDDING = "item_embedding.weight"
 

@@ -83,7 +83,8 @@ from training.evaluate import EvalResult, Evaluator
 from training.flags import add_override_flags
 from training.pool import POOL_STRATEGIES, PoolConfig
 from training.population import MemberSpec, train_population
-from training.trainer import load_run_checkpoint, train
+from training.run import train
+from training.trainer import load_run_checkpoint
 
 log = logging.getLogger("benchmarks.merge_baselines")
 METRIC = ("full", "ndcg@10")

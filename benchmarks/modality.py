@@ -47,7 +47,8 @@ from training.config import ExperimentConfig, load_config
 from training.data import SequenceData, load_data, prepare
 from training.evaluate import Evaluator
 from training.features import FEATURES_FILE, read_item_texts, write_item_features
-from training.trainer import load_run_checkpoint, train
+from training.run import train
+from training.trainer import load_run_checkpoint
 from training.transfer import Transfer
 
 log = logging.getLogger("benchmarks.modality")

@@ -74,7 +74,8 @@ from training.evaluate import Evaluator
 from training.flags import add_override_flags
 from training.pool import PoolConfig
 from training.population import MemberSpec, train_population
-from training.trainer import LAST, load_run_checkpoint, train
+from training.run import train
+from training.trainer import LAST, load_run_checkpoint
 
 log = logging.getLogger("benchmarks.pool_sweep")
 ENSEMBLE, UNIFORM, FISHER, CONTROL = "ensemble", "uniform", "fisher", "control"

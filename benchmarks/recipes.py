@@ -36,7 +36,8 @@ from training.data import SequenceData, load_data
 from training.diagnostics import error_inconsistency, representation_quality
 from training.evaluate import SETTINGS, Evaluator
 from training.flags import add_override_flags
-from training.trainer import TrainResult, load_run_checkpoint, train
+from training.run import train
+from training.trainer import TrainResult, load_run_checkpoint
 
 log = logging.getLogger("benchmarks.recipes")
 PLAIN = "plain"

@@ -54,7 +54,8 @@ from training.config import ExperimentConfig, set_dotted
 from training.data import SequenceData
 from training.evaluate import Evaluator
 from training.model import SequenceRecommender
-from training.trainer import SELECTION_METRIC, load_run_checkpoint, train
+from training.run import train
+from training.trainer import SELECTION_METRIC, load_run_checkpoint
 
 log = logging.getLogger(__name__)
 

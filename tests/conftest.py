@@ -26,7 +26,7 @@ def small_data_dir(tmp_path_factory: pytest.TempPathFactory, small_data: Sequenc
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory: pytest.TempPathFactory, small_data: SequenceData) -> Path:
     """A tiny SASRec trained for a few epochs: the checkpoint most tests start from."""
-    from training.trainer import train
+    from training.run import train
 
     run = tmp_path_factory.mktemp("runs") / "sasrec"
     train(tiny_experiment(train__epochs=4), small_data, run)

@@ -245,8 +245,8 @@ TRAIN_FLAGS = {
 
 def cmd_train(args: argparse.Namespace) -> None:
     from training.config import ExperimentConfig, load_config
+    from training.run import train
     from training.sources import load_source
-    from training.trainer import train
     from training.transfer import Transfer
 
     overrides = collect_overrides(args, TRAIN_FLAGS)

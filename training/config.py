@@ -149,11 +149,11 @@ class RecipeSpec(StrictModel):
 
     @model_validator(mode="after")
     def _known_recipe(self) -> RecipeSpec:
-        from training.recipes import RECIPES  # local: recipes import torch
+        from training.recipe_params import RECIPE_PARAMS
 
-        if self.name not in RECIPES:
-            raise ValueError(f"unknown recipe {self.name!r}; known: {sorted(RECIPES)}")
-        RECIPES[self.name].Params.model_validate(self.params)
+        if self.name not in RECIPE_PARAMS:
+            raise ValueError(f"unknown recipe {self.name!r}; known: {sorted(RECIPE_PARAMS)}")
+        RECIPE_PARAMS[self.name].model_validate(self.params)
         return self
 
 

@@ -56,7 +56,7 @@ FAULT_DIR = "FISHREC_TRAIN_FAULT_DIR"
 def train_distributed(
     config: ExperimentConfig, data: SequenceData, run_dir: Path, **start: Any
 ) -> TrainResult:
-    """`training.trainer.train` with `config.train.workers` Ray Train workers.
+    """`training.run.train` with `config.train.workers` Ray Train workers.
 
     `start`: train's init, resume and transfer (on_epoch callbacks cannot run in
     the workers' processes).

@@ -570,29 +570,3 @@ def _describe(entry: dict[str, Any]) -> str:
         parts.append(f"valid ndcg@10 {entry['valid']['full']['ndcg@10']:.4f}")
     parts += [f"{k} {v:.4g}" for k, v in entry.items() if k.startswith("recipe/")]
     return ", ".join(parts)
-
-
-def train(
-    config: ExperimentConfig,
-    data: SequenceData,
-    run_dir: Path,
-    init: Path | None = None,
-    resume: bool = False,
-    on_epoch: EpochCallback | None = None,
-    transfer: Transfer | None = None,
-) -> TrainResult:
-    """Train `config` on `data` into `run_dir`; the one entry point of the CLI and the job.
-
-    `init` continues a checkpoint of the same data; `transfer` starts from a model
-    of another catalogue (training/transfer.py).
-    """
-    if config.train.workers > 1:
-        from training.distributed import train_distributed
-
-        if on_epoch is not None:
-            raise ValueError("on_epoch callbacks cannot run in Ray Train's workers: use workers: 1")
-        return train_distributed(config, data, run_dir, init=init, resume=resume, transfer=transfer)
-    trainer = Trainer(config, data, run_dir, init=init, on_epoch=on_epoch, transfer=transfer)
-    result = trainer.fit(resume=resume)
-    assert result is not None  # one process writes
-    return result

@@ -142,7 +142,7 @@ def train_model(
     keep_last: also publish last/ (a spawn base: members start from its last epoch).
     """
     from training.config import ExperimentConfig
-    from training.trainer import train
+    from training.run import train
 
     start_task(context, f"train/{name}")
     config = ExperimentConfig.model_validate(with_staged_features(context, experiment))

@@ -39,8 +39,9 @@ from tests.support import tiny_experiment
 from training.batching import pad_left
 from training.data import SequenceData
 from training.model import SequenceRecommender
+from training.run import train
 from training.synthetic import SyntheticConfig, generate
-from training.trainer import load_run_checkpoint, train
+from training.trainer import load_run_checkpoint
 
 SCORE_TOLERANCE = 1e-4  # the bound on |onnx - torch| per score
 GAP = 1e-5  # torch scores closer than this may swap places in the graph's top-k

@@ -26,7 +26,8 @@ from training.recipes.kdsr import (
     holistic_loss,
     subspace_cosines,
 )
-from training.trainer import Trainer, load_run_checkpoint, train
+from training.run import train
+from training.trainer import Trainer, load_run_checkpoint
 
 
 def cos(a: torch.Tensor, b: torch.Tensor) -> float:

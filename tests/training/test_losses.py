@@ -30,7 +30,7 @@ from training.losses import (
 )
 from training.model import ModelConfig, build_model
 from training.recipes import RecipeParams, build_recipe
-from training.trainer import train
+from training.run import train
 
 
 def hand_info_nce(

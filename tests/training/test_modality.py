@@ -25,7 +25,8 @@ from training.data import SequenceData
 from training.losses import cloze_loss, next_item_loss
 from training.modality import WhiteningMixture
 from training.model import ModelConfig, SequenceRecommender, build_model
-from training.trainer import load_run_checkpoint, train
+from training.run import train
+from training.trainer import load_run_checkpoint
 
 REFERENCE = Path(__file__).parent / "data" / "plain-reference"
 BACKBONES = ["sasrec", "bert4rec"]

@@ -13,7 +13,8 @@ from tests.support import tiny_experiment
 from training.data import SequenceData, load_data
 from training.pool import POOL_STRATEGIES, PoolConfig
 from training.population import MemberSpec, population_mean, train_population
-from training.trainer import LAST, load_run_checkpoint, train
+from training.run import train
+from training.trainer import LAST, load_run_checkpoint
 
 
 @pytest.fixture(autouse=True)

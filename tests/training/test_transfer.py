@@ -13,8 +13,9 @@ from tests.support import tiny_experiment
 from training.data import SequenceData
 from training.features import HashingEncoder, build_item_features
 from training.model import ModelConfig, build_model
+from training.run import train
 from training.synthetic import SyntheticConfig, generate
-from training.trainer import load_run_checkpoint, train
+from training.trainer import load_run_checkpoint
 from training.transfer import Transfer, frozen_parameters, transfer_model
 
 TARGET = SyntheticConfig(

@@ -16,8 +16,9 @@ from tests.support import SMALL_DATA, tiny_experiment
 from training.checkpoint import load_checkpoint
 from training.data import SequenceData, Vocabulary
 from training.model import ModelConfig, build_model
+from training.run import train
 from training.synthetic import generate
-from training.trainer import load_run_checkpoint, train
+from training.trainer import load_run_checkpoint
 from training.warm_start import (
     BUNDLE_CHECKPOINT,
     load_bundle_source,

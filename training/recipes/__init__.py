@@ -5,6 +5,7 @@ Add a recipe by writing a module with a `Recipe` subclass and adding it here.
 
 from __future__ import annotations
 
+from training.recipe_params import RECIPE_PARAMS
 from training.recipes.base import BERT4Rec, Recipe, RecipeOutput, RecipeParams, SASRec
 from training.recipes.cl4srec import CL4SRec
 from training.recipes.duorec import DuoRec
@@ -19,6 +20,10 @@ RECIPES: dict[str, type[Recipe]] = {
     "ehrec": EHRec,
     "kdsr": KDSR,
 }
+
+
+if {name: cls.Params for name, cls in RECIPES.items()} != RECIPE_PARAMS:
+    raise ImportError("training/recipe_params.py and RECIPES disagree on a recipe's parameters")
 
 
 def needs_features(name: str) -> bool:

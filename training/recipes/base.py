@@ -10,10 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from training.batching import Batch
@@ -26,35 +25,7 @@ from training.losses import (
     next_item_loss,
 )
 from training.model import ModelConfig, SequenceRecommender
-
-
-class RecipeParams(BaseModel):
-    """Parameters of the plain objective, shared by every recipe."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    mask_prob: float = Field(
-        0.2, gt=0.0, lt=1.0, description="Cloze: share of items replaced by [MASK]"
-    )
-    mask_last_prob: float = Field(
-        0.1, ge=0.0, le=1.0, description="Cloze: share of rows that mask only their newest item"
-    )
-    negatives: int = Field(
-        0,
-        ge=0,
-        description="0: exact softmax over all items (chunked); n: a sampled softmax with n "
-        "negatives per batch, logQ-corrected (catalogues of 10^5+ items)",
-    )
-    sampler: Literal["uniform", "popularity"] = Field(
-        "uniform",
-        description="what the n negatives are drawn from: uniform, or popularity "
-        "(count + 1)^0.75 over the training items; unused when negatives is 0",
-    )
-    in_batch_negatives: bool = Field(
-        False,
-        description="also use the batch's other targets as negatives, corrected by their "
-        "training frequency (a sampled softmax even when negatives is 0)",
-    )
+from training.recipe_params import RecipeParams
 
 
 @dataclass

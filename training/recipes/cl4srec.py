@@ -8,29 +8,18 @@ backbone's plain objective with weight lambda.
 
 from __future__ import annotations
 
-from pydantic import Field
 from torch import Tensor
 
 from training.augment import AugmentRates, two_views
 from training.batching import Batch
 from training.losses import info_nce
 from training.model import SequenceRecommender
+from training.recipe_params import CL4SRecParams
 from training.recipes.contrastive import (
-    ContrastiveParams,
     ContrastiveRecipe,
     representations,
     split_window,
 )
-
-
-class CL4SRecParams(ContrastiveParams):
-    crop_keep: float = Field(0.6, gt=0.0, le=1.0, description="eta: share of items a crop keeps")
-    mask_rate: float = Field(
-        0.3, ge=0.0, le=1.0, description="gamma: share of items replaced by [MASK]"
-    )
-    reorder_rate: float = Field(
-        0.6, ge=0.0, le=1.0, description="beta: share of items in the shuffled span"
-    )
 
 
 class CL4SRec(ContrastiveRecipe):

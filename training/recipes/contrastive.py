@@ -9,27 +9,16 @@ differ only in how they build the views, positives and negatives of that term.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import Field
 from torch import Tensor
 
 from training.augment import stack_views
 from training.batching import Batch
 from training.model import ModelConfig, SequenceRecommender
+from training.recipe_params import ContrastiveParams
 from training.recipes.base import Recipe, RecipeOutput, RecipeParams
-
-
-class ContrastiveParams(RecipeParams):
-    weight: float = Field(
-        0.1, ge=0.0, description="lambda: weight of the contrastive term added to the plain loss"
-    )
-    temperature: float = Field(1.0, gt=0.0, description="tau: InfoNCE temperature")
-    similarity: Literal["dot", "cos"] = Field(
-        "dot", description="similarity of two representations (dot: as the official code)"
-    )
 
 
 def split_window(items: Tensor) -> tuple[Tensor, Tensor]:

@@ -17,33 +17,21 @@ from the negatives unless `exclude_same_target_negatives` is off.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import Field
 from torch import Tensor
 
 from training.batching import Batch, pad_left
 from training.losses import distinct_target_pairs, info_nce_from_similarity, similarity_matrix
 from training.model import PAD_ID, ModelConfig, SequenceRecommender
+from training.recipe_params import DuoRecParams
 from training.recipes.base import RecipeParams
 from training.recipes.contrastive import (
-    ContrastiveParams,
     ContrastiveRecipe,
     representations,
     split_window,
 )
-
-
-class DuoRecParams(ContrastiveParams):
-    mode: Literal["unsup", "sup", "both"] = Field(
-        "sup",
-        description="unsup: two dropout views; sup: a same-target sequence (official default); both",
-    )
-    exclude_same_target_negatives: bool = Field(
-        True, description="never use a batch sample with the same target as a negative"
-    )
 
 
 class SameTargetIndex:

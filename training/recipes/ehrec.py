@@ -36,12 +36,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 from torch import Tensor, nn
 
 from training.batching import Batch
@@ -52,27 +50,10 @@ from training.losses import (
     similarity_matrix,
 )
 from training.model import ModelConfig, SequenceRecommender
+from training.recipe_params import EHRecParams
 from training.recipes.base import RecipeParams
 from training.recipes.contrastive import split_window
-from training.recipes.duorec import DuoRec, DuoRecParams
-
-
-class EHRecParams(DuoRecParams):
-    percentile: float = Field(
-        0.9, gt=0.0, lt=1.0, description="k_stat: percentile of in-batch negative similarities"
-    )
-    threshold_temperature: float = Field(
-        0.05, gt=0.0, description="t of the soft threshold sigmoid((k - cos) / t)"
-    )
-    threshold_weight: float = Field(
-        1.0, ge=0.0, description="weight of the regulariser ((k_learn - k_stat) / t)^2"
-    )
-    threshold_hidden: int = Field(32, ge=1, description="width of the threshold MLP g")
-    threshold_signal: Literal["false-negatives", "term"] = Field(
-        "false-negatives",
-        description="what trains g: false-negatives (same-target pairs, both ways) or term "
-        "(the InfoNCE gradient, downwards only); see the module docstring",
-    )
+from training.recipes.duorec import DuoRec
 
 
 def percentile(values: Tensor, q: float) -> Tensor:

@@ -33,38 +33,18 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 from torch import Tensor, nn
 
 from training.batching import Batch
 from training.features import ItemFeatures
 from training.model import PAD_ID, ModelConfig, SequenceRecommender
+from training.recipe_params import KDSRParams
 from training.recipes.base import Recipe, RecipeOutput, RecipeParams
 from training.recipes.contrastive import EpochMeans
 
 log = logging.getLogger(__name__)
 
 ADAPTOR_PREFIX = "item_adaptor."
-
-
-class KDSRParams(RecipeParams):
-    holistic_weight: float = Field(1.0, ge=0.0, description="weight of the holistic KL term")
-    dissected_weight: float = Field(
-        0.1, ge=0.0, description="weight of the correlation-code cross-entropy"
-    )
-    temperature: float = Field(0.1, gt=0.0, description="τ of the holistic cosine softmaxes")
-    subspaces: int = Field(8, ge=1, description="slices of the teacher feature (dissected)")
-    codes: int = Field(50, ge=2, description="correlation codes: k of the k-means")
-    max_items: int = Field(
-        128, ge=2, description="items of a batch the correlation terms look at (random subset)"
-    )
-    kmeans_pairs: int = Field(20000, ge=2, description="random item pairs the k-means is fitted on")
-    kmeans_iterations: int = Field(30, ge=1, description="Lloyd iterations of the k-means")
-    classifier_hidden: int = Field(64, ge=1, description="width of the code classifier")
-    modality_lr_scale: float = Field(
-        0.1, gt=0.0, le=1.0, description="asynchronous learning: lr factor of the modality adaptor"
-    )
-    seed: int = Field(0, description="seeds the k-means pairs and the classifier initialisation")
 
 
 class FeatureRecipe(Recipe):
