@@ -386,6 +386,19 @@ def run_control(
     }, per_user(parts["test"])
 
 
+def add_control_comparisons(args: argparse.Namespace, work: Path, seed_doc: dict[str, Any]) -> None:
+    """Every row of every strategy against the equal-compute control (paired per user)."""
+    control = np.load(work / CONTROL / "per_user.npz")["test_ndcg10"]
+    for text, document in seed_doc["strategies"].items():
+        folder = work / text.removesuffix(ALIGN).replace(":", "-")
+        name = "per_user-aligned.npz" if text.endswith(ALIGN) else "per_user.npz"
+        users = np.load(folder / name)
+        document["vs_control"] = {
+            label: paired_comparison(users[label], control, seed=args.seed).to_dict()
+            for label in users.files
+        }
+
+
 # ---- reporting ---------------------------------------------------------------------------
 
 
@@ -416,6 +429,22 @@ def table(strategies: dict[str, dict[str, Any]]) -> str:
             f"| {barrier_text(doc['line'])} | {doc['error_inconsistency']:.3f} "
             f"| {doc['member_epochs']} | {doc['train_seconds']:.0f} |"
         )
+    return "\n".join(lines)
+
+
+def control_table(strategies: dict[str, dict[str, Any]]) -> str:
+    """Each strategy's ensemble and merges against the equal-compute control."""
+    lines = [
+        "| strategy | model | test NDCG@10 | vs control | p (t-test) |",
+        "|---|---|---|---|---|",
+    ]
+    for name, doc in strategies.items():
+        for label, row in doc.get("vs_control", {}).items():
+            if label == ENSEMBLE or label in doc["merge_gain"]:
+                lines.append(
+                    f"| {name} | {label} | {row['mean_a']:.4f} | {row['relative']:+.1%} "
+                    f"| {row['p_ttest']:.2g} |"
+                )
     return "\n".join(lines)
 
 
@@ -514,6 +543,9 @@ def main() -> None:
             save()
     finally:
         ray.shutdown()
+    if CONTROL in seed_doc:
+        add_control_comparisons(args, work, seed_doc)
+        save()
     strategies = seed_doc["strategies"]
     title = (
         f"{Path(args.data).name}, seed {args.seed}: {len(args.members)} members, "
@@ -526,8 +558,9 @@ def main() -> None:
         c = seed_doc[CONTROL]
         print(
             f"\ncontrol (plain, {c['budget_epochs']} epochs budget, trained {c['trained_epochs']}, "
-            f"best epoch {c['best_epoch']}): test {c['test']:.4f}"
+            f"best epoch {c['best_epoch']}): test {c['test']:.4f}\n"
         )
+        print(control_table(strategies))
 
 
 if __name__ == "__main__":

@@ -52,6 +52,7 @@ def tiny_pipeline(**overrides: Any):  # type: ignore[no-untyped-def]
             "model": {"hidden_size": 16, "num_layers": 1, "num_heads": 1, "max_len": 20},
             "train": {"epochs": 2, "batch_size": 64, "lr": 3e-3, "warmup_steps": 5, "patience": 50},
         },
+        "setting": "finetune",  # most job tests look at the shared base; test_job_pool the rest
         "recipe_epochs": 1,
         "recipes": [{"name": "plain"}, {"name": "cl4srec"}, {"name": "duorec"}],
         "fisher": {"num_sequences": 60, "shards": 2},

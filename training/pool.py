@@ -47,10 +47,11 @@ class PoolSettings(StrictModel):
         2, ge=0, description="spawn: epochs of the shared trajectory before members split"
     )
     pull: float = Field(
-        0.1,
+        0.01,
         ge=0.0,
         le=1.0,
-        description="population: w <- (1 - pull) w + pull * mean at every exchange (0: none)",
+        description="population: w <- (1 - pull) w + pull * mean at every exchange (0: none); "
+        "what counts is the pull per epoch, 1 - (1 - pull)^(steps per epoch / exchange_every)",
     )
     exchange_every: int = Field(
         10, ge=1, description="population: optimiser steps between two exchanges"

@@ -187,8 +187,9 @@ class PipelineConfig(StrictModel):
     experiment: ExperimentConfig = Field(
         default_factory=ExperimentConfig, description="data, backbone and the base model's training"
     )
+    # population: the measured default (docs/results/pool-strategies.md).
     setting: PoolStrategy = Field(
-        "finetune",
+        "population",
         description="how the pool trains (training/pool.py): "
         + "; ".join(f"{k}: {v}" for k, v in POOL_STRATEGIES.items()),
     )
