@@ -432,6 +432,46 @@ def table(strategies: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def seeds_table(saved: dict[str, Any]) -> str:
+    """Strategies stored for several seeds: mean ± std of test NDCG@10, each seed's gain and p."""
+    from scipy import stats
+
+    seeds = sorted(saved["seeds"], key=int)
+    names = dict.fromkeys(n for s in seeds for n in saved["seeds"][s]["strategies"])
+    lines = [
+        "| strategy | model | seeds | test NDCG@10 | vs best member, per seed | p, per seed "
+        "| p over seeds |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name in names:
+        docs = [
+            saved["seeds"][s]["strategies"][name]
+            for s in seeds
+            if name in saved["seeds"][s]["strategies"]
+        ]
+        if len(docs) < 2:
+            continue
+        for label in [ENSEMBLE, *docs[0]["merge_gain"], "best member"]:
+            if label == "best member":
+                tests = [d["rows"][d["best_member"]]["test"] for d in docs]
+                gains = ps = ""
+                p_seeds = "-"
+            else:
+                tests = [d["rows"][label]["test"] for d in docs]
+                versus = [d["vs_best_member"][label] for d in docs]
+                gains = " / ".join(f"{v['relative']:+.1%}" for v in versus)
+                ps = " / ".join(f"{v['p_ttest']:.2g}" for v in versus)
+                gaps = [
+                    d["rows"][label]["test"] - d["rows"][d["best_member"]]["test"] for d in docs
+                ]
+                p_seeds = f"{stats.ttest_1samp(gaps, 0.0).pvalue:.2g}" if len(gaps) >= 3 else "-"
+            spread = f"{np.mean(tests):.4f} ± {np.std(tests, ddof=1):.4f}"
+            lines.append(
+                f"| {name} | {label} | {len(docs)} | {spread} | {gains} | {ps} | {p_seeds} |"
+            )
+    return "\n".join(lines)
+
+
 def control_table(strategies: dict[str, dict[str, Any]]) -> str:
     """Each strategy's ensemble and merges against the equal-compute control."""
     lines = [
@@ -554,6 +594,9 @@ def main() -> None:
     plot(strategies, out.with_name(f"{out.stem}-seed{args.seed}.png"), title)
     print(f"\n## {title}\n")
     print(table(strategies))
+    if len(saved["seeds"]) > 1:
+        print(f"\n## over the stored seeds {sorted(saved['seeds'], key=int)}\n")
+        print(seeds_table(saved))
     if CONTROL in seed_doc:
         c = seed_doc[CONTROL]
         print(
