@@ -432,6 +432,33 @@ def table(strategies: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def pooled(saved: dict[str, Any], root: Path) -> dict[str, dict[str, Any]]:
+    """Each merge and ensemble vs its seed's best member, users of every seed in one paired test.
+
+    Reads the per-user scores kept under --work (seed-N/<strategy>/per_user.npz).
+    """
+    out: dict[str, dict[str, Any]] = {}
+    seeds = sorted(saved["seeds"], key=int)
+    names = dict.fromkeys(n for s in seeds for n in saved["seeds"][s]["strategies"])
+    for name in names:
+        found = []
+        for seed in seeds:
+            document = saved["seeds"][seed]["strategies"].get(name)
+            folder = root / f"seed-{seed}" / name.removesuffix(ALIGN).replace(":", "-")
+            file = folder / ("per_user-aligned.npz" if name.endswith(ALIGN) else "per_user.npz")
+            if document is not None and file.is_file():
+                found.append((seed, document, dict(np.load(file))))
+        if len(found) < 2:
+            continue
+        out[name] = {}
+        for label in [ENSEMBLE, *found[0][1]["merge_gain"]]:
+            a = np.concatenate([users[label] for _, _, users in found])
+            b = np.concatenate([users[d["best_member"]] for _, d, users in found])
+            row = paired_comparison(a, b).to_dict()
+            out[name][label] = {**row, "seeds": [int(s) for s, _, _ in found], "users": len(a)}
+    return out
+
+
 def seeds_table(saved: dict[str, Any]) -> str:
     """Strategies stored for several seeds: mean ± std of test NDCG@10, each seed's gain and p."""
     from scipy import stats
@@ -595,8 +622,16 @@ def main() -> None:
     print(f"\n## {title}\n")
     print(table(strategies))
     if len(saved["seeds"]) > 1:
+        saved["pooled_vs_best_member"] = pooled(saved, work.parent)
+        save()
         print(f"\n## over the stored seeds {sorted(saved['seeds'], key=int)}\n")
         print(seeds_table(saved))
+        for name, rows in saved["pooled_vs_best_member"].items():
+            for label, row in rows.items():
+                print(
+                    f"pooled over seeds {row['seeds']}: {name} {label} {row['relative']:+.1%} "
+                    f"vs the best member (paired over {row['users']} user-seeds, p {row['p_ttest']:.2g})"
+                )
     if CONTROL in seed_doc:
         c = seed_doc[CONTROL]
         print(
