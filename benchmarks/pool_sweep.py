@@ -451,7 +451,8 @@ def pooled(saved: dict[str, Any], root: Path) -> dict[str, dict[str, Any]]:
         if len(found) < 2:
             continue
         out[name] = {}
-        for label in [ENSEMBLE, *found[0][1]["merge_gain"]]:
+        shared = set.intersection(*(set(d["merge_gain"]) for _, d, _ in found))
+        for label in [ENSEMBLE, *(m for m in found[0][1]["merge_gain"] if m in shared)]:
             a = np.concatenate([users[label] for _, _, users in found])
             b = np.concatenate([users[d["best_member"]] for _, d, users in found])
             row = paired_comparison(a, b).to_dict()
@@ -478,7 +479,9 @@ def seeds_table(saved: dict[str, Any]) -> str:
         ]
         if len(docs) < 2:
             continue
-        for label in [ENSEMBLE, *docs[0]["merge_gain"], "best member"]:
+        shared = set.intersection(*(set(d["merge_gain"]) for d in docs))
+        merges = [m for m in docs[0]["merge_gain"] if m in shared]
+        for label in [ENSEMBLE, *merges, "best member"]:
             if label == "best member":
                 tests = [d["rows"][d["best_member"]]["test"] for d in docs]
                 gains = ps = ""
