@@ -30,11 +30,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from recipes import first_users, run_all  # benchmarks/recipes.py: the same training protocol
+from recipes import (  # benchmarks/recipes.py: the same training protocol
+    base_experiment,
+    first_users,
+    run_all,
+)
 
 from merging.fisher import FisherConfig, checkpoint_fisher, load_fisher, model_sha256, save_fisher
 from merging.merge import MergeConfig, merge_checkpoints
-from training.config import ExperimentConfig, load_config, parse_override
 from training.data import SequenceData, load_data
 from training.evaluate import Evaluator, format_table
 from training.flags import add_override_flags
@@ -85,11 +88,7 @@ def trained_runs(args: argparse.Namespace, data: SequenceData) -> dict[str, Path
     """Label -> run folder of every model to merge (the finetune base is not one)."""
     if args.runs:
         return {Path(run).name: Path(run) for run in args.runs}
-    overrides = dict(parse_override(text) for text in args.overrides)
-    overrides["data.path"] = args.data
-    if args.backbone:
-        overrides["model.backbone"] = args.backbone
-    base = load_config(ExperimentConfig, Path(args.config) if args.config else None, overrides)
+    base = base_experiment(args, **{"model.backbone": args.backbone})
     args.out = str(Path(args.out) / "runs")  # run_all writes under args.out/<setting>/
     rows = run_all(args, base, data, Evaluator(data.split()))
     args.out = str(Path(args.out).parent)

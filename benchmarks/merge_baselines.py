@@ -67,7 +67,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from recipes import PLAIN, parse_recipe  # benchmarks/recipes.py
+from recipes import PLAIN, base_experiment, experiment_parser, parse_recipe  # benchmarks/recipes.py
 from scipy import stats
 
 from merging.ensemble import ensemble_max_len, ensemble_scorer
@@ -76,7 +76,7 @@ from merging.landscape import flat_weights, line_profile, validation_probe
 from merging.merge import merge_checkpoints
 from merging.methods import NEEDS_BASE, NEEDS_FISHERS, MergeConfig
 from merging.significance import paired_comparison
-from training.config import ExperimentConfig, load_config, parse_override
+from training.config import ExperimentConfig
 from training.data import SequenceData, load_data
 from training.diagnostics import error_inconsistency
 from training.evaluate import EvalResult, Evaluator
@@ -94,11 +94,7 @@ WITHOUT_WEAKEST = "fisher without the weakest"
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--data", required=True, help="prepared data folder")
-    parser.add_argument("--config", default=None, help="experiment YAML (configs/)")
+    parser = experiment_parser(__doc__)
     parser.add_argument(
         "--recipes",
         nargs="+",
@@ -623,9 +619,7 @@ def main() -> None:
     logging.getLogger("merging").setLevel(logging.INFO)
     out = Path(args.out)
     work = Path(args.work) if args.work else out.with_suffix("")
-    overrides = dict(parse_override(text) for text in args.overrides)
-    overrides["data.path"] = args.data
-    base = load_config(ExperimentConfig, Path(args.config) if args.config else None, overrides)
+    base = base_experiment(args)
     data = load_data(Path(args.data))
     saved = json.loads(out.read_text()) if out.is_file() else {"seeds": {}}
     start = time.perf_counter()

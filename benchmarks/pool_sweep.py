@@ -60,14 +60,14 @@ from merge_baselines import (  # benchmarks/merge_baselines.py
     per_user,
     score,
 )
-from recipes import PLAIN, parse_recipe  # benchmarks/recipes.py
+from recipes import PLAIN, base_experiment, experiment_parser, parse_recipe  # benchmarks/recipes.py
 
 from merging.alignment import match_weights
 from merging.landscape import flat_weights, line_profile, validation_probe
 from merging.merge import merge_checkpoints
 from merging.methods import NEEDS_FISHERS, MergeConfig
 from merging.significance import paired_comparison
-from training.config import ExperimentConfig, load_config, parse_override
+from training.config import ExperimentConfig
 from training.data import SequenceData, load_data
 from training.diagnostics import error_inconsistency
 from training.evaluate import Evaluator
@@ -83,11 +83,7 @@ ALIGN = "+align"
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--data", required=True, help="prepared data folder")
-    parser.add_argument("--config", default=None, help="experiment YAML (configs/)")
+    parser = experiment_parser(__doc__)
     parser.add_argument(
         "--members",
         nargs="+",
@@ -571,10 +567,8 @@ def main() -> None:
         logging.getLogger(name).setLevel(logging.INFO)
     out = Path(args.out)
     work = (Path(args.work) if args.work else out.with_suffix("")) / f"seed-{args.seed}"
-    overrides = dict(parse_override(text) for text in args.overrides)
-    overrides["data.path"] = args.data
-    overrides["train.num_threads"] = 1  # one per actor: the members share the cores
-    base = load_config(ExperimentConfig, Path(args.config) if args.config else None, overrides)
+    # One thread per actor: the members share the cores.
+    base = base_experiment(args, **{"train.num_threads": 1})
     data = load_data(Path(args.data))
     evaluator = Evaluator(data.split())
     saved = json.loads(out.read_text()) if out.is_file() else {"seeds": {}}

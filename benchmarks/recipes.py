@@ -44,6 +44,24 @@ PLAIN = "plain"
 METRICS = ("ndcg@10", "ndcg@20", "hr@10")
 
 
+def experiment_parser(doc: str | None) -> argparse.ArgumentParser:
+    """A benchmark's parser with the --data and --config of every experiment benchmark."""
+    parser = argparse.ArgumentParser(
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--data", required=True, help="prepared data folder")
+    parser.add_argument("--config", default=None, help="experiment YAML (configs/)")
+    return parser
+
+
+def base_experiment(args: argparse.Namespace, **fixed: Any) -> ExperimentConfig:
+    """--config, then its --set overrides, then data.path from --data and `fixed` (dotted keys)."""
+    overrides = dict(parse_override(text) for text in args.overrides)
+    overrides["data.path"] = args.data
+    overrides.update({key: value for key, value in fixed.items() if value is not None})
+    return load_config(ExperimentConfig, Path(args.config) if args.config else None, overrides)
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -191,11 +209,7 @@ def main() -> None:
     log.setLevel(logging.INFO)
     if args.threads:
         torch.set_num_threads(args.threads)
-    overrides = dict(parse_override(text) for text in args.overrides)
-    overrides["data.path"] = args.data
-    if args.backbone:
-        overrides["model.backbone"] = args.backbone
-    base = load_config(ExperimentConfig, Path(args.config) if args.config else None, overrides)
+    base = base_experiment(args, **{"model.backbone": args.backbone})
     data = first_users(load_data(Path(args.data)), args.users)
     start = time.perf_counter()
     evaluator = Evaluator(data.split(), exclude_seen=not args.no_exclude_seen)
