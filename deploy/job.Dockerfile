@@ -6,7 +6,8 @@
 #   docker build -f deploy/job.Dockerfile -t fishrec-job .           (from the repository root)
 #     --build-arg FISHREC_VERSION="$(git describe --tags --always)" \
 #     --build-arg FISHREC_REVISION="$(git rev-parse HEAD)"   (OCI labels, `fishrec --version`)
-#   GPU nodes: --build-arg RAY_IMAGE_VARIANT=gpu --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
+#   GPU nodes: --build-arg RAY_IMAGE_VARIANT=gpu --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 \
+#     --build-arg JOB_LOCK=deploy/job-cu128.lock      (compiled as deploy/job.lock's header says)
 #
 # RAY_VERSION must equal the ray pin of deploy/constraints.txt (the tested versions, inside
 # the `train` extra's ranges): the build stops otherwise.
@@ -37,13 +38,13 @@ RUN install -d -o 1000 -g 100 /app /artifacts
 USER 1000:100
 WORKDIR /app
 
-# Dependencies first, from pyproject.toml alone. torch comes from TORCH_INDEX_URL
-# (PyPI's Linux wheel is the CUDA build, several GB); the rest from PyPI.
-COPY --chown=1000:100 pyproject.toml deploy/requirements.py deploy/constraints.txt ./
-RUN python requirements.py pyproject.toml train > requirements.txt \
-    && grep -E '^torch([=<>!~ ;[]|$)' requirements.txt > torch.txt \
-    && pip install --index-url "${TORCH_INDEX_URL}" -c constraints.txt -r torch.txt \
-    && pip install -c constraints.txt -r requirements.txt \
+# Dependencies first, from the hash-pinned lock alone (deploy/job.lock: the `train` extra
+# at the versions CI tests), so a code change rebuilds only the last layers. torch comes
+# from TORCH_INDEX_URL (PyPI's Linux wheel is the CUDA build, several GB); the rest from PyPI.
+# GPU nodes: a lock compiled for that index (see deploy/job.lock's header) as JOB_LOCK.
+ARG JOB_LOCK=deploy/job.lock
+COPY --chown=1000:100 ${JOB_LOCK} job.lock
+RUN pip install --require-hashes --no-deps --extra-index-url "${TORCH_INDEX_URL}" -r job.lock \
     && python -c "import ray, sys; sys.exit(None if ray.__version__ == '${RAY_VERSION}' else f'ray {ray.__version__} installed, image built for ${RAY_VERSION}')"
 
 COPY --chown=1000:100 training/ src/training/

@@ -193,26 +193,44 @@ def read_lock(path: Path) -> dict[str, str]:
     return pins
 
 
-def test_serving_image_installs_the_locked_serve_extra_only() -> None:
-    instructions = parse_dockerfile(DOCKERFILES["serving"])
-    runs = [i.args for i in instructions if i.keyword == "RUN"]
-    install = next(r for r in runs if "serving.lock" in r)
-    assert "--require-hashes" in install and "--no-deps" in install
-    lock = DEPLOY / "serving.lock"
+def assert_lock_satisfies(lock: Path, extra: str) -> dict[str, str]:
+    """Every pin of `lock` hash-pinned, every requirement of `extra` in pyproject.toml met."""
     pins = read_lock(lock)
     hashed = [line for line in lock.read_text().splitlines() if "--hash=sha256:" in line]
     assert len(hashed) >= len(pins), "every pin carries its hashes"
-    # The lock satisfies every requirement of the serve extra in pyproject.toml...
-    for line in requirements_script.requirements(REPO / "pyproject.toml", ["serve"]):
+    for line in requirements_script.requirements(REPO / "pyproject.toml", [extra]):
         wanted = Requirement(line)
         name = canonicalize_name(wanted.name)
-        assert name in pins, f"{name} is in the serve extra but not in {lock.name}"
+        assert name in pins, f"{name} is in the {extra} extra but not in {lock.name}"
         assert wanted.specifier.contains(pins[name]), f"{name}=={pins[name]} breaks {wanted}"
-    # ...and holds nothing heavy.
+    return pins
+
+
+def locked_install(dockerfile: str, lock: str) -> str:
+    runs = [i.args for i in parse_dockerfile(DOCKERFILES[dockerfile]) if i.keyword == "RUN"]
+    install = next(r for r in runs if lock in r and "pip install" in r)
+    assert "--require-hashes" in install and "--no-deps" in install
+    return install
+
+
+def test_serving_image_installs_the_locked_serve_extra_only() -> None:
+    locked_install("serving", "serving.lock")
+    pins = assert_lock_satisfies(DEPLOY / "serving.lock", "serve")
+    # The lock holds nothing heavy...
     assert {"onnxruntime", "fastapi", "uvicorn"} <= set(pins)
     assert not set(pins) & {"torch", "ray", "onnx", "onnxscript"}, pins
-    # The build refuses an environment where torch or ray slipped in anyway.
+    # ...and the build refuses an environment where torch or ray slipped in anyway.
+    runs = [i.args for i in parse_dockerfile(DOCKERFILES["serving"]) if i.keyword == "RUN"]
     assert any("find_spec" in r and "'torch', 'ray'" in r for r in runs)
+
+
+def test_job_image_installs_the_locked_train_extra_at_the_tested_versions() -> None:
+    locked_install("job", "job.lock")
+    pins = assert_lock_satisfies(DEPLOY / "job.lock", "train")
+    # torch and ray exactly as CI tests them (deploy/constraints.txt); torch the CPU build.
+    assert pins["torch"] == pinned_version("torch") + "+cpu"
+    assert pins["ray"] == pinned_version("ray")
+    assert not any(name.startswith("nvidia-") for name in pins), "CUDA wheels in the CPU lock"
 
 
 def test_serving_image_layers_and_runtime() -> None:
@@ -251,7 +269,7 @@ def test_job_image_pins_the_project_ray_and_a_cpu_torch() -> None:
     assert args["RAY_IMAGE_VARIANT"] == "cpu"
     assert args["TORCH_INDEX_URL"].endswith("/whl/cpu")
     runs = " ".join(i.args for i in instructions if i.keyword == "RUN")
-    assert "requirements.py pyproject.toml train" in runs
+    assert "job.lock" in runs
     assert "ray.__version__ == '${RAY_VERSION}'" in runs
     copied = {i.args.split()[-2] for i in instructions if i.keyword == "COPY"}
     assert "configs/" in copied, "the pipeline configs must be in the image"
