@@ -6,6 +6,8 @@
 #     --build-arg FISHREC_VERSION="$(git describe --tags --always)" \
 #     --build-arg FISHREC_REVISION="$(git rev-parse HEAD)"   (OCI labels, `fishrec --version`)
 #   docker run -p 8000:8000 -v "$PWD/artifacts:/artifacts:ro" fishrec-serve
+#   bucket instead of a volume: --build-arg SERVING_LOCK=deploy/serving-s3.lock, then run with
+#     -e FISHREC_SOURCE=s3://bucket/fishrec -e AWS_... (FISHREC_ARTIFACTS becomes the local cache)
 #
 # The command is `fishrec serve`; its settings are FISHREC_* environment variables
 # (serving/settings.py, deploy/README.md): FISHREC_ARTIFACTS, FISHREC_HOST and
@@ -32,8 +34,10 @@ WORKDIR /src
 
 # Dependencies first, from the hash-pinned lock (deploy/serving.lock, compiled from
 # pyproject.toml's serve extra): two builds install the same bytes, and a code change
-# does not reinstall them.
-COPY deploy/serving.lock ./
+# does not reinstall them. A service that follows a bucket (FISHREC_SOURCE=s3://...)
+# needs the s3 extra too: --build-arg SERVING_LOCK=deploy/serving-s3.lock.
+ARG SERVING_LOCK=deploy/serving.lock
+COPY ${SERVING_LOCK} serving.lock
 RUN pip install --require-hashes --no-deps -r serving.lock
 
 # The package itself (the `fishrec` command registers every subcommand without importing torch).

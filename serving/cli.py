@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-SERVE_FLAGS = ("artifacts", "bundle", "host", "port")
+SERVE_FLAGS = ("artifacts", "source", "bundle", "host", "port")
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -33,7 +33,14 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--artifacts",
         default=None,
-        help="artifact root with runs/<id>/ and LATEST (FISHREC_ARTIFACTS)",
+        help="artifact root with runs/<id>/ and LATEST (FISHREC_ARTIFACTS); with --source, "
+        "the local cache of the remote root",
+    )
+    parser.add_argument(
+        "--source",
+        default=None,
+        help="follow a remote artifact root, e.g. s3://bucket/fishrec: each new bundle is "
+        "downloaded into --artifacts, verified, then served (FISHREC_SOURCE; the s3 extra)",
     )
     parser.add_argument(
         "--bundle", default=None, help="serve this run id, ignoring LATEST (FISHREC_BUNDLE)"

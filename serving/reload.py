@@ -31,6 +31,7 @@ from serving.batcher import MicroBatcher
 from serving.bundle import Bundle, BundleError, bundle_folder, load_bundle, read_latest
 from serving.cpus import cpu_quota, serving_threads
 from serving.metrics import Metrics
+from serving.mirror import BundleMirror
 from serving.model_process import ModelProcess, ModelRunner, ModelSpec, ModelThread
 from serving.runtime import NO_IDS, Ranked, Row
 from serving.settings import Settings
@@ -78,6 +79,9 @@ class ModelManager:
         self.last_error: str | None = None
         self.stopping = False
         self._lock = asyncio.Lock()
+        # FISHREC_SOURCE: `artifacts` is a local cache of a remote root (serving/mirror.py).
+        self.mirror = BundleMirror(settings.source, settings.artifacts) if settings.source else None
+        self.root = settings.source or str(settings.artifacts)  # where LATEST is read
         self._seen_latest: str | None = None
         self._watcher: asyncio.Task[None] | None = None
         self.availability = Availability(
@@ -121,6 +125,8 @@ class ModelManager:
         """The run id to serve: the pinned one, else the one LATEST names."""
         if self.settings.bundle is not None:
             return self.settings.bundle
+        if self.mirror is not None:
+            return self.mirror.latest()
         return read_latest(self.settings.artifacts)
 
     async def poll(self) -> None:
@@ -134,7 +140,7 @@ class ModelManager:
             return
         if wanted is None:
             if self.current is None:
-                self.last_error = f"no bundle published under {self.settings.artifacts} (no LATEST)"
+                self.last_error = f"no bundle published under {self.root} (no LATEST)"
             return
         if wanted == self._seen_latest and self.current is not None:
             return
@@ -185,7 +191,7 @@ class ModelManager:
             except BundleError as err:
                 raise ReloadError(str(err)) from err
             if target is None:
-                raise ReloadError(f"nothing to load: no LATEST under {self.settings.artifacts}")
+                raise ReloadError(f"nothing to load: no LATEST under {self.root}")
         previous = self.current.version if self.current is not None else None
         try:
             changed = await self.load(target)
@@ -215,7 +221,10 @@ class ModelManager:
     def _verified(self, run_id: str) -> Bundle:
         """The bundle read and checked against its manifest (off the event loop)."""
         try:
-            folder = bundle_folder(self.settings.artifacts, run_id)
+            if self.mirror is not None:
+                folder = self.mirror.fetch(run_id)
+            else:
+                folder = bundle_folder(self.settings.artifacts, run_id)
         except ValueError as err:
             raise BundleError(str(err)) from err
         bundle = load_bundle(folder)
@@ -282,6 +291,11 @@ class ModelManager:
             runner.path.name,
             extra={"model_version": bundle.run_id},
         )
+        if self.mirror is not None:  # the serving run and the one before it stay cached
+            keep = {bundle.run_id} | ({previous.version} if previous else set())
+            if self.canary is not None:
+                keep.add(self.canary.version)
+            await asyncio.to_thread(self.mirror.prune, keep)
         if previous is not None:
             await previous.batcher.close()  # in-flight rows of the old model finish on it
             await previous.runner.close()

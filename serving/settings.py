@@ -36,6 +36,12 @@ class Settings(BaseSettings):
         Path("artifacts"),
         description="artifact root (a local path or mount): runs/<run_id>/ bundles and LATEST",
     )
+    source: str | None = Field(
+        None,
+        description="a remote artifact root to follow (fsspec URL, e.g. s3://bucket/fishrec; "
+        "needs the s3 extra): bundles are downloaded into `artifacts` as a cache, verified, "
+        "then served; credentials and endpoint from the store's usual environment variables",
+    )
     bundle: str | None = Field(
         None,
         description="serve this run id and ignore LATEST (no background reload); default: LATEST",

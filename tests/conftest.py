@@ -72,3 +72,23 @@ def vocab(serving_bundle: Path) -> list[str]:
     import json
 
     return json.loads((serving_bundle / "vocab.json").read_text())["items"]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():  # type: ignore[no-untyped-def]
+    """A real S3 API server process (moto) for the session, found through AWS_* variables."""
+    pytest.importorskip("s3fs", reason="the s3 extra (pip install -e '.[s3]') is not installed")
+    from tests.s3_support import s3_environment, s3_server
+
+    with s3_server() as endpoint, s3_environment(endpoint):
+        yield endpoint
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint: str, request: pytest.FixtureRequest) -> str:
+    """A fresh bucket per test, as an s3:// URL."""
+    from tests.s3_support import forget_cached_clients, make_bucket
+
+    forget_cached_clients()
+    name = "t-" + "".join(c for c in request.node.name.lower() if c.isalnum())[:40]
+    return make_bucket(name)

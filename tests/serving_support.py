@@ -132,3 +132,16 @@ def ready_server(
         with httpx.Client(base_url=live.url, headers=AUTH) as client:
             wait_for(lambda: check(client), what="readiness")
         yield live
+
+
+def ready_version(client: httpx.Client) -> str | None:
+    response = client.get("/readyz")
+    return response.json()["model_version"] if response.status_code == 200 else None
+
+
+def metric(client: httpx.Client, name: str) -> float:
+    """The value of one sample line of /metrics (0 when absent)."""
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    return 0.0

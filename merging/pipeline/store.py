@@ -23,6 +23,8 @@ from pathlib import Path, PurePosixPath
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
+from serving.bundle import MANIFEST
+
 
 class ArtifactStore:
     """Files under one root, addressed by POSIX paths relative to it."""
@@ -95,7 +97,12 @@ class ArtifactStore:
                 raise
             return
         self.remove(relative)
-        self.fs.put(str(local), target, recursive=True)
+        # Object stores have no rename: the manifest goes last, so a reader (which
+        # trusts a folder only with its manifest) never takes a half-copied one.
+        files = sorted(p for p in Path(local).rglob("*") if p.is_file())
+        files.sort(key=lambda p: p.name == MANIFEST)
+        for path in files:
+            self.fs.put_file(str(path), str(PurePosixPath(target, *path.relative_to(local).parts)))
 
     def upload_file(self, local: Path, relative: str) -> None:
         """Copy one local file to `relative`, replacing it in one step."""

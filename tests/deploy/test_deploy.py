@@ -193,15 +193,15 @@ def read_lock(path: Path) -> dict[str, str]:
     return pins
 
 
-def assert_lock_satisfies(lock: Path, extra: str) -> dict[str, str]:
-    """Every pin of `lock` hash-pinned, every requirement of `extra` in pyproject.toml met."""
+def assert_lock_satisfies(lock: Path, *extras: str) -> dict[str, str]:
+    """Every pin of `lock` hash-pinned, every requirement of `extras` in pyproject.toml met."""
     pins = read_lock(lock)
     hashed = [line for line in lock.read_text().splitlines() if "--hash=sha256:" in line]
     assert len(hashed) >= len(pins), "every pin carries its hashes"
-    for line in requirements_script.requirements(REPO / "pyproject.toml", [extra]):
+    for line in requirements_script.requirements(REPO / "pyproject.toml", list(extras)):
         wanted = Requirement(line)
         name = canonicalize_name(wanted.name)
-        assert name in pins, f"{name} is in the {extra} extra but not in {lock.name}"
+        assert name in pins, f"{name} is in the {extras} extras but not in {lock.name}"
         assert wanted.specifier.contains(pins[name]), f"{name}=={pins[name]} breaks {wanted}"
     return pins
 
@@ -222,6 +222,19 @@ def test_serving_image_installs_the_locked_serve_extra_only() -> None:
     # ...and the build refuses an environment where torch or ray slipped in anyway.
     runs = [i.args for i in parse_dockerfile(DOCKERFILES["serving"]) if i.keyword == "RUN"]
     assert any("find_spec" in r and "'torch', 'ray'" in r for r in runs)
+
+
+def test_the_bucket_following_service_lock_adds_only_the_s3_driver() -> None:
+    lean = read_lock(DEPLOY / "serving.lock")
+    pins = assert_lock_satisfies(DEPLOY / "serving-s3.lock", "serve", "s3")
+    assert {"s3fs", "fsspec"} <= set(pins)
+    assert not set(pins) & {"torch", "ray", "onnx", "onnxscript"}, pins
+    # The same versions of what both locks hold: one service, two ways to find bundles.
+    assert {n: v for n, v in pins.items() if n in lean} == lean
+    dockerfile = DOCKERFILES["serving"].read_text()
+    assert "ARG SERVING_LOCK=deploy/serving.lock" in dockerfile
+    ignore = (DEPLOY / "serving.Dockerfile.dockerignore").read_text().splitlines()
+    assert "!deploy/serving-s3.lock" in ignore
 
 
 def test_job_image_installs_the_locked_train_extra_at_the_tested_versions() -> None:

@@ -24,16 +24,13 @@ from tests.serving_support import (
     AUTH,
     LiveServer,
     corrupt,
+    metric,
     point_latest,
     publish,
+    ready_version,
     server_settings,
     wait_for,
 )
-
-
-def ready_version(client: httpx.Client) -> str | None:
-    response = client.get("/readyz")
-    return response.json()["model_version"] if response.status_code == 200 else None
 
 
 @contextlib.contextmanager
@@ -48,14 +45,6 @@ def serving_r1(
     ):
         wait_for(lambda: ready_version(client) == "r1", what="r1")
         yield live, client
-
-
-def metric(client: httpx.Client, name: str) -> float:
-    """The value of one sample line of /metrics (0 when absent)."""
-    for line in client.get("/metrics").text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[-1])
-    return 0.0
 
 
 def test_not_ready_until_a_bundle_is_published(tmp_path: Path, serving_bundle: Path) -> None:
