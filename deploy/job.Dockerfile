@@ -38,7 +38,7 @@ RUN install -d -o 1000 -g 100 /app /artifacts
 USER 1000:100
 WORKDIR /app
 
-# Dependencies first, from the hash-pinned lock alone (deploy/job.lock: the `train` extra
+# Dependencies first, from the hash-pinned lock alone (deploy/job.lock: the `train` and `s3` extras
 # at the versions CI tests), so a code change rebuilds only the last layers. torch comes
 # from TORCH_INDEX_URL (PyPI's Linux wheel is the CUDA build, several GB); the rest from PyPI.
 # GPU nodes: a lock compiled for that index (see deploy/job.lock's header) as JOB_LOCK.

@@ -239,7 +239,7 @@ def test_the_bucket_following_service_lock_adds_only_the_s3_driver() -> None:
 
 def test_job_image_installs_the_locked_train_extra_at_the_tested_versions() -> None:
     locked_install("job", "job.lock")
-    pins = assert_lock_satisfies(DEPLOY / "job.lock", "train")
+    pins = assert_lock_satisfies(DEPLOY / "job.lock", "train", "s3")  # s3: artifacts on a bucket
     # torch and ray exactly as CI tests them (deploy/constraints.txt); torch the CPU build.
     assert pins["torch"] == pinned_version("torch") + "+cpu"
     assert pins["ray"] == pinned_version("ray")
