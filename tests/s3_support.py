@@ -46,9 +46,9 @@ def s3_server(timeout_s: float = 30.0) -> Iterator[str]:
             try:
                 urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1).close()
                 break
-            except OSError:
+            except OSError as err:
                 if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"the S3 test server did not start on {endpoint}")
+                    raise RuntimeError(f"the S3 test server did not start on {endpoint}") from err
                 time.sleep(0.1)
         yield endpoint
     finally:
