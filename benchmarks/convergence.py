@@ -149,7 +149,7 @@ def run_worker(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
     import training.losses
     from training.config import ExperimentConfig, load_config
-    from training.data import load_data
+    from training.prepare import load_data
     from training.trainer import Trainer
 
     overrides = variant_overrides(name, args)

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from training.config import ExperimentConfig
-from training.data import load_data
+from training.prepare import load_data
 from training.run import train
 
 

@@ -32,21 +32,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from merging.export import (
-    OnnxRecommender,
-    TopKRecommender,
-    export_onnx,
-    ndcg_at_10,
-    quantize_int8,
-    score_diff,
-    torch_scores,
-)
+from merging.export_parity import ndcg_at_10, score_diff
+from merging.onnx_graph import OnnxRecommender, TopKRecommender, export_onnx, torch_scores
+from merging.quantize import quantize_int8
 from training.config import DataSpec
-from training.data import Split
 from training.evaluate import Evaluator
 from training.model import ModelConfig, SequenceRecommender, build_model
+from training.run_folder import load_run_checkpoint
 from training.sources import load_source
-from training.trainer import load_run_checkpoint
+from training.splits import Split
 
 BATCH_SIZES = (1, 8, 64)
 LENGTHS = (50, 200)

@@ -29,12 +29,14 @@ import numpy as np
 import torch
 from recipes import first_users  # benchmarks/recipes.py
 
-from merging.fisher import FisherConfig, compute_fisher, relative_error, select_sequences
+from merging.fisher import FisherConfig, compute_fisher, select_sequences
+from merging.fisher_result import relative_error
 from training.config import ExperimentConfig
-from training.data import SequenceData, load_data
 from training.model import SequenceRecommender
+from training.prepare import load_data
 from training.run import train
-from training.trainer import load_run_checkpoint
+from training.run_folder import load_run_checkpoint
+from training.sequence_data import SequenceData
 
 EMBEDDING = "item_embedding.weight"
 

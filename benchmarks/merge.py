@@ -36,12 +36,14 @@ from recipes import (  # benchmarks/recipes.py: the same training protocol
     run_all,
 )
 
-from merging.fisher import FisherConfig, checkpoint_fisher, load_fisher, model_sha256, save_fisher
+from merging.fisher import FisherConfig, checkpoint_fisher
+from merging.fisher_file import load_fisher, model_sha256, save_fisher
 from merging.merge import MergeConfig, merge_checkpoints
-from training.data import SequenceData, load_data
 from training.evaluate import Evaluator, format_table
 from training.flags import add_override_flags
-from training.trainer import load_run_checkpoint
+from training.prepare import load_data
+from training.run_folder import load_run_checkpoint
+from training.sequence_data import SequenceData
 
 log = logging.getLogger("benchmarks.merge")
 METRICS = ("ndcg@10", "ndcg@20")

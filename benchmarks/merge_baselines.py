@@ -71,20 +71,22 @@ from recipes import PLAIN, base_experiment, experiment_parser, parse_recipe  # b
 from scipy import stats
 
 from merging.ensemble import ensemble_max_len, ensemble_scorer
-from merging.fisher import FisherConfig, checkpoint_fisher, load_fisher, model_sha256, save_fisher
+from merging.fisher import FisherConfig, checkpoint_fisher
+from merging.fisher_file import load_fisher, model_sha256, save_fisher
 from merging.landscape import flat_weights, line_profile, validation_probe
 from merging.merge import merge_checkpoints
 from merging.methods import NEEDS_BASE, NEEDS_FISHERS, MergeConfig
 from merging.significance import paired_comparison
 from training.config import ExperimentConfig
-from training.data import SequenceData, load_data
 from training.diagnostics import error_inconsistency
 from training.evaluate import EvalResult, Evaluator
 from training.flags import add_override_flags
 from training.pool import POOL_STRATEGIES, PoolConfig
 from training.population import MemberSpec, train_population
+from training.prepare import load_data
 from training.run import train
-from training.trainer import load_run_checkpoint
+from training.run_folder import load_run_checkpoint
+from training.sequence_data import SequenceData
 
 log = logging.getLogger("benchmarks.merge_baselines")
 METRIC = ("full", "ndcg@10")

@@ -44,11 +44,13 @@ from recipes import first_users  # benchmarks/recipes.py
 
 from merging.merge import MergeConfig, merge_checkpoints
 from training.config import ExperimentConfig, load_config
-from training.data import SequenceData, load_data, prepare
 from training.evaluate import Evaluator
-from training.features import FEATURES_FILE, read_item_texts, write_item_features
+from training.item_features import FEATURES_FILE, write_item_features
+from training.item_text import read_item_texts
+from training.prepare import load_data, prepare
 from training.run import train
-from training.trainer import load_run_checkpoint
+from training.run_folder import load_run_checkpoint
+from training.sequence_data import SequenceData
 from training.transfer import Transfer
 
 log = logging.getLogger("benchmarks.modality")

@@ -68,14 +68,15 @@ from merging.merge import merge_checkpoints
 from merging.methods import NEEDS_FISHERS, MergeConfig
 from merging.significance import paired_comparison
 from training.config import ExperimentConfig
-from training.data import SequenceData, load_data
 from training.diagnostics import error_inconsistency
 from training.evaluate import Evaluator
 from training.flags import add_override_flags
 from training.pool import PoolConfig
 from training.population import MemberSpec, train_population
+from training.prepare import load_data
 from training.run import train
-from training.trainer import LAST, load_run_checkpoint
+from training.run_folder import LAST, load_run_checkpoint
+from training.sequence_data import SequenceData
 
 log = logging.getLogger("benchmarks.pool_sweep")
 ENSEMBLE, UNIFORM, FISHER, CONTROL = "ensemble", "uniform", "fisher", "control"

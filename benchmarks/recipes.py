@@ -32,12 +32,14 @@ import numpy as np
 import torch
 
 from training.config import ExperimentConfig, load_config, parse_override
-from training.data import SequenceData, load_data
 from training.diagnostics import error_inconsistency, representation_quality
 from training.evaluate import SETTINGS, Evaluator
 from training.flags import add_override_flags
+from training.prepare import load_data
 from training.run import train
-from training.trainer import TrainResult, load_run_checkpoint
+from training.run_folder import load_run_checkpoint
+from training.sequence_data import SequenceData
+from training.trainer import TrainResult
 
 log = logging.getLogger("benchmarks.recipes")
 PLAIN = "plain"

@@ -38,8 +38,9 @@ import numpy as np
 
 from merging.pipeline.config import PipelineConfig
 from merging.pipeline.job import load_pipeline_config, run_pipeline
-from training.data import build_sequences
-from training.readers import Interactions, read_log
+from training.interactions import Interactions
+from training.prepare import build_sequences
+from training.readers import read_log
 from training.splits import format_time
 
 log = logging.getLogger("benchmarks.retrain")

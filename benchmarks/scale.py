@@ -39,16 +39,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from merging.export import OnnxRecommender, export_bundle
+from merging.export import export_bundle
 from merging.fisher import FisherConfig, compute_fisher
+from merging.onnx_graph import OnnxRecommender
 from training.batching import iterate_batches
 from training.checkpoint import write_checkpoint
 from training.config import TrainConfig
-from training.data import ColumnNames, SequenceData, prepare
+from training.data_parallel import Objective
+from training.interactions import ColumnNames
 from training.model import ModelConfig, build_model
+from training.optimizer import build_optimizer
+from training.prepare import prepare
 from training.recipes import build_recipe
-from training.synthetic import SyntheticConfig, write_parquet
-from training.trainer import Objective, build_optimizer
+from training.sequence_data import SequenceData
+from training.synthetic import SyntheticConfig
+from training.synthetic_log import write_parquet
 
 sys.path.insert(0, str(Path(__file__).parent))
 import serve_load  # the load client and server helpers of the serving benchmark

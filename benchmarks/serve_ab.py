@@ -28,7 +28,10 @@ import sys
 from pathlib import Path
 from merging.export import export_bundle
 from training.checkpoint import write_checkpoint
-from training.data import load_data
+try:
+    from training.prepare import load_data
+except ImportError:  # a revision from before training/data.py was split
+    from training.data import load_data
 from training.model import ModelConfig, build_model
 data = load_data(sys.argv[1])
 config = ModelConfig(num_items=data.num_items, backbone="sasrec", hidden_size=64,
@@ -67,7 +70,7 @@ def main() -> None:
             env = {**os.environ, **code_env(name, args.old)}
             command = [sys.executable, "-c", EXPORT, args.data, str(work / name)]
             subprocess.run(command, check=True, env=env, cwd=work.parent)
-    from training.data import load_data
+    from training.prepare import load_data
 
     payloads = work / "payloads.jsonl"
     histories = serve_load.write_payloads(load_data(args.data), 50, payloads)

@@ -50,8 +50,9 @@ from typing import Any
 import numpy as np
 
 from serving.bundle import load_bundle
+from serving.cpus import usable_cpus
 from serving.recommend import plan, popular, respond
-from serving.runtime import NO_IDS, OnnxModel, Ranked, Row, cpu_quota, default_threads
+from serving.runtime import NO_IDS, OnnxModel, Ranked, Row
 from serving.schemas import RecommendationRequest, RecommendationResponse
 
 log = logging.getLogger("serve_load")
@@ -241,7 +242,7 @@ def run_torch_server(spec: dict[str, Any]) -> None:
     import uvicorn
     from fastapi import FastAPI
 
-    from training.trainer import load_run_checkpoint
+    from training.run_folder import load_run_checkpoint
 
     torch.set_num_threads(spec["threads"])
     bundle = load_bundle(Path(spec["bundle"]))
@@ -693,7 +694,7 @@ def main() -> None:
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     args.fishrec_threads = args.threads
-    args.threads = args.threads or default_threads(cpu_quota())
+    args.threads = args.threads or usable_cpus()
     with tempfile.TemporaryDirectory(prefix="fishrec-serve-load-") as folder:
         work = Path(folder)
         data, checkpoint, root = prepare_bundle(args, work)

@@ -26,8 +26,8 @@ import torch
 
 from training.batching import Batch, iterate_batches, pad_left
 from training.config import ExperimentConfig
-from training.data import load_data
 from training.evaluate import format_table
+from training.prepare import load_data
 from training.trainer import Trainer
 
 

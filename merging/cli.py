@@ -41,7 +41,8 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def cmd_fisher(args: argparse.Namespace) -> None:
-    from merging.fisher import FisherConfig, checkpoint_fisher, save_fisher
+    from merging.fisher import FisherConfig, checkpoint_fisher
+    from merging.fisher_file import save_fisher
     from training.config import DataSpec
     from training.sources import load_source
 
@@ -100,7 +101,7 @@ def register_fisher(commands: argparse._SubParsersAction) -> None:
 
 def cmd_merge(args: argparse.Namespace) -> None:
     from merging.merge import merge_checkpoints
-    from training.cli import print_metrics
+    from training.cli_evaluate import print_metrics
     from training.config import DataSpec
     from training.sources import load_source
 

@@ -7,17 +7,9 @@ next-item distribution p(v | history) = softmax(model.logits(history)) is
 
 It is computed in eval mode (no dropout) on this one objective whatever recipe
 trained the model, so the Fishers of all recipes are comparable. Estimators
-differ in which items j they sum over (the registry `ESTIMATORS`):
-
-| spec        | items j and weights                                        |
-|-------------|------------------------------------------------------------|
-| `exact[:r]` | all items, exactly, in D VJPs (top r eigenpairs if r given) |
-| `full`      | all items by brute force: |V| VJPs (the reference)          |
-| `random:n`  | n items uniformly without replacement, weight p_j |V| / n    |
-| `topk:n`    | the n most probable items, weight p_j                       |
-| `sample:n`  | n draws from p, weight 1/n (Monte Carlo)                    |
-| `target`    | the true next item, weight p(v*) (thesis Eq. 3.13)          |
-| `empirical` | the true next item, weight 1                                |
+differ in which items j they sum over (merging/fisher_estimators.py, the
+registry `ESTIMATORS`); this module runs them: `compute_fisher` on sequences,
+`checkpoint_fisher` on a checkpoint and its training data.
 
 Per-sequence gradients are exact (never the square of a batch sum) unless
 `batch_shortcut` is set: the thesis's cheaper approximation that squares the
@@ -25,30 +17,26 @@ gradient of the batch-summed, weighted log-probabilities (cross-sequence terms
 included). The exact identity and the per-sequence engines live in
 merging/fisher_exact.py.
 
-Results are sums over sequences plus a count (`FisherResult`), so shards computed
-separately (Ray tasks over user shards) add up to the unsharded result; random
-draws are seeded per sequence id, so sharding does not change them either.
-Files are safetensors with JSON metadata and a content checksum.
+Results are sums over sequences plus a count (merging/fisher_result.py), so shards
+computed separately (Ray tasks over user shards) add up to the unsharded result;
+random draws are seeded per sequence id, so sharding does not change them either.
+The file they are written to is merging/fisher_file.py.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from safetensors import safe_open
 from torch import Tensor
 
 from merging.fisher_accumulator import FisherAccumulator
+from merging.fisher_estimators import EstimatorSpec, parse_estimator
 from merging.fisher_exact import (
     ItemSelector,
     autograd_items,
@@ -56,121 +44,16 @@ from merging.fisher_exact import (
     exact_identity,
     structured_items,
 )
-from merging.regmean import GRAM_PREFIX, compute_grams
+from merging.fisher_file import fisher_metadata, model_sha256
+from merging.fisher_result import FisherResult
+from merging.regmean import compute_grams
 from training.batching import pad_left
-from training.checkpoint import WEIGHTS, Checkpoint, read_manifest, save_tensors
-from training.data import SequenceData
 from training.model import SequenceRecommender
-from training.trainer import epoch_seed, load_run_checkpoint
+from training.run_folder import load_run_checkpoint
+from training.sequence_data import SequenceData
+from training.trainer import epoch_seed
 
 log = logging.getLogger(__name__)
-
-SCHEMA = "fishrec.fisher/1"
-
-# Picks the items j of one sequence and their weights: (p (N,), target column, n, generator)
-# -> (columns (K,) int64, weights (K,)); the estimate is Σ_k weight_k g(j_k)².
-Selector = Callable[[Tensor, int, int | None, torch.Generator], tuple[Tensor, Tensor]]
-
-
-def _all_items(
-    p: Tensor, target: int, n: int | None, gen: torch.Generator
-) -> tuple[Tensor, Tensor]:
-    return torch.arange(len(p)), p
-
-
-def _random_items(
-    p: Tensor, target: int, n: int | None, gen: torch.Generator
-) -> tuple[Tensor, Tensor]:
-    # Without replacement each item is included with probability k/N, so the
-    # weight p_j N/k makes the estimate unbiased (and exact when k = N).
-    k = min(int(n or 0), len(p))
-    items = torch.randperm(len(p), generator=gen)[:k]
-    return items, p[items] * (len(p) / k)
-
-
-def _topk_items(
-    p: Tensor, target: int, n: int | None, gen: torch.Generator
-) -> tuple[Tensor, Tensor]:
-    weights, items = p.topk(min(int(n or 0), len(p)))
-    return items, weights
-
-
-def _sampled_items(
-    p: Tensor, target: int, n: int | None, gen: torch.Generator
-) -> tuple[Tensor, Tensor]:
-    items = torch.multinomial(p, int(n or 0), replacement=True, generator=gen)
-    return items, torch.full((len(items),), 1.0 / len(items), dtype=p.dtype)
-
-
-def _target_item(
-    p: Tensor, target: int, n: int | None, gen: torch.Generator
-) -> tuple[Tensor, Tensor]:
-    return torch.tensor([target]), p[target : target + 1]
-
-
-def _empirical_item(
-    p: Tensor, target: int, n: int | None, gen: torch.Generator
-) -> tuple[Tensor, Tensor]:
-    return torch.tensor([target]), torch.ones(1, dtype=p.dtype)
-
-
-@dataclass(frozen=True)
-class EstimatorKind:
-    """One registered estimator: how it picks items, and whether it takes `:n`."""
-
-    select: Selector | None  # None: the exact identity (no item list)
-    takes_n: Literal["required", "optional", "never"]
-    engine: Literal["exact", "structured", "autograd"]  # default per-sequence engine
-    description: str
-
-
-ESTIMATORS: dict[str, EstimatorKind] = {
-    "exact": EstimatorKind(
-        None, "optional", "exact", "all items exactly in D VJPs; exact:r keeps the top r eigenpairs"
-    ),
-    "full": EstimatorKind(
-        _all_items, "never", "autograd", "all items by brute force (|V| VJPs): the reference"
-    ),
-    "random": EstimatorKind(
-        _random_items, "required", "structured", "n uniform items, importance-weighted"
-    ),
-    "topk": EstimatorKind(_topk_items, "required", "structured", "the n most probable items"),
-    "sample": EstimatorKind(_sampled_items, "required", "structured", "n items drawn from p"),
-    "target": EstimatorKind(_target_item, "never", "structured", "the true next item, p(v*) g²"),
-    "empirical": EstimatorKind(_empirical_item, "never", "structured", "the true next item, g²"),
-}
-
-
-@dataclass(frozen=True)
-class EstimatorSpec:
-    """A parsed estimator: `name` or `name:n`."""
-
-    name: str
-    n: int | None = None
-
-    @property
-    def kind(self) -> EstimatorKind:
-        return ESTIMATORS[self.name]
-
-    def __str__(self) -> str:
-        return self.name if self.n is None else f"{self.name}:{self.n}"
-
-
-def parse_estimator(text: str) -> EstimatorSpec:
-    """'sample:50' -> EstimatorSpec('sample', 50); a clear error for anything else."""
-    name, sep, count = str(text).strip().partition(":")
-    if name not in ESTIMATORS:
-        raise ValueError(f"unknown Fisher estimator {text!r}; known: {', '.join(ESTIMATORS)}")
-    kind = ESTIMATORS[name]
-    if not sep:
-        if kind.takes_n == "required":
-            raise ValueError(f"estimator {name!r} needs a count, e.g. {name}:50")
-        return EstimatorSpec(name)
-    if kind.takes_n == "never":
-        raise ValueError(f"estimator {name!r} takes no count, got {text!r}")
-    if not count.isdigit() or int(count) < 1:
-        raise ValueError(f"estimator {text!r}: the count must be a positive integer")
-    return EstimatorSpec(name, int(count))
 
 
 class FisherConfig(BaseModel):
@@ -211,77 +94,6 @@ class FisherConfig(BaseModel):
     @property
     def spec(self) -> EstimatorSpec:
         return parse_estimator(self.estimator)
-
-
-@dataclass
-class FisherResult:
-    """Sums of per-sequence Fisher diagonals over `count` sequences.
-
-    Shards add: `sum(results)` or `a + b` gives the result of the union.
-    """
-
-    sums: dict[str, Tensor]  # float64, keyed like model.named_parameters()
-    count: int
-    estimator: str
-    batch_shortcut: bool = False
-    dropped_mass: float = 0.0  # exact:r: Σ over sequences of the dropped eigenvalue share
-    extra: dict[str, Any] = field(default_factory=dict)
-    # Input Grams of the linear layers (merging/regmean.py), summed over `gram_rows` rows.
-    grams: dict[str, Tensor] = field(default_factory=dict)
-    gram_rows: int = 0
-
-    def __add__(self, other: FisherResult) -> FisherResult:
-        if (self.estimator, self.batch_shortcut) != (other.estimator, other.batch_shortcut):
-            raise ValueError(
-                f"cannot add Fishers of {self.estimator} (shortcut {self.batch_shortcut}) and "
-                f"{other.estimator} (shortcut {other.batch_shortcut})"
-            )
-        check_same_keys(self.sums, other.sums, "the two Fishers")
-        check_same_keys(self.grams, other.grams, "the two Fishers' Grams")
-        return FisherResult(
-            {name: self.sums[name] + other.sums[name] for name in self.sums},
-            self.count + other.count,
-            self.estimator,
-            self.batch_shortcut,
-            self.dropped_mass + other.dropped_mass,
-            grams={name: self.grams[name] + other.grams[name] for name in self.grams},
-            gram_rows=self.gram_rows + other.gram_rows,
-        )
-
-    def __radd__(self, other: object) -> FisherResult:
-        if other == 0:  # lets sum(results) start from 0
-            return self
-        return NotImplemented
-
-    def mean(self, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
-        """The Fisher: the average over sequences."""
-        if self.count == 0:
-            raise ValueError("no sequences: the Fisher of an empty set is undefined")
-        return {name: (s / self.count).to(dtype) for name, s in self.sums.items()}
-
-    def mean_grams(self) -> dict[str, Tensor]:
-        """The Grams per input row (float64: the RegMean solve needs the precision)."""
-        if not self.grams:
-            return {}
-        return {name: g / self.gram_rows for name, g in self.grams.items()}
-
-    def file_tensors(self) -> dict[str, Tensor]:
-        """What a Fisher file holds: the Fisher by parameter name, the Grams as "gram:" keys."""
-        return {**self.mean(), **{GRAM_PREFIX + k: g for k, g in self.mean_grams().items()}}
-
-    @property
-    def mean_dropped_mass(self) -> float:
-        return self.dropped_mass / self.count if self.count else 0.0
-
-
-def check_same_keys(a: dict[str, Any], b: dict[str, Any], what: str) -> None:
-    """Parameters are matched by name: a mismatch is an error that names the keys."""
-    only_a, only_b = sorted(set(a) - set(b)), sorted(set(b) - set(a))
-    if only_a or only_b:
-        raise ValueError(
-            f"{what} have different parameter names: only in the first {only_a}, "
-            f"only in the second {only_b}"
-        )
 
 
 def select_sequences(
@@ -444,97 +256,6 @@ def _run_shortcut(
         batch_shortcut_items(model, histories, selectors, accumulator)
 
 
-# ---- files ------------------------------------------------------------------------
-
-
-def content_digest(tensors: dict[str, Tensor]) -> str:
-    """sha256 over names, dtypes, shapes and bytes, in name order."""
-    digest = hashlib.sha256(SCHEMA.encode())
-    for name in sorted(tensors):
-        t = tensors[name].detach().contiguous().cpu()
-        digest.update(f"\n{name}:{t.dtype}:{tuple(t.shape)}\n".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return digest.hexdigest()
-
-
-@dataclass
-class FisherFile:
-    """A loaded Fisher: tensors keyed by parameter name, the Grams (if any), the metadata."""
-
-    tensors: dict[str, Tensor]
-    metadata: dict[str, Any]
-    path: Path | None = None
-    grams: dict[str, Tensor] = field(default_factory=dict)  # keyed like merging/regmean.py
-
-
-def save_fisher(path: Path, fisher: dict[str, Tensor], metadata: dict[str, Any]) -> None:
-    """Write a Fisher as safetensors; metadata values are stored as JSON."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {key: json.dumps(value) for key, value in metadata.items()}
-    meta["schema"] = json.dumps(SCHEMA)
-    meta["content_sha256"] = json.dumps(content_digest(fisher))
-    staging = path.with_name(f".{path.name}.tmp")
-    save_tensors(staging, fisher, meta)
-    staging.replace(path)  # readers never see a half-written file
-
-
-def load_fisher(path: Path) -> FisherFile:
-    """Read a Fisher file, checking its schema and content checksum."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such Fisher file")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            raw = handle.metadata() or {}
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
-    except Exception as err:  # safetensors raises its own error types
-        raise ValueError(f"{path}: not a safetensors file ({err})") from err
-    try:
-        metadata = {key: json.loads(value) for key, value in raw.items()}
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: metadata is not fishrec's JSON ({err})") from err
-    if metadata.get("schema") != SCHEMA:
-        raise ValueError(f"{path}: schema {metadata.get('schema')!r}, expected {SCHEMA!r}")
-    if content_digest(tensors) != metadata.get("content_sha256"):
-        raise ValueError(f"{path}: content checksum mismatch (file corrupt or modified)")
-    grams = {
-        k.removeprefix(GRAM_PREFIX): t for k, t in tensors.items() if k.startswith(GRAM_PREFIX)
-    }
-    tensors = {k: t for k, t in tensors.items() if not k.startswith(GRAM_PREFIX)}
-    bad = [
-        name
-        for name, t in tensors.items()
-        if not bool(torch.isfinite(t).all()) or bool((t < 0).any())
-    ]
-    if bad:
-        raise ValueError(f"{path}: Fisher values must be finite and >= 0; not so in {bad}")
-    return FisherFile(tensors, metadata, path, grams)
-
-
-def fisher_metadata(result: FisherResult, **provenance: Any) -> dict[str, Any]:
-    """What a Fisher file records: estimator, sizes, and where it came from."""
-    spec = parse_estimator(result.estimator)
-    meta: dict[str, Any] = {
-        "estimator": result.estimator,
-        "estimator_name": spec.name,
-        "n": spec.n,
-        "sequences": result.count,
-        "per_sequence": "batch-shortcut (approximate)" if result.batch_shortcut else "exact",
-        "dropped_eigenvalue_mass": result.mean_dropped_mass,
-        "gram_rows": result.gram_rows,
-    }
-    meta.update(provenance)
-    return meta
-
-
-def model_sha256(checkpoint: Checkpoint) -> str:
-    """sha256 of a loaded checkpoint's model.safetensors (from its verified manifest)."""
-    if checkpoint.path is None:
-        raise ValueError("the checkpoint was not loaded from a folder")
-    return read_manifest(checkpoint.path, verify=False)["files"][WEIGHTS]
-
-
 def checkpoint_fisher(
     checkpoint: Path,
     data: SequenceData,
@@ -565,13 +286,3 @@ def checkpoint_fisher(
         config=config.model_dump(mode="json"),
     )
     return result, metadata
-
-
-def relative_error(estimate: dict[str, Tensor], reference: dict[str, Tensor]) -> float:
-    """||estimate - reference|| / ||reference|| over all parameters together."""
-    check_same_keys(estimate, reference, "the estimate and the reference")
-    num = sum(
-        float((estimate[k].double() - reference[k].double()).square().sum()) for k in reference
-    )
-    den = sum(float(reference[k].double().square().sum()) for k in reference)
-    return math.sqrt(num / den) if den > 0 else math.sqrt(num)

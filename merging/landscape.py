@@ -28,9 +28,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from training.batching import pad_left
-from training.data import EvalSplit, Split
 from training.evaluate import build_candidates, evaluate_scorer, model_scorer
 from training.model import SequenceRecommender
+from training.splits import EvalSplit, Split
 
 StateDict = Mapping[str, Tensor]
 

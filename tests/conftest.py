@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from tests.support import SMALL_DATA, tiny_experiment
-from training.data import SequenceData
+from training.sequence_data import SequenceData
 from training.synthetic import generate
 
 

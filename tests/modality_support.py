@@ -6,8 +6,11 @@ from pathlib import Path
 
 import numpy as np
 
-from training.data import SequenceData, Vocabulary
-from training.features import HashingEncoder, ItemFeatures, ItemTexts, build_item_features
+from training.item_features import ItemFeatures, build_item_features
+from training.item_text import ItemTexts
+from training.sequence_data import SequenceData
+from training.text_encoders import HashingEncoder
+from training.vocabulary import Vocabulary
 
 FEATURE_DIM = 24
 

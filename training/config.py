@@ -14,7 +14,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from training.readers import parse_time
+from training.interactions import parse_time
 
 
 class StrictModel(BaseModel):

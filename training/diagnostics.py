@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from training.batching import pad_left
-from training.data import EvalSplit
 from training.evaluate import Evaluator
 from training.model import SequenceRecommender
+from training.splits import EvalSplit
 
 HIT_THRESHOLD = 0.5
 

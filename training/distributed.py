@@ -34,14 +34,10 @@ from typing import Any
 import torch
 
 from training.config import ExperimentConfig
-from training.data import SequenceData
-from training.trainer import (
-    LAST,
-    SELECTION_METRIC,
-    Parallel,
-    Trainer,
-    TrainResult,
-)
+from training.data_parallel import Parallel
+from training.run_folder import LAST
+from training.sequence_data import SequenceData
+from training.trainer import SELECTION_METRIC, Trainer, TrainResult
 from training.transfer import Transfer
 
 log = logging.getLogger(__name__)

@@ -24,8 +24,11 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from training.data import DataError, SequenceData, build_sequences, read_interactions
+from training.data_error import DataError
 from training.files import replace_directory, staging_dir
+from training.prepare import build_sequences
+from training.readers import read_interactions
+from training.sequence_data import SequenceData
 
 logger = logging.getLogger(__name__)
 

@@ -26,8 +26,8 @@ import torch
 from torch import Tensor
 
 from training.batching import pad_left
-from training.data import EvalSplit, Split
 from training.model import SequenceRecommender
+from training.splits import EvalSplit, Split
 
 SETTINGS = ("full", "random100", "popular100")
 CUTOFFS = (10, 20)

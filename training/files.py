@@ -1,7 +1,7 @@
 """Small file-system building blocks shared by data folders, checkpoints and bundles.
 
-Torch-free, so training/data.py can use them. (serving/ keeps its own reader
-side: it must not import training.)
+Torch-free, so the data tools (training/sequence_data.py) can use them.
+(serving/ keeps its own reader side: it must not import training.)
 """
 
 from __future__ import annotations

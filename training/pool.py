@@ -94,7 +94,7 @@ class PoolConfig(PoolSettings):
 
         A spawn base of zero epochs has no last/: its best/ is the initial model.
         """
-        from training.trainer import LAST
+        from training.run_folder import LAST
 
         return Path(base_run) / LAST if self.spawns_from_last else Path(base_run)
 

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from training.data import SequenceData
+    from training.sequence_data import SequenceData
 
 log = logging.getLogger(__name__)
 # Called in the member's own process once it has trained: (name, run folder) -> None.
@@ -134,7 +134,7 @@ class Member:
 
 
 def _load_path(path: str) -> SequenceData:  # TEMPORARY: a sweep started before the change
-    from training.data import load_data
+    from training.prepare import load_data
 
     return load_data(Path(path))
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from training.config import ExperimentConfig
-from training.data import SequenceData
 from training.distributed import train_distributed
+from training.sequence_data import SequenceData
 from training.trainer import EpochCallback, Trainer, TrainResult
 from training.transfer import Transfer
 

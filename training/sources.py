@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from training.config import DataSpec
-from training.data import SequenceData, load_data
+from training.prepare import load_data
+from training.sequence_data import SequenceData
 from training.synthetic import SyntheticConfig, generate
 
 SYNTHETIC = "synthetic"

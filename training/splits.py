@@ -32,7 +32,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from training.config import SplitSpec
-from training.readers import DataError, parse_time
+from training.data_error import DataError
+from training.interactions import parse_time
 
 
 @dataclass(frozen=True, eq=False)

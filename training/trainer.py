@@ -1,14 +1,9 @@
 """The training loop: batches, AdamW, schedule, early stopping, checkpoints, resume.
 
-A run folder holds:
-
-    best/          checkpoint of the best validation epoch (what evaluation, Fisher,
-                   merging and export read)
-    last/          checkpoint of the newest epoch + optimizer and recipe state +
-                   trainer.json: what `--resume` continues from
-    config.yaml    the resolved experiment configuration
-    history.json   one entry per epoch: loss, throughput, validation metrics, recipe logs
-    metrics.json   valid/test metrics of the best model and MostPop (docs/architecture.md)
+A `Trainer` trains one model with one recipe into one run folder (its layout:
+training/run_folder.py). Around the loop: the starting model
+(training/initial_model.py), the optimiser and schedule (training/optimizer.py)
+and a rank's place in a data-parallel run (training/data_parallel.py).
 
 Every epoch starts from a seed derived from (seed, epoch), so a run resumed
 after epoch e continues exactly as the uninterrupted run would have.
@@ -28,14 +23,11 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
-from torch import Tensor, nn
+from torch import nn
 from tqdm.auto import tqdm
 
-from training.batching import Batch, iterate_batches
+from training.batching import iterate_batches
 from training.checkpoint import (
-    Checkpoint,
-    CheckpointError,
-    load_checkpoint,
     load_state_dict_strict,
     optimizer_from_tensors,
     optimizer_to_tensors,
@@ -44,17 +36,18 @@ from training.checkpoint import (
     write_checkpoint,
     write_json,
 )
-from training.config import ExperimentConfig, TrainConfig
-from training.data import SequenceData
+from training.config import ExperimentConfig
+from training.data_parallel import Objective, Parallel, wrap_for_ddp
 from training.evaluate import Evaluator
-from training.features import ItemFeatures, load_item_features
-from training.model import ModelConfig, SequenceRecommender, build_model
-from training.recipes import FeatureRecipe, Recipe, build_recipe, needs_features
-from training.transfer import Transfer, frozen_parameters, load_features_into, transfer_model
+from training.initial_model import initial_model, item_features_for
+from training.optimizer import apply_schedule, build_optimizer
+from training.recipes import FeatureRecipe, Recipe, build_recipe
+from training.run_folder import BEST, LAST, load_run_checkpoint
+from training.sequence_data import SequenceData
+from training.transfer import Transfer
 
 log = logging.getLogger(__name__)
 
-BEST, LAST = "best", "last"
 SELECTION_METRIC = ("full", "ndcg@10")
 EpochCallback = Callable[[dict[str, Any]], None]
 
@@ -65,126 +58,8 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def resolve_checkpoint(path: Path) -> Path:
-    """A checkpoint folder, or a run folder whose best/ is one."""
-    path = Path(path)
-    if (path / "checkpoint.json").is_file():
-        return path
-    if (path / BEST / "checkpoint.json").is_file():
-        return path / BEST
-    raise CheckpointError(f"{path}: neither a checkpoint nor a run folder with {BEST}/")
-
-
-def load_run_checkpoint(path: Path, device: str | torch.device = "cpu") -> Checkpoint:
-    return load_checkpoint(resolve_checkpoint(path), device)
-
-
 def epoch_seed(seed: int, epoch: int) -> int:
     return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
-
-
-def learning_rate_factor(step: int, total: int, cfg: TrainConfig) -> float:
-    """Linear warm-up, then constant, linear or cosine decay to 10% at the last step."""
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
-    if cfg.schedule == "linear":
-        return 1.0 - 0.9 * progress
-    if cfg.schedule == "cosine":
-        return 0.1 + 0.45 * (1.0 + math.cos(math.pi * progress))
-    return 1.0
-
-
-def build_optimizer(
-    modules: list[nn.Module], cfg: TrainConfig, lr_scales: dict[str, float] | None = None
-) -> torch.optim.AdamW:
-    """AdamW; weight decay on weight matrices only (not on biases, norms or embeddings).
-
-    Frozen parameters (requires_grad False) get no group. `lr_scales` maps names of
-    the first module's parameters to a learning-rate factor (KDSR's slower
-    adaptor): they get groups of their own with an `lr_scale` key.
-    """
-    scales = lr_scales or {}
-    unknown = sorted(set(scales) - {name for name, _ in modules[0].named_parameters()})
-    if unknown:
-        raise ValueError(f"lr_scales names parameters the model does not have: {unknown}")
-    decay, no_decay = [], []
-    scaled: dict[tuple[bool, float], list[nn.Parameter]] = {}
-    for index, module in enumerate(modules):
-        for name, param in module.named_parameters():
-            if not param.requires_grad:
-                continue
-            is_matrix = param.ndim >= 2 and "embedding" not in name
-            scale = scales.get(name, 1.0) if index == 0 else 1.0
-            if scale != 1.0:
-                scaled.setdefault((is_matrix, scale), []).append(param)
-                continue
-            (decay if is_matrix else no_decay).append(param)
-    groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    for (is_matrix, scale), params in scaled.items():
-        decay_rate = cfg.weight_decay if is_matrix else 0.0
-        groups.append({"params": params, "weight_decay": decay_rate, "lr_scale": scale})
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
-
-
-@dataclass(frozen=True)
-class Parallel:
-    """This process's place in a data-parallel run (training/distributed.py).
-
-    Every rank draws the same global batches and trains on its own rows of each;
-    `objective` is the DDP-wrapped loss, so gradients are averaged across ranks
-    in backward. Only rank 0 validates and writes the run folder; the others
-    learn from it whether to stop.
-    """
-
-    rank: int
-    world_size: int
-
-    @property
-    def writer(self) -> bool:
-        return self.rank == 0
-
-    def shard(self, batch: Batch) -> Batch:
-        """This rank's rows of a global batch (a batch smaller than the world repeats rows)."""
-        rows = torch.arange(self.rank, batch.items.shape[0], self.world_size)
-        if not len(rows):
-            rows = torch.tensor([self.rank % batch.items.shape[0]])
-        return Batch(batch.items[rows], batch.index[rows])
-
-    def mean(self, value: float) -> float:
-        """The mean of `value` over the ranks."""
-        import torch.distributed as dist
-
-        total = torch.tensor([value], dtype=torch.float64)
-        dist.all_reduce(total)
-        return float(total) / self.world_size
-
-    def from_writer(self, value: Any) -> Any:
-        """Rank 0's `value`, on every rank."""
-        import torch.distributed as dist
-
-        box = [value]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-
-class Objective(nn.Module):
-    """The recipe's loss of the model as one module's forward, which DDP can wrap.
-
-    DDP all-reduces the gradients of the parameters its module's forward used;
-    recipes call `model.encode`, not `model.forward`, so the model and the
-    recipe's own modules are wrapped together here.
-    """
-
-    def __init__(self, model: SequenceRecommender, recipe: Recipe) -> None:
-        super().__init__()
-        self.model, self.recipe = model, recipe
-
-    def forward(self, batch: Batch) -> Tensor:
-        return self.recipe.loss(self.model, batch).loss
 
 
 @dataclass
@@ -246,8 +121,8 @@ class Trainer:
             self.split, seed=self.cfg.eval_seed, batch_size=self.cfg.eval_batch_size
         )
         self.init, self.transfer = init, transfer
-        self.features = self._item_features()
-        self.model = self._initial_model(init).to(self.device)
+        self.features = item_features_for(config, data, init, transfer)
+        self.model = initial_model(config, data, self.features, init, transfer).to(self.device)
         self.model_config = self.model.config
         if self.cfg.compile:
             # In place, block by block: parameter names (checkpoints, Fisher, merge) stay.
@@ -266,68 +141,10 @@ class Trainer:
         self.optimizer = build_optimizer([self.model, self.recipe], self.cfg, scales)
         self.objective: nn.Module = Objective(self.model, self.recipe)
         if parallel is not None:
-            from ray.train.torch import prepare_model
-
-            # Broadcasts rank 0's weights, then averages gradients in every backward.
-            # A recipe's own modules may sit out a step (a gate, a classifier); the
-            # backbone's parameters are all used by every loss.
-            own = any(p.requires_grad for p in self.recipe.parameters())
-            self.objective = prepare_model(
-                self.objective, parallel_strategy_kwargs={"find_unused_parameters": own}
-            )
+            self.objective = wrap_for_ddp(self.objective, self.recipe)
         steps_per_epoch = math.ceil(len(self.train_sequences) / self.cfg.batch_size)
         self.total_steps = max(1, steps_per_epoch * self.cfg.epochs)
         self.state = TrainState(history=[])
-
-    def _item_features(self) -> ItemFeatures | None:
-        """The data's item features, read when the recipe or a new model with text needs them."""
-        new_text_model = self.init is None and (
-            self.transfer is not None or self.config.model.item_representation != "id"
-        )
-        if not (new_text_model or needs_features(self.config.recipe.name)):
-            return None
-        data = self.config.data
-        return load_item_features(data.path, data.features, self.data)
-
-    def _new_model(self) -> SequenceRecommender:
-        spec = self.config.model.model_dump()
-        if spec["item_representation"] == "id":
-            spec.update(feature_dim=0)
-            return build_model(
-                ModelConfig(num_items=self.data.num_items, **spec), seed=self.cfg.seed
-            )
-        assert self.features is not None
-        if spec["feature_dim"] not in (None, self.features.dim):
-            raise ValueError(
-                f"model.feature_dim is {spec['feature_dim']}, the features have {self.features.dim}"
-            )
-        spec.update(feature_dim=self.features.dim)
-        model = build_model(ModelConfig(num_items=self.data.num_items, **spec), seed=self.cfg.seed)
-        load_features_into(model, self.features)
-        return model
-
-    def _initial_model(self, init: Path | None) -> SequenceRecommender:
-        if self.transfer is not None:
-            assert self.features is not None
-            source = load_run_checkpoint(self.transfer.source)
-            log.info("transferring %s (%s)", source.path, self.transfer.adaptation)
-            model = transfer_model(
-                source.model, self.features, self.transfer.adaptation, self.cfg.seed
-            )
-            if frozen_parameters(model):
-                log.info("frozen: %s", ", ".join(frozen_parameters(model)))
-            return model.train()
-        if init is None:
-            return self._new_model()
-        checkpoint = load_run_checkpoint(init)
-        fingerprint = checkpoint.info.get("data_fingerprint")
-        if fingerprint and fingerprint != self.data.fingerprint:
-            raise ValueError(
-                f"--init {init} was trained on data {fingerprint}, this run uses {self.data.fingerprint}: "
-                "item ids would not mean the same items"
-            )
-        log.info("starting from the weights of %s", checkpoint.path)
-        return checkpoint.model.train()
 
     # ---- persistence ---------------------------------------------------------------
 
@@ -520,9 +337,7 @@ class Trainer:
         if self.cfg.clip_grad_norm:
             params = [p for g in self.optimizer.param_groups for p in g["params"]]
             nn.utils.clip_grad_norm_(params, self.cfg.clip_grad_norm)
-        factor = learning_rate_factor(self.state.step, self.total_steps, self.cfg)
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.cfg.lr * factor * group.get("lr_scale", 1.0)
+        apply_schedule(self.optimizer, self.state.step, self.total_steps, self.cfg)
         self.optimizer.step()
         self.state.step += 1
         return float(loss.detach())

@@ -31,7 +31,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from training.features import ItemFeatures
+from training.item_features import ItemFeatures
 from training.model import SequenceRecommender, build_model
 
 Adaptation = Literal["finetune", "relearn"]

@@ -31,8 +31,9 @@ import numpy as np
 import torch
 
 from training.checkpoint import Checkpoint, write_checkpoint
-from training.data import SequenceData, Vocabulary
 from training.model import ModelConfig, SequenceRecommender, build_model
+from training.sequence_data import SequenceData
+from training.vocabulary import Vocabulary
 
 # The item-indexed tensors of an ID model: the embedding table (row i is item i, row 0
 # padding, row N + 1 [MASK]) and the output bias (entry i - 1 is item i).
@@ -133,7 +134,7 @@ BUNDLE_CHECKPOINT = "checkpoint"
 def load_bundle_source(bundle: Path) -> tuple[Checkpoint, Vocabulary]:
     """The checkpoint and vocabulary a published bundle carries (checksums verified)."""
     from training.checkpoint import load_checkpoint
-    from training.data import VOCAB_FILE
+    from training.sequence_data import VOCAB_FILE
 
     bundle = Path(bundle)
     folder = bundle / BUNDLE_CHECKPOINT

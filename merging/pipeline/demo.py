@@ -41,7 +41,7 @@ def default_demo_config() -> Path:
 
 def example_history(store: ArtifactStore, result: PipelineResult, length: int = 5) -> list[str]:
     """The newest items of one test user, as external ids: a realistic request body."""
-    from training.data import SequenceData
+    from training.sequence_data import SequenceData
 
     data = SequenceData.load(store.local_path(f"work/{result.run_id}/data"))
     history = data.split().test.histories[0][-length:]

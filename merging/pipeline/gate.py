@@ -26,8 +26,9 @@ import numpy as np
 
 from serving.bundle import BundleError, load_bundle
 from serving.runtime import graph_feed
-from training.data import EvalSplit, SequenceData
 from training.flags import CommandError
+from training.sequence_data import SequenceData
+from training.splits import EvalSplit
 
 log = logging.getLogger(__name__)
 

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from merging.pipeline import tasks
 from merging.pipeline.config import ResourceSpec
 from merging.pipeline.stages import StageError, StageOutput, StageRunner
+from merging.pipeline.task_context import FAULT_DIR, FAULT_LABEL
 
 log = logging.getLogger(__name__)
 ProgressCallback = Callable[[str, str, dict[str, Any]], None]  # (stage, event, info)
@@ -107,7 +107,7 @@ class StageScheduler:
         """
         import ray
 
-        env = {k: os.environ[k] for k in (tasks.FAULT_LABEL, tasks.FAULT_DIR) if k in os.environ}
+        env = {k: os.environ[k] for k in (FAULT_LABEL, FAULT_DIR) if k in os.environ}
         resources = self.resources
         return ray.remote(function).options(
             num_cpus=0 if coordinator else resources.num_cpus,

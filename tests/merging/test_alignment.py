@@ -19,7 +19,7 @@ from merging.alignment import (
 from merging.merge import MergeConfig, merge_checkpoints
 from training.checkpoint import write_checkpoint
 from training.model import ModelConfig, build_model
-from training.trainer import load_run_checkpoint
+from training.run_folder import load_run_checkpoint
 
 
 def random_permutations(state, num_heads: int, seed: int):  # type: ignore[no-untyped-def]

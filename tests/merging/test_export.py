@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from merging import export
+from merging import export, export_parity, onnx_graph, quantize
 from merging.bundle import (
     BundleError,
     list_files,
@@ -22,26 +22,18 @@ from merging.bundle import (
     verify_bundle,
     write_manifest,
 )
-from merging.export import (
-    ExportError,
-    OnnxRecommender,
-    Parity,
-    check_k,
-    export_bundle,
-    export_int8,
-    max_history,
-    measure_parity,
-    parity_histories,
-    torch_topk,
-)
+from merging.export import export_bundle, max_history
+from merging.export_parity import Parity, measure_parity, parity_histories
 from merging.main import main
+from merging.onnx_graph import ExportError, OnnxRecommender, check_k, torch_topk
+from merging.quantize import export_int8
 from tests.support import tiny_experiment
 from training.batching import pad_left
-from training.data import SequenceData
 from training.model import SequenceRecommender
 from training.run import train
+from training.run_folder import load_run_checkpoint
+from training.sequence_data import SequenceData
 from training.synthetic import SyntheticConfig, generate
-from training.trainer import load_run_checkpoint
 
 SCORE_TOLERANCE = 1e-4  # the bound on |onnx - torch| per score
 GAP = 1e-5  # torch scores closer than this may swap places in the graph's top-k
@@ -157,7 +149,7 @@ def test_parity_histories_cover_the_edge_cases(small_data: SequenceData) -> None
     assert len(histories) == 64
     assert {0, 1, 20} <= set(lengths)
     assert max(lengths) > 20  # the graph's own truncation is exercised
-    assert lengths[: export.PARITY_SINGLE_ROWS].count(0) == 1  # padding alone, batch 1
+    assert lengths[: export_parity.PARITY_SINGLE_ROWS].count(0) == 1  # padding alone, batch 1
 
 
 def test_parity_check_detects_a_different_graph(
@@ -178,7 +170,7 @@ def test_all_padding_rows_stay_finite(exported, exclude: bool) -> None:
     assert np.isfinite(out["scores"]).all()
     expected = model.logits(torch.from_numpy(item_ids)).detach().numpy()
     np.testing.assert_allclose(
-        export.scatter_topk(out["scores"], out["indices"], model.config.num_items),
+        onnx_graph.scatter_topk(out["scores"], out["indices"], model.config.num_items),
         expected,
         atol=SCORE_TOLERANCE,
         rtol=0,
@@ -238,7 +230,7 @@ def test_bundle_files_and_manifest(sasrec_bundle: Path, small_data: SequenceData
     assert manifest["max_history"] == manifest["model"]["max_len"] == 20  # SASRec reads max_len
     assert manifest["recipes"] == ["sasrec"] and manifest["merge"] is None
     onnx_fields = manifest["onnx"]
-    assert onnx_fields["file"] == "model.onnx" and onnx_fields["opset"] == export.OPSET
+    assert onnx_fields["file"] == "model.onnx" and onnx_fields["opset"] == onnx_graph.OPSET
     assert onnx_fields["ir_version"] >= 7
     import onnx
     import onnxruntime
@@ -282,7 +274,7 @@ def test_int8_graph_is_a_second_file_with_its_own_figures(sasrec_bundle: Path) -
     assert quantized["file"] == "model.int8.onnx"
     assert quantized["parity"]["sequences"] == 256
     assert 0.0 < quantized["parity"]["max_abs_diff"] < 1.0
-    assert abs(quantized["ndcg@10_change"]) <= export.INT8_MAX_NDCG_DROP
+    assert abs(quantized["ndcg@10_change"]) <= quantize.INT8_MAX_NDCG_DROP
     ops = {node.op_type for node in onnx.load(str(sasrec_bundle / "model.int8.onnx")).graph.node}
     float_ops = {node.op_type for node in onnx.load(str(sasrec_bundle / "model.onnx")).graph.node}
     assert "MatMulInteger" in ops and "MatMulInteger" not in float_ops
@@ -354,7 +346,7 @@ def test_export_fails_and_writes_nothing_when_parity_fails(
     def reuse_graph(model, path: Path, *, full_scores: bool = False) -> dict:
         # The torch export itself is tested elsewhere; the path after it is what matters here.
         shutil.copy(sasrec_bundle / "model.onnx", path)
-        return export.graph_info(path)
+        return onnx_graph.graph_info(path)
 
     monkeypatch.setattr(export, "export_onnx", reuse_graph)
     monkeypatch.setattr(export, "measure_parity", lambda *args, **kw: Parity(0.5, 0.75, 16))
@@ -371,7 +363,7 @@ def test_int8_graph_too_lossy_is_refused(
     shutil.copy(sasrec_bundle / "model.onnx", tmp_path / "model.onnx")
     model = load_run_checkpoint(trained_run).model.eval()
     graph = OnnxRecommender(tmp_path / "model.onnx", 200)
-    monkeypatch.setattr(export, "INT8_MAX_NDCG_DROP", -1.0)  # demand a gain no graph makes
+    monkeypatch.setattr(quantize, "INT8_MAX_NDCG_DROP", -1.0)  # demand a gain no graph makes
     histories = parity_histories(small_data.split(), 20, 16)
     with pytest.raises(ExportError, match="int8 graph loses too much"):
         export_int8(model, tmp_path, graph, small_data.split(), histories)

@@ -10,19 +10,12 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from merging.fisher import (
-    ESTIMATORS,
-    FisherConfig,
-    FisherResult,
-    compute_fisher,
-    load_fisher,
-    parse_estimator,
-    relative_error,
-    save_fisher,
-    select_sequences,
-)
+from merging.fisher import FisherConfig, compute_fisher, select_sequences
 from merging.fisher_accumulator import FisherAccumulator
+from merging.fisher_estimators import ESTIMATORS, parse_estimator
 from merging.fisher_exact import autograd_items, exact_identity
+from merging.fisher_file import load_fisher, save_fisher
+from merging.fisher_result import FisherResult, relative_error
 from merging.main import main
 from training.model import ModelConfig, SequenceRecommender, build_model
 

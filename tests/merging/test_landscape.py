@@ -18,9 +18,9 @@ from merging.landscape import (
 )
 from merging.pipeline.report import plot_line_profile, plot_weight_plane
 from training.batching import pad_left
-from training.data import SequenceData
 from training.evaluate import Evaluator
-from training.trainer import load_run_checkpoint
+from training.run_folder import load_run_checkpoint
+from training.sequence_data import SequenceData
 
 
 @pytest.fixture(scope="module")

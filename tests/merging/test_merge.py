@@ -9,24 +9,19 @@ import numpy as np
 import pytest
 import torch
 
-from merging.fisher import FisherConfig, checkpoint_fisher, save_fisher
+from merging.fisher import FisherConfig, checkpoint_fisher
+from merging.fisher_file import save_fisher
 from merging.main import main
-from merging.merge import (
-    MERGE_METHODS,
-    MergeConfig,
-    MergeInputs,
-    merge_checkpoints,
-    merge_state_dicts,
-    run_merge,
-    search_coefficients,
-)
+from merging.merge import MERGE_METHODS, MergeConfig, merge_checkpoints, run_merge
 from merging.regmean import compute_grams
+from merging.strategies import MergeInputs, search_coefficients
+from merging.weighting import merge_state_dicts
 from training.checkpoint import write_checkpoint
-from training.data import SequenceData
 from training.evaluate import Evaluator
 from training.files import sha256_file
 from training.model import ModelConfig, build_model
-from training.trainer import load_run_checkpoint
+from training.run_folder import load_run_checkpoint
+from training.sequence_data import SequenceData
 
 StateDict = dict[str, torch.Tensor]
 TINY = ModelConfig(num_items=15, hidden_size=8, num_heads=2, num_layers=1, max_len=5)

@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from merging.fisher import FisherConfig, compute_fisher, load_fisher, save_fisher
-from merging.merge import MergeConfig, MergeInputs, parameter_group, run_merge
+from merging.fisher import FisherConfig, compute_fisher
+from merging.fisher_file import load_fisher, save_fisher
+from merging.merge import MergeConfig, run_merge
 from merging.regmean import compute_grams, regmean_linear
+from merging.strategies import MergeInputs, parameter_group
 from merging.task_vectors import ties_vector, trimmed
 from tests.merging.test_merge import (
     TINY,

@@ -21,10 +21,13 @@ from safetensors.torch import load_file
 
 from merging.bundle import verify_bundle
 from merging.pipeline.gate import GateRefused
-from merging.pipeline.job import LATEST, Pipeline, publish_bundle, run_pipeline
+from merging.pipeline.job import Pipeline, run_pipeline
+from merging.pipeline.publish import publish_bundle
+from merging.pipeline.retention import LATEST
 from merging.pipeline.stages import StageError
 from merging.pipeline.store import ArtifactStore
-from merging.pipeline.tasks import FAULT_DIR, FAULT_LABEL
+from merging.pipeline.task_context import FAULT_DIR, FAULT_LABEL
+from merging.pipeline.warm_start_stage import stage_warm_start
 from tests.support import tiny_pipeline
 
 # Real Ray runs of the job: minutes, so outside the inner loop (pytest -m "not slow").
@@ -361,9 +364,10 @@ def test_demo_prints_a_request_that_the_service_answers(finished_run, tmp_path: 
 
 def test_item_features_travel_with_the_run_data(tmp_path: Path) -> None:
     """KDSR's features reach workers through the store, not the submitter's disk."""
-    from merging.pipeline import tasks
+    from merging.pipeline.data_stage import stage_data
+    from merging.pipeline.pool_stage import experiment_for, train_model
     from tests.modality_support import FEATURE_DIM, write_features
-    from training.features import FEATURES_FILE
+    from training.item_features import FEATURES_FILE
     from training.sources import load_source
 
     recipes = [{"name": "plain"}, {"name": "kdsr"}]
@@ -371,13 +375,13 @@ def test_item_features_travel_with_the_run_data(tmp_path: Path) -> None:
     features = write_features(data, tmp_path / "submitter" / "features.safetensors")
     config = tiny_pipeline(recipes=recipes, experiment__data__features=str(features))
     pipeline = Pipeline(config, ArtifactStore(str(tmp_path / "artifacts")), "features")
-    info = pipeline.stage_data()
+    info = stage_data(pipeline.stage_context)
     assert info["features"]["dim"] == FEATURE_DIM
     work = tmp_path / "artifacts" / "work" / "features"
     assert (work / "data" / FEATURES_FILE).read_bytes() == features.read_bytes()
     shutil.rmtree(tmp_path / "submitter")  # a worker on another node has none of it
-    experiment = pipeline.experiment_for("kdsr", {}, 1, 0)
-    result = tasks.train_model(pipeline.context, "kdsr", experiment, None)
+    experiment = experiment_for(config, "kdsr", {}, 1, 0)
+    result = train_model(pipeline.stage_context.tasks, "kdsr", experiment, None)
     assert result["name"] == "kdsr" and result["best_epoch"] >= 1
     assert (work / "models" / "kdsr" / "best" / "model.safetensors").exists()
 
@@ -446,7 +450,7 @@ def test_a_nightly_run_warm_starts_from_the_published_model(finished_run, tmp_pa
     """base.init_from latest: rows carried over by external id; the catalogue grew."""
     from tests.support import SMALL_DATA
     from training.checkpoint import load_checkpoint
-    from training.data import Vocabulary
+    from training.vocabulary import Vocabulary
     from training.warm_start import load_bundle_source
 
     source, _ = finished_run
@@ -486,12 +490,12 @@ def test_a_nightly_run_warm_starts_from_the_published_model(finished_run, tmp_pa
 def test_warm_start_before_anything_is_published_trains_from_scratch(tmp_path: Path) -> None:
     config = tiny_pipeline(base__init_from="latest")
     pipeline = Pipeline(config, ArtifactStore(str(tmp_path)), "first")
-    assert pipeline.stage_warm_start() is None
+    assert stage_warm_start(pipeline.stage_context) is None
     marker = json.loads((tmp_path / "work" / "first" / "stages" / "warm-start.json").read_text())
     assert marker["result"] == {"source_run": None}
     missing = Pipeline(tiny_pipeline(base__init_from="nope"), ArtifactStore(str(tmp_path)), "x")
     with pytest.raises(StageError, match="runs/nope is not a published run"):
-        missing.stage_warm_start()
+        stage_warm_start(missing.stage_context)
 
 
 def torch_equal(a, b) -> bool:  # type: ignore[no-untyped-def]
@@ -500,18 +504,16 @@ def torch_equal(a, b) -> bool:  # type: ignore[no-untyped-def]
     return bool(torch.equal(a, b))
 
 
-def test_every_stage_takes_the_shared_loss_and_workers(tmp_path: Path) -> None:
-    from merging.pipeline.job import Pipeline
-    from merging.pipeline.store import ArtifactStore
+def test_every_stage_takes_the_shared_loss_and_workers() -> None:
+    from merging.pipeline.pool_stage import experiment_for
 
     config = tiny_pipeline(
         experiment__recipe__params={"negatives": 64, "sampler": "popularity"},
         experiment__train__workers=2,
         recipes=[{"name": "plain"}, {"name": "cl4srec", "params": {"negatives": 32}}],
     )
-    job = Pipeline(config, ArtifactStore(str(tmp_path)), "r1")
-    plain = job.experiment_for("sasrec", {}, epochs=1, seed=0)
-    cl4srec = job.experiment_for("cl4srec", {"negatives": 32}, epochs=1, seed=0)
+    plain = experiment_for(config, "sasrec", {}, epochs=1, seed=0)
+    cl4srec = experiment_for(config, "cl4srec", {"negatives": 32}, epochs=1, seed=0)
     assert plain["recipe"]["params"] == {"negatives": 64, "sampler": "popularity"}
     assert cl4srec["recipe"]["params"] == {"negatives": 32, "sampler": "popularity"}
     # Data-parallel stages: each worker gets the task's CPUs as threads.

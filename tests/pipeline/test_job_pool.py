@@ -11,9 +11,10 @@ import yaml
 from pydantic import ValidationError
 
 from merging.bundle import verify_bundle
-from merging.pipeline.job import LATEST, run_pipeline
+from merging.pipeline.job import run_pipeline
+from merging.pipeline.retention import LATEST
 from tests.support import tiny_pipeline
-from training.trainer import load_run_checkpoint
+from training.run_folder import load_run_checkpoint
 
 # Real Ray runs of the job: minutes, so outside the inner loop (pytest -m "not slow").
 pytestmark = [pytest.mark.usefixtures("ray_local"), pytest.mark.slow]

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from serving.schemas import BatchResponse, RecommendationResponse
 from serving.settings import SCHEMA_MAX_HISTORY
 from tests.serving_support import AUTH, LiveServer, publish, ready_server, server_settings
-from training.trainer import load_run_checkpoint
+from training.run_folder import load_run_checkpoint
 
 MAX_HISTORY = 300  # the server's request limit in this module (the model reads fewer)
 MAX_BATCH = 8

@@ -25,7 +25,7 @@ from tests.serving_support import (
     server_settings,
     wait_for,
 )
-from training.trainer import load_run_checkpoint
+from training.run_folder import load_run_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""training.data: readers, detection, k-core, numbering, split, canonical folder."""
+"""training.readers, .prepare, .sequence_data: reading, k-core, numbering, split, folder."""
 
 from __future__ import annotations
 
@@ -12,19 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from training.data import (
-    PAD_ID,
-    ColumnNames,
-    DataError,
-    Interactions,
-    SequenceData,
-    Vocabulary,
-    build_sequences,
-    detect_format,
-    load_data,
-    prepare,
-    read_interactions,
-)
+from training.data_error import DataError
+from training.interactions import ColumnNames, Interactions
+from training.prepare import build_sequences, load_data, prepare
+from training.readers import detect_format, read_interactions
+from training.sequence_data import SequenceData
+from training.vocabulary import PAD_ID, Vocabulary
 
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
 
@@ -443,7 +436,7 @@ def test_corrupt_parquet_is_a_data_error(tmp_path: Path) -> None:
 
 
 def test_importing_data_pulls_in_neither_torch_nor_pyarrow() -> None:
-    code = "import sys, training.data; print('torch' in sys.modules, 'pyarrow' in sys.modules)"
+    code = "import sys, training.prepare; print('torch' in sys.modules, 'pyarrow' in sys.modules)"
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     )

@@ -23,8 +23,8 @@ from training.diagnostics import (
 )
 from training.evaluate import Evaluator
 from training.model import ModelConfig, build_model
+from training.run_folder import load_run_checkpoint
 from training.synthetic import SyntheticConfig, generate
-from training.trainer import load_run_checkpoint
 
 
 def test_alignment_of_known_pairs() -> None:

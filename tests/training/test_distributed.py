@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from tests.support import tiny_experiment
 from training.distributed import FAULT_DIR, RAY_TRAIN_DIR
 from training.run import train
-from training.trainer import load_run_checkpoint
+from training.run_folder import load_run_checkpoint
 
 # Real Ray runs of the job: minutes, so outside the inner loop (pytest -m "not slow").
 pytestmark = [pytest.mark.usefixtures("ray_local"), pytest.mark.slow]

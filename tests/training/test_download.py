@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from training.data import SequenceData
 from training.download import DownloadError, download_dataset
+from training.sequence_data import SequenceData
 
 RATINGS = "1::10::5::978300760\n1::20::3::978300100\n2::10::4::978200000\n2::30::4::978200001\n"
 

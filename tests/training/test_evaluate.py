@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from training.data import EvalSplit
 from training.evaluate import (
     CandidateSets,
     build_candidates,
@@ -16,6 +15,7 @@ from training.evaluate import (
     expected_rank_metrics,
     popularity_scorer,
 )
+from training.splits import EvalSplit
 
 
 def metrics(greater: list[int], ties: list[int]) -> dict[str, list[float]]:

@@ -14,19 +14,18 @@ import pytest
 
 from merging.main import main
 from tests.modality_support import write_features
-from training.data import DataError, SequenceData, Vocabulary
-from training.features import (
+from training.data_error import DataError
+from training.item_features import (
     FEATURES_FILE,
-    HashingEncoder,
     ItemFeatures,
     build_item_features,
-    detect_text_format,
-    encode_texts,
     load_item_features,
-    read_id_map,
-    read_item_texts,
     vocabulary_digest,
 )
+from training.item_text import detect_text_format, read_id_map, read_item_texts
+from training.sequence_data import SequenceData
+from training.text_encoders import HashingEncoder, encode_texts
+from training.vocabulary import Vocabulary
 
 MOVIES = (
     "1::Toy Story (1995)::Animation|Children's|Comedy\n"
@@ -229,7 +228,7 @@ def test_cli_writes_features_next_to_the_data(
 REAL_ENCODER_CHILD = textwrap.dedent(
     """
     import json, sys
-    from training.features import get_encoder, DEFAULT_ENCODER
+    from training.text_encoders import get_encoder, DEFAULT_ENCODER
     encoder = get_encoder(DEFAULT_ENCODER)
     vectors = encoder.encode(json.loads(sys.argv[1]))
     print(json.dumps({"name": encoder.name, "vectors": vectors.tolist()}))

@@ -15,7 +15,6 @@ from merging.merge import MergeConfig, merge_checkpoints
 from tests.modality_support import hashing_features, write_features
 from tests.support import tiny_experiment
 from training.batching import Batch
-from training.data import SequenceData
 from training.model import ModelConfig, build_model
 from training.recipes import build_recipe
 from training.recipes.kdsr import (
@@ -27,7 +26,9 @@ from training.recipes.kdsr import (
     subspace_cosines,
 )
 from training.run import train
-from training.trainer import Trainer, load_run_checkpoint
+from training.run_folder import load_run_checkpoint
+from training.sequence_data import SequenceData
+from training.trainer import Trainer
 
 
 def cos(a: torch.Tensor, b: torch.Tensor) -> float:

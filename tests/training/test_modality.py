@@ -21,12 +21,12 @@ from tests.modality_support import FEATURE_DIM, random_features, write_features
 from tests.support import tiny_experiment
 from training.batching import pad_left
 from training.checkpoint import load_checkpoint, write_checkpoint
-from training.data import SequenceData
 from training.losses import cloze_loss, next_item_loss
 from training.modality import WhiteningMixture
 from training.model import ModelConfig, SequenceRecommender, build_model
 from training.run import train
-from training.trainer import load_run_checkpoint
+from training.run_folder import load_run_checkpoint
+from training.sequence_data import SequenceData
 
 REFERENCE = Path(__file__).parent / "data" / "plain-reference"
 BACKBONES = ["sasrec", "bert4rec"]
@@ -307,7 +307,8 @@ NO_TORCH_CHILD = textwrap.dedent(
 def test_onnx_export_of_a_text_model_matches_torch_without_torch(
     text_runs: dict, small_data: SequenceData, tmp_path: Path
 ) -> None:
-    from merging.export import export_bundle, torch_topk
+    from merging.export import export_bundle
+    from merging.onnx_graph import torch_topk
 
     out = tmp_path / "bundle"
     manifest = export_bundle(text_runs[0], out, small_data, parity_sequences=32)

@@ -10,11 +10,12 @@ import torch
 from pydantic import ValidationError
 
 from tests.support import tiny_experiment
-from training.data import SequenceData, load_data
 from training.pool import POOL_STRATEGIES, PoolConfig
 from training.population import MemberSpec, population_mean, train_population
+from training.prepare import load_data
 from training.run import train
-from training.trainer import LAST, load_run_checkpoint
+from training.run_folder import LAST, load_run_checkpoint
+from training.sequence_data import SequenceData
 
 
 @pytest.fixture(autouse=True)

@@ -20,7 +20,8 @@ from training.recipes import RECIPES, build_recipe
 from training.recipes.duorec import DuoRec
 from training.recipes.ehrec import EHRec, false_negative_loss, soft_threshold, threshold_logits
 from training.run import train
-from training.trainer import Trainer, load_run_checkpoint
+from training.run_folder import load_run_checkpoint
+from training.trainer import Trainer
 
 CONTRASTIVE = ("cl4srec", "duorec", "ehrec")
 TINY = ModelConfig(num_items=30, hidden_size=16, num_layers=1, num_heads=2, max_len=8)

@@ -9,8 +9,10 @@ import pytest
 from pydantic import ValidationError
 
 from training.config import DataSpec, SplitSpec
-from training.data import DataError, SequenceData, load_data, prepare
+from training.data_error import DataError
 from training.evaluate import Evaluator, popularity_scorer
+from training.prepare import load_data, prepare
+from training.sequence_data import SequenceData
 from training.sources import load_source
 
 # user, item, time: a spans the cut-off (4), b has one item before it, c only after,

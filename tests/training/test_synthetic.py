@@ -12,9 +12,13 @@ import pydantic
 import pytest
 
 from merging.main import main
-from training.data import Interactions, SequenceData, Split, build_sequences, load_data
+from training.interactions import Interactions
+from training.prepare import build_sequences, load_data
 from training.readers import read_log
-from training.synthetic import SyntheticConfig, generate, generate_chunks, write_parquet
+from training.sequence_data import SequenceData
+from training.splits import Split
+from training.synthetic import SyntheticConfig, generate
+from training.synthetic_log import generate_chunks, write_parquet
 
 # The default data set, pinned: refactors of the generator must not change it. (A numpy
 # release that changes Generator streams would, and the pin is then updated knowingly.)

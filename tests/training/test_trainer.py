@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 from merging.main import main
 from tests.support import tiny_experiment
 from training.run import train
+from training.run_folder import load_run_checkpoint
 from training.synthetic import SyntheticConfig, generate
-from training.trainer import load_run_checkpoint
 
 
 def test_small_model_beats_mostpop_by_2x(tmp_path: Path) -> None:

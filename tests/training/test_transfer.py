@@ -10,12 +10,13 @@ import torch
 from merging.main import main
 from tests.modality_support import hashing_features, synthetic_texts, write_features
 from tests.support import tiny_experiment
-from training.data import SequenceData
-from training.features import HashingEncoder, build_item_features
+from training.item_features import build_item_features
 from training.model import ModelConfig, build_model
 from training.run import train
+from training.run_folder import load_run_checkpoint
+from training.sequence_data import SequenceData
 from training.synthetic import SyntheticConfig, generate
-from training.trainer import load_run_checkpoint
+from training.text_encoders import HashingEncoder
 from training.transfer import Transfer, frozen_parameters, transfer_model
 
 TARGET = SyntheticConfig(

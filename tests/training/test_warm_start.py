@@ -14,11 +14,12 @@ from merging.export import export_bundle
 from merging.main import main
 from tests.support import SMALL_DATA, tiny_experiment
 from training.checkpoint import load_checkpoint
-from training.data import SequenceData, Vocabulary
 from training.model import ModelConfig, build_model
 from training.run import train
+from training.run_folder import load_run_checkpoint
+from training.sequence_data import SequenceData
 from training.synthetic import generate
-from training.trainer import load_run_checkpoint
+from training.vocabulary import Vocabulary
 from training.warm_start import (
     BUNDLE_CHECKPOINT,
     load_bundle_source,

@@ -34,7 +34,7 @@ def needs_features(name: str) -> bool:
 def build_recipe(name: str, params: dict, model_config, train, features=None) -> Recipe:  # type: ignore[no-untyped-def]
     """The recipe `name` with validated `params` for a model and its training sequences.
 
-    A FeatureRecipe also gets the item `features` (training.features.ItemFeatures).
+    A FeatureRecipe also gets the item `features` (training.item_features.ItemFeatures).
     """
     if name not in RECIPES:
         raise ValueError(f"unknown recipe {name!r}; known: {sorted(RECIPES)}")

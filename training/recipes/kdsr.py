@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from training.batching import Batch
-from training.features import ItemFeatures
+from training.item_features import ItemFeatures
 from training.model import PAD_ID, ModelConfig, SequenceRecommender
 from training.recipe_params import KDSRParams
 from training.recipes.base import Recipe, RecipeOutput, RecipeParams
