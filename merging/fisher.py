@@ -32,7 +32,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 from torch import Tensor
 
 from merging.fisher_accumulator import FisherAccumulator
@@ -86,14 +86,23 @@ class FisherConfig(BaseModel):
         "one forward pass, stored in the Fisher file)",
     )
 
+    # The spec is parsed once, when the config is validated; the string stays the
+    # field so that YAML, CLI and Ray payloads carry the plain spec text.
+    _spec: EstimatorSpec = PrivateAttr()
+
     @field_validator("estimator")
     @classmethod
     def _known_estimator(cls, value: str) -> str:
         return str(parse_estimator(value))
 
+    def model_post_init(self, context: Any, /) -> None:
+        self._spec = parse_estimator(self.estimator)
+
     @property
     def spec(self) -> EstimatorSpec:
-        return parse_estimator(self.estimator)
+        if str(self._spec) != self.estimator:  # model_copy(update=...) skips validation
+            self._spec = parse_estimator(self.estimator)
+        return self._spec
 
 
 def select_sequences(

@@ -2,7 +2,7 @@
 
 docs/merging.md describes the methods. Their implementations are in
 merging/strategies.py (on top of the one formula, merging/weighting.py); here
-is `MERGE_METHODS`, which names them as the catalogue merging/methods.py does,
+is `run_merge` over `MERGE_METHODS` (merging/strategies.py, named as the catalogue merging/methods.py names them),
 and `merge_checkpoints`, which reads checkpoints and Fisher files, checks that
 they belong together (architecture, training data, which model each Fisher is
 of), merges, optionally fine-tunes the merged model (1 epoch of the plain
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,18 +23,7 @@ import yaml
 
 from merging.fisher_file import FisherFile, load_fisher, model_sha256
 from merging.methods import METHODS, NEEDS_BASE, MergeConfig
-from merging.strategies import (
-    MergeInputs,
-    MergeOutcome,
-    Scorer,
-    merge_fisher,
-    merge_fisher_grouped,
-    merge_greedy,
-    merge_regmean,
-    merge_task_arithmetic,
-    merge_ties,
-    merge_uniform,
-)
+from merging.strategies import MERGE_METHODS, MergeInputs, MergeOutcome, Scorer
 from merging.weighting import StateDict
 from training.checkpoint import Checkpoint, write_checkpoint
 from training.config import ExperimentConfig, set_dotted
@@ -44,19 +33,6 @@ from training.run import train
 from training.run_folder import load_run_checkpoint
 from training.sequence_data import SequenceData
 from training.trainer import SELECTION_METRIC
-
-MergeMethod = Callable[[MergeInputs, MergeConfig], MergeOutcome]
-
-# The implementations, by the names of merging/methods.py (which says what each needs).
-MERGE_METHODS: dict[str, MergeMethod] = {
-    "uniform": merge_uniform,
-    "greedy": merge_greedy,
-    "fisher": merge_fisher,
-    "fisher_grouped": merge_fisher_grouped,
-    "regmean": merge_regmean,
-    "task_arithmetic": merge_task_arithmetic,
-    "ties": merge_ties,
-}
 
 if set(MERGE_METHODS) != set(METHODS):  # the catalogue and the implementations must agree
     raise ImportError(f"merge methods {sorted(MERGE_METHODS)} vs catalogue {sorted(METHODS)}")

@@ -2,7 +2,7 @@
 
 Torch-free on purpose: the CLI builds its choices, defaults and help from here,
 and the job's configuration validates against it, without loading a model
-library. The implementations are `MERGE_METHODS` in merging/merge.py (the
+library. The implementations are `MERGE_METHODS` in merging/strategies.py (the
 same names; merging/merge.py refuses to import when the two differ).
 """
 

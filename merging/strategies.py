@@ -1,8 +1,8 @@
 """The merge methods: how each one chooses λ (and what it merges) around the one formula.
 
-Each method is a function `(MergeInputs, MergeConfig) -> MergeOutcome`; the
-registry of their names, `MERGE_METHODS`, is in merging/merge.py and the
-catalogue of what each needs in merging/methods.py (docs/merging.md):
+Each method is a function `(MergeInputs, MergeConfig) -> MergeOutcome`, registered
+by name in `MERGE_METHODS` at the end of this file; the torch-free catalogue of
+what each needs (merging/methods.py, docs/merging.md) uses the same names:
 
 - `uniform`: the (λ-weighted) mean of the parameters;
 - `greedy`: model-soup greedy (Wortsman et al., 2022): models in order of
@@ -290,3 +290,17 @@ def merge_ties(inputs: MergeInputs, config: MergeConfig) -> MergeOutcome:
     """TIES: θ_0 + s τ_TIES (trim to `ties_density`, elect signs, disjoint mean)."""
     density = config.ties_density
     return _task_vector_merge(inputs, config, lambda b, v, lam, s: ties(b, v, lam, density, s))
+
+
+MergeMethod = Callable[[MergeInputs, MergeConfig], MergeOutcome]
+
+# The implementations, by the names of merging/methods.py (which says what each needs).
+MERGE_METHODS: dict[str, MergeMethod] = {
+    "uniform": merge_uniform,
+    "greedy": merge_greedy,
+    "fisher": merge_fisher,
+    "fisher_grouped": merge_fisher_grouped,
+    "regmean": merge_regmean,
+    "task_arithmetic": merge_task_arithmetic,
+    "ties": merge_ties,
+}

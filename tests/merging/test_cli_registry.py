@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 from merging.cli import MERGE_FLAGS, register_merge
-from merging.merge import MERGE_METHODS
 from merging.methods import METHODS, NEEDS_BASE, NEEDS_FISHERS, MergeConfig
+from merging.strategies import MERGE_METHODS
 
 
 def merge_parser() -> argparse.ArgumentParser:

@@ -12,9 +12,9 @@ import torch
 from merging.fisher import FisherConfig, checkpoint_fisher
 from merging.fisher_file import save_fisher
 from merging.main import main
-from merging.merge import MERGE_METHODS, MergeConfig, merge_checkpoints, run_merge
+from merging.merge import MergeConfig, merge_checkpoints, run_merge
 from merging.regmean import compute_grams
-from merging.strategies import MergeInputs, search_coefficients
+from merging.strategies import MERGE_METHODS, MergeInputs, search_coefficients
 from merging.weighting import merge_state_dicts
 from training.checkpoint import write_checkpoint
 from training.evaluate import Evaluator
