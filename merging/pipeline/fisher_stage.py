@@ -9,7 +9,7 @@ fisher/<name>.safetensors.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -18,13 +18,16 @@ from merging.pipeline.stage_context import StageContext
 from merging.pipeline.stages import StageOutput
 from merging.pipeline.task_context import TaskContext, load_run_data, local_checkpoint, start_task
 
+if TYPE_CHECKING:  # torch: imported by the tasks, not by the driver's stage code
+    from merging.fisher import FisherConfig
+
 
 def stage_fishers(run: StageContext) -> dict[str, dict[str, Any]]:
     """The Fisher of every recipe: Ray tasks over user shards, summed per recipe."""
     from merging.fisher import select_sequences
 
     spec = run.config.fisher
-    fisher = spec.operation().model_dump()
+    fisher = spec.operation()  # the typed config travels to the tasks as it is
     train = load_run_data(run.store.root, run.work).split().train
     ids, _ = select_sequences(train, spec.num_sequences, spec.seed)
     shards = shard(ids, spec.shards)
@@ -40,7 +43,7 @@ def stage_fishers(run: StageContext) -> dict[str, dict[str, Any]]:
             ]
 
         def finish(values: list[Any], name: str = name) -> StageOutput:
-            provenance = {"checkpoint": f"models/{name}", "estimator_config": fisher}
+            provenance = {"checkpoint": f"models/{name}", "estimator_config": fisher.model_dump()}
             result = combine_fisher_shards(run.tasks, name, values, provenance)
             return StageOutput([f"fisher/{name}.safetensors"], result)
 
@@ -56,19 +59,17 @@ def shard(rows: list[int], shards: int) -> list[list[int]]:
 
 
 def fisher_shard(
-    context: TaskContext, name: str, model: str, ids: list[int], fisher: dict[str, Any]
+    context: TaskContext, name: str, model: str, ids: list[int], fisher: FisherConfig
 ) -> dict[str, Any]:
     """Fisher sums of one model over one shard of training sequences (global ids)."""
-    from merging.fisher import FisherConfig, compute_fisher
+    from merging.fisher import compute_fisher
     from training.run_folder import load_run_checkpoint
 
     start_task(context, f"fisher/{name}")
     data = load_run_data(context.store_root, context.work)
     train = data.split().train
     checkpoint = load_run_checkpoint(local_checkpoint(context, model), context.device)
-    result = compute_fisher(
-        checkpoint.model, [train[i] for i in ids], FisherConfig(**fisher), ids=ids
-    )
+    result = compute_fisher(checkpoint.model, [train[i] for i in ids], fisher, ids=ids)
     # numpy arrays travel through Ray's object store without copies.
     return {
         "sums": {k: v.cpu().numpy() for k, v in result.sums.items()},

@@ -10,7 +10,7 @@ from __future__ import annotations
 import shutil
 from typing import Any
 
-from merging.methods import NEEDS_BASE, NEEDS_FISHERS
+from merging.methods import NEEDS_BASE, NEEDS_FISHERS, MergeConfig
 from merging.pipeline.pool_stage import BASE
 from merging.pipeline.stage_context import StageContext
 from merging.pipeline.task_context import (
@@ -35,17 +35,15 @@ def stage_merges(run: StageContext) -> dict[str, dict[str, Any]]:
         operation = spec.operation(method).model_copy(
             update={"seed": run.config.experiment.train.seed}
         )
-        options = operation.model_dump(exclude={"method"})
         inputs = fishers if method in NEEDS_FISHERS else None
         base = f"models/{BASE}" if method in NEEDS_BASE else None
         stages.append(
             run.task_stage(
                 f"merge/{method}",
                 merge_task,
-                method,
+                operation,
                 models,
                 inputs,
-                options,
                 base,
                 outputs=(f"merged/{method}",),
             )
@@ -56,15 +54,15 @@ def stage_merges(run: StageContext) -> dict[str, dict[str, Any]]:
 
 def merge_models(
     context: TaskContext,
-    method: str,
+    merge: MergeConfig,
     models: list[str],
     fishers: list[str] | None,
-    merge: dict[str, Any],
     base: str | None = None,
 ) -> dict[str, Any]:
     """Merge checkpoints of the store into `merged/<method>` (evaluated on valid and test)."""
-    from merging.merge import MergeConfig, merge_checkpoints
+    from merging.merge import merge_checkpoints
 
+    method = merge.method
     start_task(context, f"merge/{method}")
     data = load_run_data(context.store_root, context.work)
     inputs = [local_checkpoint(context, m) for m in models]
@@ -74,7 +72,7 @@ def merge_models(
     result = merge_checkpoints(
         inputs,
         out,
-        MergeConfig(method=method, **merge),
+        merge,
         fisher_paths,
         data,
         base=local_checkpoint(context, base) if base else None,
