@@ -26,7 +26,7 @@ from serving.middleware import (
     RequestContextMiddleware,
 )
 from serving.reload import ModelManager
-from serving.routes import add_routes
+from serving.routes import router
 from serving.settings import Settings
 
 
@@ -52,7 +52,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.metrics = metrics
     app.state.manager = manager
     add_error_handlers(app)
-    add_routes(app)
+    app.include_router(router)
     app.add_middleware(
         RequestContextMiddleware,
         metrics=metrics,
@@ -61,7 +61,8 @@ def create_app(settings: Settings) -> FastAPI:
         api_key=settings.api_key_value(),
         admin_key=settings.admin_key_value(),
         log_requests=settings.log_requests,
-        paths=frozenset(getattr(route, "path", "") for route in app.routes),
+        # The router's own routes: FastAPI keeps an included router as one entry.
+        paths=frozenset(getattr(r, "path", "") for r in [*app.routes, *router.routes]) - {""},
     )
     document_api_key(app)
     return app

@@ -2,7 +2,8 @@
 
 Handlers read what they need from `request.app.state` (settings, metrics, the
 model manager), so one router serves every app `create_app` builds. The two
-recommendation routes are registered with `LeanJsonRoute` (see `lean_post`).
+recommendation routes are registered with `LeanJsonRoute` (see `lean_post`); the
+app includes `router` (serving/app.py).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pydantic_core
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from serving.errors import ERRORS, ApiError
@@ -41,8 +42,8 @@ from serving.schemas import (
 )
 from serving.similar import similar_items
 
-# (method, path, route options, endpoint) for every route, in the order they are added.
-ROUTES: list[tuple[str, str, dict[str, Any], Endpoint]] = []
+# Every route of the service; serving/app.py includes it in each app it builds.
+router = APIRouter()
 
 
 # Plain functions, not FastAPI dependencies: resolving dependencies costs more per request
@@ -80,40 +81,31 @@ def json_response(content: Any) -> Response:
     return Response(pydantic_core.to_json(content), media_type="application/json")
 
 
-def route(method: str, path: str, **options: Any) -> Callable[[Endpoint], Endpoint]:
-    """Record an endpoint; `add_routes` adds the records to an app.
+def lean_post(path: str, **options: Any) -> Callable[[Endpoint], Endpoint]:
+    """A POST route with `LeanJsonRoute`: the same docs, FastAPI's per-request layers skipped.
 
-    method "lean_post" is a POST with `LeanJsonRoute`: the same docs, FastAPI's
-    per-request layers skipped (the hot recommendation routes).
+    For the hot recommendation routes (serving/lean_route.py says what is skipped and why).
     """
 
-    def record(endpoint: Endpoint) -> Endpoint:
-        ROUTES.append((method, path, options, endpoint))
+    def register(endpoint: Endpoint) -> Endpoint:
+        router.add_api_route(
+            path, endpoint, methods=["POST"], route_class_override=LeanJsonRoute, **options
+        )
         return endpoint
 
-    return record
-
-
-def add_routes(app: FastAPI) -> None:
-    for method, path, options, endpoint in ROUTES:
-        if method == "lean_post":
-            options = {**options, "methods": ["POST"], "route_class_override": LeanJsonRoute}
-        else:
-            options = {**options, "methods": [method.upper()]}
-        app.router.add_api_route(path, endpoint, **options)
+    return register
 
 
 # ---- routes -------------------------------------------------------------------------------
 
 
-@route("get", "/healthz", response_model=Health, tags=["operations"])
+@router.get("/healthz", response_model=Health, tags=["operations"])
 async def healthz() -> Health:
     """The process is alive (says nothing about the model)."""
     return Health()
 
 
-@route(
-    "get",
+@router.get(
     "/readyz",
     response_model=Readiness,
     responses={503: {"model": Readiness}},
@@ -129,14 +121,14 @@ async def readyz(request: Request) -> JSONResponse:
     return JSONResponse(Readiness(ready=True, model_version=model.version).model_dump())
 
 
-@route("get", "/metrics", tags=["operations"], response_class=Response)
+@router.get("/metrics", tags=["operations"], response_class=Response)
 async def prometheus(request: Request) -> Response:
     """Prometheus metrics."""
     body, content_type = request.app.state.metrics.render()
     return Response(body, media_type=content_type)
 
 
-@route("get", "/v1/model", response_model=ModelInfo, responses=ERRORS, tags=["model"])
+@router.get("/v1/model", response_model=ModelInfo, responses=ERRORS, tags=["model"])
 async def model_info(request: Request) -> ModelInfo:
     """The serving bundle: run id, provenance, metrics, parity of its export."""
     model = current_model(request)
@@ -157,8 +149,7 @@ async def model_info(request: Request) -> ModelInfo:
     )
 
 
-@route(
-    "lean_post",
+@lean_post(
     "/v1/recommendations",
     response_model=RecommendationResponse,
     responses=ERRORS,
@@ -172,8 +163,7 @@ async def recommendations(body: RecommendationRequest, request: Request) -> Resp
     return json_response(answer)
 
 
-@route(
-    "lean_post",
+@lean_post(
     "/v1/recommendations:batch",
     response_model=BatchResponse,
     responses=ERRORS,
@@ -193,8 +183,7 @@ async def recommendations_batch(body: BatchRequest, request: Request) -> Respons
     return json_response({"results": answers, "model_version": model.version})
 
 
-@route(
-    "lean_post",
+@lean_post(
     "/v1/similar-items",
     response_model=SimilarItemsResponse,
     responses={**ERRORS, 404: {"model": ErrorResponse, "description": "unknown item_id"}},
@@ -228,8 +217,7 @@ async def similar(body: SimilarItemsRequest, request: Request) -> Response:
     )
 
 
-@route(
-    "post",
+@router.post(
     "/v1/admin/reload",
     response_model=ReloadResponse,
     responses={**ERRORS, 409: {"model": ErrorResponse, "description": "bundle refused"}},
