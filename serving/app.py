@@ -25,7 +25,7 @@ from serving.middleware import (
     PROTECTED_PREFIX,
     RequestContextMiddleware,
 )
-from serving.reload import ModelManager
+from serving.model_manager import ModelManager
 from serving.routes import router
 from serving.settings import Settings
 

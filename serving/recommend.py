@@ -9,7 +9,7 @@ import numpy as np
 
 from serving.bundle import Bundle
 from serving.metrics import Metrics
-from serving.reload import ServingModel
+from serving.model_manager import ServingModel
 from serving.runtime import NO_IDS, Ranked, Row
 from serving.schemas import RecommendationRequest, SimilarItemsRequest
 from serving.settings import Settings

@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse, Response
 
 from serving.errors import ERRORS, ApiError
 from serving.lean_route import Endpoint, LeanJsonRoute
+from serving.model_manager import ModelManager, ReloadError, ServingModel
 from serving.recommend import (
     LimitExceeded,
     check_filter_limits,
@@ -24,7 +25,6 @@ from serving.recommend import (
     encode_filters,
     recommend,
 )
-from serving.reload import ModelManager, ReloadError, ServingModel
 from serving.schemas import (
     BatchRequest,
     BatchResponse,

@@ -21,7 +21,7 @@ from serving.batcher import BatchObserver, MicroBatcher, QueueFull
 from serving.bundle import BundleError, load_bundle, read_latest
 from serving.cpus import cpu_quota, default_threads, serving_threads
 from serving.metrics import Metrics
-from serving.reload import ModelManager
+from serving.model_manager import ModelManager
 from serving.runtime import OnnxModel, Row, length_groups
 from serving.settings import Settings
 from tests.serving_support import corrupt, write_foreign_model
