@@ -32,7 +32,7 @@ from merging.export_parity import (
 )
 from merging.onnx_graph import ExportError, OnnxRecommender, export_onnx
 from merging.quantize import export_int8
-from serving.bundle import ITEM_VECTORS
+from serving.bundle import ITEM_VECTORS, MANIFEST
 from training.checkpoint import write_checkpoint, write_json
 from training.files import atomic_directory
 from training.model import ModelConfig, SequenceRecommender
@@ -143,7 +143,7 @@ def caller_fields(out: Path, fields: dict[str, Any]) -> dict[str, Any]:
 def _check_target(out: Path) -> None:
     # The export replaces `out` whole: refuse to replace a folder that is not a bundle.
     if out.exists() and (
-        not out.is_dir() or (any(out.iterdir()) and not (out / "manifest.json").is_file())
+        not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).is_file())
     ):
         raise ExportError(f"{out} exists and is not a bundle folder; choose a new or empty --out")
 

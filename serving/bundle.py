@@ -128,8 +128,13 @@ class Bundle:
 # ---- locating bundles ------------------------------------------------------------------
 
 
+def run_path(run_id: str) -> str:
+    """runs/<run_id>: where a published run lives under an artifact root (any store)."""
+    return f"{RUNS}/{check_run_id(run_id)}"
+
+
 def bundle_folder(root: Path, run_id: str) -> Path:
-    return Path(root) / RUNS / check_run_id(run_id)
+    return Path(root) / run_path(run_id)
 
 
 def read_latest(root: Path) -> str | None:

@@ -14,10 +14,10 @@ from typing import Any
 from merging.pipeline.config import PipelineConfig
 from merging.pipeline.gate import GateDecision
 from merging.pipeline.publish import publish_bundle
-from merging.pipeline.retention import LATEST
 from merging.pipeline.stage_context import StageContext
 from merging.pipeline.stages import StageOutput
 from merging.pipeline.task_context import TaskContext, load_run_data, local_checkpoint, start_task
+from serving.bundle import LATEST, run_path
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ def check_gate(
         f"{context.work}/bundle", context.scratch("gate/new")
     )
     champion = (
-        context.store.download_folder(f"runs/{champion_run}", context.scratch("gate/champion"))
+        context.store.download_folder(run_path(champion_run), context.scratch("gate/champion"))
         if champion_run
         else None
     )

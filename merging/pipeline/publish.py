@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from merging.pipeline.gate import GateDecision
-from merging.pipeline.retention import LATEST
 from merging.pipeline.store import ArtifactStore
+from serving.bundle import LATEST, MANIFEST, run_path
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def publish_bundle(
     report = store.download_folder(f"{work}/report", scratch / "in-report")
     shutil.copytree(report, staging, dirs_exist_ok=True)
     (staging / "metrics.json").write_text(store.read_text(f"{work}/metrics.json"))
-    manifest = json.loads((staging / "manifest.json").read_text())
+    manifest = json.loads((staging / MANIFEST).read_text())
     fields = {k: v for k, v in manifest.items() if k not in ("schema", "files", "created")}
     if gate is not None:
         fields["gate"] = gate
@@ -79,7 +79,7 @@ def publish_bundle(
             report.write(f"\n## Quality gate\n\n{GateDecision(**gate).describe()}.\n")
     write_manifest(staging, fields)
     verify_bundle(staging)
-    relative = f"runs/{run_id}"
+    relative = run_path(run_id)
     store.upload_folder(staging, relative)
     verify_bundle(store.download_folder(relative, scratch / "check"))
     store.write_text(LATEST, run_id + "\n")

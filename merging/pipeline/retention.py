@@ -21,7 +21,7 @@ import logging
 from dataclasses import dataclass
 
 from merging.pipeline.store import ArtifactStore
-from serving.bundle import LATEST, RUNS  # the bundle contract's names, one home
+from serving.bundle import LATEST, MANIFEST, RUNS, run_path  # the contract's one home
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ def published_runs(store: ArtifactStore) -> list[str]:
     """Run ids under runs/, oldest first by their manifest's `created` (then by id)."""
     runs = []
     for run_id in store.listdir(RUNS):
-        manifest = f"{RUNS}/{run_id}/manifest.json"
+        manifest = f"{run_path(run_id)}/{MANIFEST}"
         created = ""
         if store.exists(manifest):
             try:

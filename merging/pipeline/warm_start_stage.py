@@ -11,11 +11,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from merging.bundle import MANIFEST
-from merging.pipeline.retention import LATEST
 from merging.pipeline.stage_context import StageContext
 from merging.pipeline.stages import StageError, StageOutput
 from merging.pipeline.task_context import TaskContext, load_run_data, start_task
+from serving.bundle import LATEST, MANIFEST, run_path
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +36,7 @@ def stage_warm_start(run: StageContext) -> dict[str, Any] | None:
         log.info("warm start: nothing is published yet, so the base starts from scratch")
         result = run.runner.run(WARM, lambda: StageOutput([], {"source_run": None}))
         return result if result["source_run"] else None
-    if wanted != "latest" and not run.store.exists(f"runs/{source}/{MANIFEST}"):
+    if wanted != "latest" and not run.store.exists(f"{run_path(source)}/{MANIFEST}"):
         raise StageError(WARM, f"base.init_from: runs/{source} is not a published run")
     seed = run.config.experiment.train.seed
     result = run.run_task(WARM, warm_start, source, WARM, seed, outputs=(f"models/{WARM}",))
@@ -61,7 +60,7 @@ def warm_start(context: TaskContext, source_run: str, name: str, seed: int) -> d
     from training.warm_start import load_bundle_source, write_warm_start
 
     start_task(context, f"warm-start/{name}")
-    bundle = context.store.download_folder(f"runs/{source_run}", context.scratch("warm/bundle"))
+    bundle = context.store.download_folder(run_path(source_run), context.scratch("warm/bundle"))
     verify_bundle(bundle)
     source, vocab = load_bundle_source(bundle)
     data = load_run_data(context.store_root, context.work)

@@ -23,11 +23,11 @@ from merging.bundle import verify_bundle
 from merging.pipeline.gate import GateRefused
 from merging.pipeline.job import Pipeline, run_pipeline
 from merging.pipeline.publish import publish_bundle
-from merging.pipeline.retention import LATEST
 from merging.pipeline.stages import StageError
 from merging.pipeline.store import ArtifactStore
 from merging.pipeline.task_context import FAULT_DIR, FAULT_LABEL
 from merging.pipeline.warm_start_stage import stage_warm_start
+from serving.bundle import LATEST
 from tests.support import tiny_pipeline
 
 # Real Ray runs of the job: minutes, so outside the inner loop (pytest -m "not slow").

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from merging.bundle import verify_bundle
 from merging.pipeline.job import run_pipeline
-from merging.pipeline.retention import LATEST
+from serving.bundle import LATEST
 from tests.support import tiny_pipeline
 from training.run_folder import load_run_checkpoint
 
