@@ -141,15 +141,21 @@ def read_latest(root: Path) -> str | None:
     """The run id named by <root>/LATEST, or None when nothing is published yet."""
     path = Path(root) / LATEST
     try:
-        text = path.read_text().strip()
+        text = path.read_text()
     except FileNotFoundError:
         return None
+    return parse_latest(text, str(path))
+
+
+def parse_latest(text: str, where: str) -> str | None:
+    """The run id on LATEST's first line (None when empty); BundleError when not a run id."""
+    text = text.strip()
     if not text:
         return None
     try:
         return check_run_id(text.splitlines()[0].strip())
     except ValueError as err:
-        raise BundleError(f"{path}: {err}") from err
+        raise BundleError(f"{where}: {err}") from err
 
 
 # ---- loading and verifying ---------------------------------------------------------------

@@ -22,8 +22,15 @@ import uuid
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from serving.bundle import LATEST, MANIFEST, RUNS, BundleError, bundle_folder, load_bundle
-from serving.settings import check_run_id
+from serving.bundle import (
+    LATEST,
+    MANIFEST,
+    RUNS,
+    BundleError,
+    bundle_folder,
+    load_bundle,
+    parse_latest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -51,17 +58,12 @@ class BundleMirror:
         """The run id the remote LATEST names (None when nothing is published yet)."""
         try:
             with self.fs.open(self.remote(LATEST), "r") as handle:
-                text = handle.read().strip()
+                text = handle.read()
         except FileNotFoundError:
             return None
         except Exception as err:  # network, credentials: a refusal, never a crash
             raise BundleError(f"cannot read {self.source}/{LATEST}: {err}") from err
-        if not text:
-            return None
-        try:
-            return check_run_id(text.splitlines()[0].strip())
-        except ValueError as err:
-            raise BundleError(f"{self.source}/{LATEST}: {err}") from err
+        return parse_latest(text, f"{self.source}/{LATEST}")
 
     def fetch(self, run_id: str) -> Path:
         """The cached, verified folder of `run_id`, downloaded first when it is not cached."""
