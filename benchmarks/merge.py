@@ -29,11 +29,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from recipes import (  # benchmarks/recipes.py: the same training protocol
+    add_recipe_flags,
     base_experiment,
     first_users,
     run_all,
+    start_logging,
 )
 
 from merging.fisher import FisherConfig, checkpoint_fisher
@@ -56,15 +57,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--data", required=True, help="prepared data folder or raw log file")
     parser.add_argument("--setting", choices=["finetune", "scratch"], default="finetune")
     parser.add_argument("--config", default=None, help="experiment YAML (configs/)")
-    parser.add_argument("--backbone", choices=["bert4rec", "sasrec"], default=None)
-    parser.add_argument(
-        "--recipes",
-        nargs="+",
-        default=["cl4srec", "duorec", "ehrec"],
-        help="recipes merged with plain: NAME or NAME:key=value,...",
-    )
-    parser.add_argument("--epochs", type=int, default=20, help="epochs of every recipe run")
-    parser.add_argument("--base-epochs", type=int, default=50, help="finetune: base epochs")
+    add_recipe_flags(parser, "merged with")
     parser.add_argument("--runs", nargs="+", default=None, help="merge these runs (no training)")
     parser.add_argument("--users", type=int, default=0, help="first N users only (0: all)")
     parser.add_argument("--ns", type=int, nargs="+", default=[10, 30, 50])
@@ -150,10 +143,7 @@ def merge_rows(
 
 def main() -> None:
     args = parse_args()
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
-    log.setLevel(logging.INFO)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    start_logging(log, args.threads)
     start = time.perf_counter()
     data = first_users(load_data(Path(args.data)), args.users)
     runs = trained_runs(args, data)

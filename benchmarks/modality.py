@@ -38,9 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from merge import fisher_file  # benchmarks/merge.py: Fisher files cached per checkpoint
-from recipes import first_users  # benchmarks/recipes.py
+from recipes import first_users, start_logging  # benchmarks/recipes.py
 
 from merging.merge import MergeConfig, merge_checkpoints
 from training.config import ExperimentConfig, load_config
@@ -255,10 +254,7 @@ def table(rows: dict[str, float], baseline: str) -> str:
 
 def main() -> None:
     args = parse_args()
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
-    log.setLevel(logging.INFO)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    start_logging(log, args.threads)
     unknown = set(args.parts) - {"ml-1m", "beauty", "transfer"}
     if unknown:
         raise SystemExit(f"unknown parts {sorted(unknown)}")

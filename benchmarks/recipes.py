@@ -56,6 +56,29 @@ def experiment_parser(doc: str | None) -> argparse.ArgumentParser:
     return parser
 
 
+def start_logging(logger: logging.Logger, threads: int | None = None) -> None:
+    """Timestamped warnings from the libraries, this benchmark's own progress, torch threads."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    logger.setLevel(logging.INFO)
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def add_recipe_flags(parser: argparse.ArgumentParser, what: str) -> None:
+    """--backbone, --recipes, --epochs and --base-epochs of the recipe benchmarks."""
+    parser.add_argument("--backbone", choices=["bert4rec", "sasrec"], default=None)
+    parser.add_argument(
+        "--recipes",
+        nargs="+",
+        default=["cl4srec", "duorec", "ehrec"],
+        help=f"recipes {what} plain: NAME or NAME:key=value,...",
+    )
+    parser.add_argument("--epochs", type=int, default=20, help="epochs of every recipe run")
+    parser.add_argument(
+        "--base-epochs", type=int, default=50, help="finetune: epochs of the plain base"
+    )
+
+
 def base_experiment(args: argparse.Namespace, **fixed: Any) -> ExperimentConfig:
     """--config, then its --set overrides, then data.path from --data and `fixed` (dotted keys)."""
     overrides = dict(parse_override(text) for text in args.overrides)
@@ -75,17 +98,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--config", default=None, help="experiment YAML for model and training (configs/)"
     )
-    parser.add_argument("--backbone", choices=["bert4rec", "sasrec"], default=None)
-    parser.add_argument(
-        "--recipes",
-        nargs="+",
-        default=["cl4srec", "duorec", "ehrec"],
-        help="recipes to compare with plain: NAME or NAME:key=value,key=value",
-    )
-    parser.add_argument("--epochs", type=int, default=20, help="epochs of every recipe run")
-    parser.add_argument(
-        "--base-epochs", type=int, default=50, help="finetune: epochs of the plain base"
-    )
+    add_recipe_flags(parser, "to compare with")
     parser.add_argument(
         "--users", type=int, default=0, help="use only the first N users (0: all; quick checks)"
     )
@@ -207,10 +220,7 @@ def inconsistency_table(rows: dict[str, Row]) -> str:
 
 def main() -> None:
     args = parse_args()
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
-    log.setLevel(logging.INFO)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    start_logging(log, args.threads)
     base = base_experiment(args, **{"model.backbone": args.backbone})
     data = first_users(load_data(Path(args.data)), args.users)
     start = time.perf_counter()
