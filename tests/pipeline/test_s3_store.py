@@ -14,6 +14,8 @@ from merging.pipeline.retention import apply_retention
 from merging.pipeline.store import ArtifactStore
 from serving.bundle import BundleError, load_bundle
 
+pytestmark = pytest.mark.slow  # a real S3 API server process
+
 
 def test_text_files_and_folders_round_trip(s3_bucket: str, tmp_path: Path) -> None:
     store = ArtifactStore(f"{s3_bucket}/fishrec")

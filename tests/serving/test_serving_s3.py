@@ -25,6 +25,8 @@ from tests.serving_support import (
     wait_for,
 )
 
+pytestmark = pytest.mark.slow  # a real S3 API server process
+
 FAILURES = 'fishrec_model_reloads_total{result="failure"}'
 
 
