@@ -13,7 +13,8 @@ budget of --epochs epochs per member, counting a shared phase:
   each epoch), then each member E - S epochs on its own; S = 0 is one shared
   initialisation;
 - `population:PULL:EVERY`: members from their own initialisations, E epochs at
-  once, pulled toward their mean every EVERY steps (PAPA).
+  once, pulled toward their mean every EVERY steps (PAPA);
+  `population:PULL:EVERY:shared` from one initialisation (`pool.shared_init`).
 
 A `+align` suffix (e.g. `scratch+align`) reuses that strategy's trained pool and
 merges it after weight matching (merging/alignment.py): the barrier is then
@@ -95,7 +96,7 @@ def parse_args() -> argparse.Namespace:
         "--strategies",
         nargs="+",
         default=["scratch", "spawn:0", "spawn:2", "spawn:6", "population:0.1:10"],
-        help="scratch | spawn:S | population:PULL:EVERY, each optionally +align (merge after "
+        help="scratch | spawn:S | population:PULL:EVERY[:shared], each optionally +align (merge after "
         "weight matching)",
     )
     parser.add_argument("--epochs", type=int, default=12, help="epochs per member, shared included")
@@ -131,13 +132,18 @@ def parse_strategy(text: str) -> PoolConfig:
     name, *values = text.split(":")
     if name == "spawn" and len(values) == 1:
         return PoolConfig(strategy="spawn", spawn_epoch=int(values[0]))
-    if name == "population" and len(values) == 2:
+    if name == "population" and len(values) in (2, 3) and values[2:] in ([], ["shared"]):
         return PoolConfig(
-            strategy="population", pull=float(values[0]), exchange_every=int(values[1])
+            strategy="population",
+            pull=float(values[0]),
+            exchange_every=int(values[1]),
+            shared_init=values[2:] == ["shared"],
         )
     if name == "scratch" and not values:
         return PoolConfig(strategy="scratch")
-    raise ValueError(f"strategy {text!r}: use scratch, spawn:S or population:PULL:EVERY")
+    raise ValueError(
+        f"strategy {text!r}: use scratch, spawn:S or population:PULL:EVERY[:shared]"
+    )
 
 
 # ---- training ----------------------------------------------------------------------------
@@ -181,12 +187,14 @@ def train_pool(
     shared = pool.spawn_epoch if pool.strategy == "spawn" else 0
     init = spawn_point(args, base, data, shared, work) if pool.strategy == "spawn" else None
     members = []
+    init_seed = pool.member_init_seed(args.seed)
     for position, text in enumerate(args.members, start=1):
         spec = parse_recipe(text)
         name = base.model.backbone if spec.name == PLAIN else spec.name
         cfg = experiment(
             base, name, spec.params, args.epochs - shared, args.seed + position, base.train.lr
         )
+        cfg = with_train(cfg, init_seed=init_seed)
         label = f"{position}-{folder_name(spec.label)}"
         members.append(
             MemberSpec(

@@ -196,6 +196,11 @@ class TrainConfig(StrictModel):
         "last", description="which max_len window of a long training sequence to use"
     )
     seed: int = Field(0, description="seeds initialisation, batching, masking and dropout")
+    init_seed: int | None = Field(
+        None,
+        description="seeds the new model's initialisation instead of seed (pool members that "
+        "share it start from one initialisation and still differ in data order and dropout)",
+    )
     device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'")
     num_threads: int | None = Field(
         None, ge=1, description="torch intra-op threads (None: torch default)"

@@ -41,7 +41,7 @@ def new_model(
 ) -> SequenceRecommender:
     """A freshly initialised model of `data`'s items (text rows loaded when it reads text)."""
     spec = config.model.model_dump()
-    seed = config.train.seed
+    seed = config.train.seed if config.train.init_seed is None else config.train.init_seed
     if spec["item_representation"] == "id":
         spec.update(feature_dim=0)
         return build_model(ModelConfig(num_items=data.num_items, **spec), seed=seed)

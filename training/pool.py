@@ -13,7 +13,8 @@ strategy places the members somewhere on that trade-off:
   experiment's rate (Frankle et al. 2020: children spawned after a short shared
   phase stay linearly connected while they diverge); spawn_epoch 0 is one shared
   initialisation;
-- `population`: members train at once from their own initialisations and are
+- `population`: members train at once from their own initialisations (or, with
+  `shared_init`, from one: no permutation between them to undo) and are
   pulled toward their mean every `exchange_every` steps (PAPA,
   training/population.py), as Ray actors.
 
@@ -56,6 +57,11 @@ class PoolSettings(StrictModel):
     exchange_every: int = Field(
         10, ge=1, description="population: optimiser steps between two exchanges"
     )
+    shared_init: bool = Field(
+        False,
+        description="population: members start from one initialisation (the experiment's "
+        "seed); their own seeds still set data order and dropout",
+    )
 
 
 class PoolConfig(PoolSettings):
@@ -97,6 +103,12 @@ class PoolConfig(PoolSettings):
         from training.run_folder import LAST
 
         return Path(base_run) / LAST if self.spawns_from_last else Path(base_run)
+
+    def member_init_seed(self, experiment_seed: int) -> int | None:
+        """The initialisation seed every member shares, or None (each member its own)."""
+        if self.strategy == "population" and self.shared_init:
+            return experiment_seed
+        return None
 
     def member_lr(self, experiment_lr: float, recipe_lr: float | None) -> float:
         """Only a fine-tune from a converged base lowers the rate (it must stay in the basin)."""

@@ -69,6 +69,7 @@ def device_of(config: PipelineConfig) -> str:
 def recipe_experiments(config: PipelineConfig) -> dict[str, dict[str, Any]]:
     """name -> the experiment of every pool member."""
     out = {}
+    init_seed = config.pool_config.member_init_seed(config.experiment.train.seed)
     for position, entry in enumerate(config.recipes):
         seed = entry.seed if entry.seed is not None else config.experiment.train.seed + position + 1
         epochs = entry.epochs if entry.epochs is not None else config.recipe_epochs
@@ -80,6 +81,8 @@ def recipe_experiments(config: PipelineConfig) -> dict[str, dict[str, Any]]:
             seed,
             config.recipe_lr_of(entry),
         )
+        if init_seed is not None:
+            out[entry.name]["train"]["init_seed"] = init_seed
     return out
 
 

@@ -22,7 +22,8 @@ def describe_pool(pool: dict[str, Any] | None) -> str | None:
     strategy = pool["strategy"]
     detail = {
         "spawn": f" (shared {pool['spawn_epoch']} epochs)",
-        "population": f" (pull {pool['pull']:g} every {pool['exchange_every']} steps)",
+        "population": f" (pull {pool['pull']:g} every {pool['exchange_every']} steps"
+        + (", one initialisation)" if pool.get("shared_init") else ")"),
     }.get(strategy, "")
     parts = [
         f"{strategy}{detail}: {pool['members']} members, {pool['member_epochs_budget']} "

@@ -150,6 +150,26 @@ def test_spawn_at_zero_shares_only_the_initialisation(
         assert torch.equal(initial[name], tensor), name
 
 
+def test_a_shared_initialisation_is_one_initial_model_whatever_the_seed(
+    small_data: SequenceData, tmp_path: Path
+) -> None:
+    """train.init_seed (pool.shared_init): members start as one model, no permutation apart."""
+
+    def initial(seed: int, init_seed: int | None) -> dict[str, torch.Tensor]:
+        cfg = tiny_experiment(train__epochs=0, train__seed=seed, train__init_seed=init_seed)
+        return weights(train(cfg, small_data, tmp_path / f"{seed}-{init_seed}").run_dir)
+
+    shared_a, shared_b = initial(3, 7), initial(4, 7)
+    for name in shared_a:
+        assert torch.equal(shared_a[name], shared_b[name]), name
+    own_a, own_b = initial(3, None), initial(4, None)
+    assert not torch.equal(own_a["item_embedding.weight"], own_b["item_embedding.weight"])
+    pool = PoolConfig(strategy="population", shared_init=True)
+    assert pool.member_init_seed(7) == 7
+    assert PoolConfig(strategy="population").member_init_seed(7) is None
+    assert PoolConfig(strategy="scratch", shared_init=True).member_init_seed(7) is None
+
+
 def test_pool_config_validates_and_covers_the_registry() -> None:
     for name in POOL_STRATEGIES:
         PoolConfig(strategy=name)  # type: ignore[arg-type]
