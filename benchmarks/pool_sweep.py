@@ -141,9 +141,7 @@ def parse_strategy(text: str) -> PoolConfig:
         )
     if name == "scratch" and not values:
         return PoolConfig(strategy="scratch")
-    raise ValueError(
-        f"strategy {text!r}: use scratch, spawn:S or population:PULL:EVERY[:shared]"
-    )
+    raise ValueError(f"strategy {text!r}: use scratch, spawn:S or population:PULL:EVERY[:shared]")
 
 
 # ---- training ----------------------------------------------------------------------------

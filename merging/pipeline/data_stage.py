@@ -12,16 +12,19 @@ from typing import Any
 from merging.pipeline.config import PipelineConfig
 from merging.pipeline.stage_context import StageContext
 from merging.pipeline.stages import StageOutput
+from training.config import DataSpec
 
 
 def stage_data(run: StageContext) -> dict[str, Any]:
     """Load the configured source, stage it as work/<run_id>/data; its summary."""
 
     def work() -> StageOutput:
-        from training.sources import load_source
+        from training.sources import load_source, localized
 
-        data = load_source(run.config.experiment.data)
         local = run.tasks.scratch("data-staging")
+        # A data.path on the bucket (s3://...) is downloaded here, once, by the driver.
+        spec = localized(run.config.experiment.data, local / "source")
+        data = load_source(spec)
         data.save(local / "data")
         result = {
             "fingerprint": data.fingerprint,
@@ -32,7 +35,7 @@ def stage_data(run: StageContext) -> dict[str, Any]:
             "test_users": len(data.split().test),
         }
         if needs_features(run.config):
-            result["features"] = stage_features(run.config, data, local / "data")
+            result["features"] = stage_features(spec, data, local / "data")
         run.store.upload_folder(local / "data", f"{run.work}/data")
         return StageOutput(["data"], result)
 
@@ -47,8 +50,8 @@ def needs_features(config: PipelineConfig) -> bool:
     return text_model or any(recipe_needs_features(entry.recipe_name) for entry in config.recipes)
 
 
-def stage_features(config: PipelineConfig, data: Any, folder: Path) -> dict[str, Any]:
-    """Copy the item features into the run's data folder, checked against its vocabulary.
+def stage_features(spec: DataSpec, data: Any, folder: Path) -> dict[str, Any]:
+    """Copy the item features (of a local `spec`) into the run's data folder, checked.
 
     Workers on other nodes cannot read the submitter's files: they read the
     features from the store, beside the data (see pool_stage.train_model).
@@ -57,7 +60,6 @@ def stage_features(config: PipelineConfig, data: Any, folder: Path) -> dict[str,
 
     from training.item_features import FEATURES_FILE, features_path, load_item_features
 
-    spec = config.experiment.data
     features = load_item_features(spec.path, spec.features, data)
     shutil.copy2(features_path(spec.path, spec.features), folder / FEATURES_FILE)
     return {"encoder": features.encoder, "dim": features.dim, "coverage": features.coverage}

@@ -49,8 +49,9 @@ REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 K8S = DEPLOY / "k8s"
 DOCKERFILES = {"serving": DEPLOY / "serving.Dockerfile", "job": DEPLOY / "job.Dockerfile"}
-RENDER_TARGETS = ["base", "merge", "overlays/dev", "overlays/production"]
-OVERLAYS = ["overlays/dev", "overlays/production"]
+OVERLAYS = ["overlays/dev", "overlays/production"]  # artifacts on a shared volume
+BUCKET_OVERLAYS = ["overlays/production-bucket"]  # artifacts on object storage
+RENDER_TARGETS = ["base", "merge", *OVERLAYS, *BUCKET_OVERLAYS]
 SUBMITTER = K8S / "components" / "merge-cronjob" / "submit_rayjob.py"
 KUBERAY_KINDS = {"RayJob", "RayCronJob"}
 OLDEST_KUBERNETES = "1.29.0"  # oldest minor still in wide use; CronJob.timeZone is GA since 1.27
@@ -465,7 +466,7 @@ def test_serving_deployment_probes_threads_and_storage(target: str) -> None:
     assert spec["securityContext"]["runAsNonRoot"] is True
 
 
-@pytest.mark.parametrize("target", OVERLAYS)
+@pytest.mark.parametrize("target", OVERLAYS + BUCKET_OVERLAYS)
 def test_serving_settings_in_config_maps_are_known(target: str) -> None:
     """Every FISHREC_* key the ConfigMap sets names a field of serving.settings.Settings."""
     settings = pytest.importorskip("serving.settings")
@@ -697,7 +698,7 @@ def kuberay_docs(target: str) -> list[dict[str, Any]]:
     return [d for d in render(target) if d["kind"] in KUBERAY_KINDS]
 
 
-@pytest.mark.parametrize("target", ["merge", *OVERLAYS])
+@pytest.mark.parametrize("target", ["merge", *OVERLAYS, *BUCKET_OVERLAYS])
 def test_kuberay_resources_meet_operator_requirements(target: str) -> None:
     docs = kuberay_docs(target)
     assert docs, f"{target} renders no RayJob or RayCronJob"
@@ -751,6 +752,40 @@ def test_merge_job_runs_the_project_pipeline_on_the_artifact_volume(target: str)
             if claims:  # overlays: the claim is part of the same render
                 assert volume["persistentVolumeClaim"]["claimName"] in claims
         assert len(images) == 1, f"head and workers must run the same job image: {images}"
+
+
+@pytest.mark.parametrize("target", BUCKET_OVERLAYS)
+def test_bucket_mode_shares_no_volume_and_names_one_bucket(target: str) -> None:
+    """Job and service meet on the bucket: no PVC anywhere, the service follows the job's root."""
+    docs = render(target)
+    assert not [d for d in docs if d["kind"] == "PersistentVolumeClaim"]
+    (cron,) = kuberay_docs(target)
+    argv = shlex.split(cron["spec"]["jobTemplate"]["entrypoint"])
+    check_pipeline_config(argv)
+    artifacts = flag_value(argv, "--artifacts")
+    assert artifacts is not None and artifacts.startswith("s3://"), artifacts
+    overrides = dict(v.split("=", 1) for f, v in itertools.pairwise(argv) if f == "--set")
+    assert overrides["experiment.data.path"].startswith("s3://"), "data must not need a volume"
+    for where, template in pod_templates(cron):
+        spec = template["spec"]
+        assert not spec.get("volumes") and not spec["containers"][0].get("volumeMounts"), where
+        assert {"name": "fishrec-s3", "optional": True} in [
+            e["secretRef"] for e in spec["containers"][0]["envFrom"] if "secretRef" in e
+        ], where
+
+    spec = pod_spec(docs)
+    (container,) = spec["containers"]
+    config_map = next(d for d in docs if d["metadata"]["name"].startswith("fishrec-serving"))
+    assert config_map["data"]["FISHREC_SOURCE"] == artifacts
+    # The service's own cache of the bucket, where the image looks for its artifacts.
+    cache = serving_setting(parse_dockerfile(DOCKERFILES["serving"]), "artifacts")
+    mount = next(m for m in container["volumeMounts"] if m["mountPath"] == cache)
+    assert not mount.get("readOnly")
+    volume = next(v for v in spec["volumes"] if v["name"] == mount["name"])
+    assert "emptyDir" in volume and "persistentVolumeClaim" not in volume
+    assert {"name": "fishrec-s3", "optional": True} in [
+        e["secretRef"] for e in container["envFrom"] if "secretRef" in e
+    ]
 
 
 def check_pipeline_config(argv: list[str]) -> None:

@@ -26,6 +26,7 @@ import yaml
 from merging.pipeline.store import ArtifactStore
 from serving.bundle import load_bundle
 from tests.support import tiny_pipeline
+from training.prepare import load_data
 
 pytestmark = pytest.mark.slow
 
@@ -97,17 +98,23 @@ def assert_published(store: ArtifactStore, run_id: str, tmp_path: Path) -> None:
     assert "merged-fisher" in metrics["models"]
 
 
-def test_the_job_spreads_over_two_nodes_with_artifacts_on_s3(
-    s3_bucket: str, tmp_path: Path
+def test_the_job_spreads_over_two_nodes_with_data_and_artifacts_on_s3(
+    s3_bucket: str, small_data_dir: Path, tmp_path: Path
 ) -> None:
+    """No shared disk at all: the prepared data folder and the artifact root are on the bucket."""
     artifacts = f"{s3_bucket}/fishrec"
+    ArtifactStore(s3_bucket).upload_folder(small_data_dir, "data/small")
+    config = write_config(tmp_path, experiment__data__path=f"{s3_bucket}/data/small")
     with two_node_cluster() as (cluster, _, scratch):
-        command = job_command(write_config(tmp_path), artifacts, cluster.address, "two-nodes")
+        command = job_command(config, artifacts, cluster.address, "two-nodes")
         result = subprocess.run(command, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stderr[-4000:]
         # Both nodes worked on the run, each in its own scratch folder.
         assert worked_on(scratch["head"]) and worked_on(scratch["worker"]), scratch
-    assert_published(ArtifactStore(artifacts), "two-nodes", tmp_path)
+    store = ArtifactStore(artifacts)
+    assert_published(store, "two-nodes", tmp_path)
+    manifest = json.loads(store.read_text("runs/two-nodes/manifest.json"))
+    assert manifest["data_fingerprint"] == load_data(small_data_dir).fingerprint
 
 
 def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 300) -> None:

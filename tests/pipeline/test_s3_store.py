@@ -111,3 +111,28 @@ def test_retention_on_the_bucket(s3_bucket: str, serving_bundle: Path, tmp_path:
     assert sorted(store.listdir("runs")) == ["night-3", "night-4"]
     assert store.read_text("LATEST").strip() == "night-4"
     verify_bundle(store.download_folder("runs/night-4", tmp_path / "kept"))
+
+
+def test_data_on_the_bucket_loads_as_the_local_folder(
+    s3_bucket: str, small_data_dir: Path, tmp_path: Path
+) -> None:
+    """data.path may be an s3:// URL: a prepared folder (or a raw file) is downloaded, then read."""
+    from training.config import DataSpec
+    from training.data_error import DataError
+    from training.prepare import load_data
+    from training.sources import load_source
+
+    ArtifactStore(s3_bucket).upload_folder(small_data_dir, "data/small")
+    remote = load_source(DataSpec(path=f"{s3_bucket}/data/small"), tmp_path / "cache")
+    assert remote.fingerprint == load_data(small_data_dir).fingerprint
+    assert (tmp_path / "cache" / "path").is_dir()  # the download, kept where the caller said
+
+    raw = tmp_path / "log.tsv"
+    rows = "".join(f"u{u}\ti{(u + k) % 7}\t{k}\n" for u in range(12) for k in range(5))
+    raw.write_text("user\titem\ttimestamp\n" + rows)
+    ArtifactStore(s3_bucket).upload_file(raw, "data/raw/log.tsv")
+    from_bucket = load_source(DataSpec(path=f"{s3_bucket}/data/raw/log.tsv"))
+    assert from_bucket.fingerprint == load_source(DataSpec(path=str(raw))).fingerprint
+
+    with pytest.raises(DataError, match="no such file or folder"):
+        load_source(DataSpec(path=f"{s3_bucket}/data/missing"))
