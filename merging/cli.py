@@ -10,6 +10,7 @@ import argparse
 from pathlib import Path
 
 from merging.methods import METHODS, MergeConfig
+from serving.bundle import RETRIEVAL_MIN_ITEMS
 from training.flags import add_config_flags, add_override_flags, collect_overrides
 
 # MergeConfig fields that `fishrec merge` takes as flags of the same name (--fisher-floor):
@@ -192,6 +193,7 @@ def cmd_export(args: argparse.Namespace) -> None:
         manifest_fields=fields,
         parity_sequences=args.parity_sequences,
         checkpoint_copy=args.with_checkpoint,
+        retrieval_min_items=None if args.retrieval_min_items == 0 else args.retrieval_min_items,
     )
     parity = manifest["onnx"]["parity"]
     print(
@@ -225,6 +227,13 @@ def register_export(commands: argparse._SubParsersAction) -> None:
         "--full-scores",
         action="store_true",
         help="add the all_scores output (every item's score) to the graph",
+    )
+    parser.add_argument(
+        "--retrieval-min-items",
+        type=int,
+        default=RETRIEVAL_MIN_ITEMS,
+        help="from this catalogue size, also an ANN index and a user encoder (retrieval/; "
+        "0: never)",
     )
     parser.add_argument(
         "--run-id", default=None, help="run id in the manifest (default: the name of --out)"

@@ -32,7 +32,8 @@ from merging.export_parity import (
 )
 from merging.onnx_graph import ExportError, OnnxRecommender, export_onnx
 from merging.quantize import export_int8
-from serving.bundle import ITEM_VECTORS, MANIFEST
+from merging.retrieval_export import export_retrieval
+from serving.bundle import ITEM_VECTORS, MANIFEST, RETRIEVAL_MIN_ITEMS
 from training.checkpoint import write_checkpoint, write_json
 from training.files import atomic_directory
 from training.model import ModelConfig, SequenceRecommender
@@ -61,6 +62,7 @@ def export_bundle(
     manifest_fields: dict | None = None,
     parity_sequences: int = 256,
     checkpoint_copy: bool = False,
+    retrieval_min_items: int | None = RETRIEVAL_MIN_ITEMS,
 ) -> dict:
     """Export a checkpoint (or run folder) as a bundle folder `out`; return its manifest.
 
@@ -71,6 +73,8 @@ def export_bundle(
     defaults to the name of `out` (bundles live in runs/<run_id>/). With
     `checkpoint_copy` the model's weights and config also go into checkpoint/
     (safetensors + JSON): what the next run warm-starts from (training/warm_start.py).
+    A catalogue of at least `retrieval_min_items` items (None: never) also gets
+    retrieval/: user encoder, output bias and ANN index (merging/retrieval_export.py).
     """
     out = Path(out)
     fields = caller_fields(out, manifest_fields or {})
@@ -103,6 +107,9 @@ def export_bundle(
         quantized = export_int8(model, staging, graph, split, histories) if quantize else None
         data.vocab.save(staging / VOCAB_FILE)
         np.save(staging / ITEM_VECTORS, item_vectors(model), allow_pickle=False)
+        retrieval = None
+        if retrieval_min_items is not None and config.num_items >= retrieval_min_items:
+            retrieval = export_retrieval(model, staging, histories)
         if checkpoint_copy:
             write_checkpoint(staging / BUNDLE_CHECKPOINT, model, config, loaded.info)
         write_json(staging / POPULAR_FILE, popular_json(split.popularity))
@@ -118,6 +125,7 @@ def export_bundle(
                 "max_history": max_history(config),
                 "onnx": onnx_fields,
                 "quantized": quantized,
+                "retrieval": retrieval,
             },
         )
         verify_bundle(staging)

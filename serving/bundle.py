@@ -35,6 +35,14 @@ MANIFEST = "manifest.json"
 VOCAB = "vocab.json"
 POPULAR = "popular.json"
 ITEM_VECTORS = "item_vectors.npy"  # (N, D) float32 item representations: similar items
+# Large catalogues: retrieval from an ANN index, then exact re-ranking (merging/retrieval_export.py)
+RETRIEVAL_DIR = "retrieval"
+USER_ENCODER = "user_encoder.onnx"  # item_ids (B, L) -> user (B, D)
+ITEM_BIAS = "item_bias.npy"  # (N,) float32 output bias
+ITEM_INDEX = "item_index.faiss"  # HNSW, inner product over [W_j, b_j]
+# Catalogues from this size get retrieval/ at export (below it exact serving is as fast:
+# docs/results/retrieval.md).
+RETRIEVAL_MIN_ITEMS = 100_000
 LATEST = "LATEST"
 RUNS = "runs"
 
@@ -104,6 +112,11 @@ class Bundle:
         (bundles exported before them do not)."""
         inputs = self.manifest.get("onnx", {}).get("inputs", [])
         return any(entry.get("name") == "exclude_ids" for entry in inputs)
+
+    @property
+    def has_retrieval(self) -> bool:
+        """Whether the bundle carries retrieval/ (user encoder, output bias, ANN index)."""
+        return isinstance(self.manifest.get("retrieval"), dict)
 
     def model_file(self, quantized: bool) -> Path:
         """model.int8.onnx when asked for and present, else model.onnx."""

@@ -28,7 +28,15 @@ import numpy as np
 from serving.availability import FILE as AVAILABILITY_FILE
 from serving.availability import Availability
 from serving.batcher import MicroBatcher
-from serving.bundle import Bundle, BundleError, bundle_folder, load_bundle, read_latest
+from serving.bundle import (
+    RETRIEVAL_DIR,
+    USER_ENCODER,
+    Bundle,
+    BundleError,
+    bundle_folder,
+    load_bundle,
+    read_latest,
+)
 from serving.cpus import cpu_quota, serving_threads
 from serving.metrics import Metrics
 from serving.mirror import BundleMirror
@@ -237,14 +245,23 @@ class ModelManager:
     async def _started(self, bundle: Bundle) -> ModelRunner:
         """The bundle's model opened and warmed up (a bundle answering nonsense is refused)."""
         settings = self.settings
+        retrieval = bundle.has_retrieval and settings.retrieval == "auto"
         spec = ModelSpec(
-            path=str(bundle.model_file(settings.quantized)),
+            # The file that answers (GET /v1/model names it): the user encoder with retrieval.
+            path=str(
+                bundle.folder / RETRIEVAL_DIR / USER_ENCODER
+                if retrieval
+                else bundle.model_file(settings.quantized)
+            ),
             num_items=bundle.num_items,
             intra_op_threads=self.threads,
             inter_op_threads=settings.inter_op_threads,
             max_history=bundle.max_history,
             warm_batch=settings.max_batch_size,
             warm_history=min(bundle.max_history, settings.max_history),
+            retrieval_folder=str(bundle.folder) if retrieval else None,
+            ann_shortlist=settings.ann_shortlist,
+            ann_ef_search=settings.ann_ef_search,
         )
         runner = ModelProcess(spec) if settings.model_process else ModelThread(spec)
         await runner.start()

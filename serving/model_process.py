@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from serving.bundle import BundleError
-from serving.runtime import NO_IDS, OnnxModel, Ranked, Row
+from serving.runtime import NO_IDS, OnnxModel, Ranked, RankingModel, Row
 
 log = logging.getLogger(__name__)
 
@@ -60,15 +60,33 @@ class ModelSpec:
     max_history: int
     warm_batch: int
     warm_history: int
+    # ANN retrieval (serving/retrieval.py): the bundle folder with retrieval/, else None
+    retrieval_folder: str | None = None
+    ann_shortlist: int = 100
+    ann_ef_search: int = 128
 
-    def open(self) -> OnnxModel:
-        model = OnnxModel(
-            Path(self.path),
-            self.num_items,
-            self.intra_op_threads,
-            self.inter_op_threads,
-            self.max_history,
-        )
+    def open(self) -> RankingModel:
+        model: RankingModel
+        if self.retrieval_folder is not None:
+            from serving.retrieval import RetrievalModel
+
+            model = RetrievalModel(
+                Path(self.retrieval_folder),
+                self.num_items,
+                self.intra_op_threads,
+                self.inter_op_threads,
+                self.max_history,
+                self.ann_shortlist,
+                self.ann_ef_search,
+            )
+        else:
+            model = OnnxModel(
+                Path(self.path),
+                self.num_items,
+                self.intra_op_threads,
+                self.inter_op_threads,
+                self.max_history,
+            )
         model.warm_up(self.warm_batch, self.warm_history)
         return model
 
@@ -285,7 +303,7 @@ class ModelThread:
     def __init__(self, spec: ModelSpec) -> None:
         self.spec = spec
         self.path = Path(spec.path)
-        self._model: OnnxModel | None = None
+        self._model: RankingModel | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnxruntime")
 
     async def start(self) -> None:

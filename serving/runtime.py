@@ -145,6 +145,15 @@ def length_groups(lengths: list[int]) -> list[list[int]]:
     return groups
 
 
+def left_padded(histories: list[np.ndarray]) -> np.ndarray:
+    """(B, longest) int64: each history right-aligned, 0 (padding) before it."""
+    width = max(len(h) for h in histories)
+    item_ids = np.zeros((len(histories), width), dtype=np.int64)
+    for i, history in enumerate(histories):
+        item_ids[i, width - len(history) :] = history
+    return item_ids
+
+
 @dataclass(frozen=True)
 class Row:
     """One history to score: internal ids oldest first (no padding), how many items, rules."""
@@ -164,7 +173,84 @@ class Ranked:
     scores: np.ndarray  # (<= k,) float32
 
 
-class OnnxModel:
+def open_session(path: Path, intra_op_threads: int, inter_op_threads: int) -> ort.InferenceSession:
+    """An onnxruntime CPU session with explicit threads; BundleError for a bad graph."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = intra_op_threads
+    options.inter_op_num_threads = inter_op_threads
+    options.execution_mode = (
+        ort.ExecutionMode.ORT_SEQUENTIAL
+        if inter_op_threads == 1
+        else ort.ExecutionMode.ORT_PARALLEL
+    )
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Spinning pool threads burn the CPU that the event loop needs between runs.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as err:  # onnxruntime raises its own exception types for bad graphs
+        raise BundleError(f"{path}: onnxruntime cannot load the model ({err})") from err
+
+
+class RankingModel:
+    """What the service runs: rows -> ranked answers, checked by a warm-up before it serves.
+
+    Two implementations: `OnnxModel` (model.onnx scores every item) and
+    `serving.retrieval.RetrievalModel` (ANN shortlist, exact re-ranking).
+    """
+
+    path: Path
+    num_items: int
+    filters: bool
+    warm_k: int  # the k of the warm-up's unfiltered rows (every one must come back)
+
+    def run(self, rows: list[Row], blocked: np.ndarray = NO_IDS) -> list[Ranked]:
+        raise NotImplementedError
+
+    def warm_up(self, batch_size: int, history: int) -> None:
+        """Run the shapes serving will see and check the answers are sane.
+
+        A bundle that loads but answers nonsense (wrong shapes, ids out of range,
+        NaN) is refused here, before it can replace a working model.
+        """
+        rng = np.random.default_rng(0)
+        for rows, length in ((1, 1), (batch_size, history)):
+            batch = [
+                Row(rng.integers(1, self.num_items + 1, size=length), self.warm_k, i % 2 == 1)
+                for i in range(rows)
+            ]
+            for row, answer in zip(batch, self.run(batch), strict=True):
+                if not ((answer.ids >= 1) & (answer.ids <= self.num_items)).all():
+                    raise BundleError(f"{self.path}: warm-up answer has item ids out of range")
+                if not row.exclude_seen and len(answer.ids) != self.warm_k:
+                    raise BundleError(f"{self.path}: warm-up scores are not all finite")
+                if np.any(np.diff(answer.scores) > 0):
+                    raise BundleError(f"{self.path}: warm-up scores are not in descending order")
+        if self.filters:
+            self.warm_up_filters(rng, batch_size, history)
+
+    def warm_up_filters(self, rng: np.random.Generator, batch_size: int, history: int) -> None:
+        """The filter inputs must hold: nothing excluded or blocked comes back, only candidates."""
+        blocked = rng.integers(1, self.num_items + 1, size=3)
+        batch = []
+        for i in range(batch_size):
+            candidates = rng.integers(1, self.num_items + 1, size=20) if i % 2 else None
+            exclude = rng.integers(1, self.num_items + 1, size=5)
+            batch.append(
+                Row(
+                    rng.integers(1, self.num_items + 1, size=history), 10, True, exclude, candidates
+                )
+            )
+        for row, answer in zip(batch, self.run(batch, blocked), strict=True):
+            returned = set(answer.ids.tolist())
+            if returned & (set(row.exclude.tolist()) | set(blocked.tolist())):
+                raise BundleError(f"{self.path}: warm-up returned an excluded or blocked item")
+            if row.candidates is not None and not returned <= set(row.candidates.tolist()):
+                raise BundleError(f"{self.path}: warm-up returned an item outside the candidates")
+
+
+class OnnxModel(RankingModel):
     """An onnxruntime session of a bundle's model with explicit threads."""
 
     def __init__(
@@ -176,28 +262,12 @@ class OnnxModel:
         max_history: int | None = None,
     ) -> None:
         """`max_history`: how many newest items the graph reads (the bundle's max_history)."""
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = intra_op_threads
-        options.inter_op_num_threads = inter_op_threads
-        options.execution_mode = (
-            ort.ExecutionMode.ORT_SEQUENTIAL
-            if inter_op_threads == 1
-            else ort.ExecutionMode.ORT_PARALLEL
-        )
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # Spinning pool threads burn the CPU that the event loop needs between runs.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         self.path = Path(path)
         self.num_items = num_items
         self.max_history = max_history or sys.maxsize
-        try:
-            self.session = ort.InferenceSession(
-                str(path), options, providers=["CPUExecutionProvider"]
-            )
-        except Exception as err:  # onnxruntime raises its own exception types for bad graphs
-            raise BundleError(f"{path}: onnxruntime cannot load the model ({err})") from err
+        self.session = open_session(self.path, intra_op_threads, inter_op_threads)
         self.check_interface()
+        self.warm_k = num_items
         self.filters = has_filter_inputs(self.session)
 
     def check_interface(self) -> None:
@@ -233,10 +303,7 @@ class OnnxModel:
 
     def run_padded(self, rows: list[Row], blocked: np.ndarray = NO_IDS) -> list[Ranked]:
         """One session run over `rows`, left-padded to the longest."""
-        width = max(len(row.history) for row in rows)
-        item_ids = np.zeros((len(rows), width), dtype=np.int64)  # (B, L) left-padded
-        for i, row in enumerate(rows):
-            item_ids[i, width - len(row.history) :] = row.history
+        item_ids = left_padded([row.history for row in rows])
         k = min(max(row.k for row in rows), self.num_items)
         exclude = np.fromiter((row.exclude_seen for row in rows), dtype=bool, count=len(rows))
         filters = Filters.of_rows(
@@ -252,44 +319,3 @@ class OnnxModel:
             keep = np.isfinite(row_scores)
             ranked.append(Ranked(ids=row_ids[keep], scores=row_scores[keep]))
         return ranked
-
-    def warm_up(self, batch_size: int, history: int) -> None:
-        """Run the shapes serving will see and check the answers are sane.
-
-        A bundle that loads but answers nonsense (wrong shapes, ids out of range,
-        NaN) is refused here, before it can replace a working model.
-        """
-        rng = np.random.default_rng(0)
-        for rows, length in ((1, 1), (batch_size, history)):
-            batch = [
-                Row(rng.integers(1, self.num_items + 1, size=length), self.num_items, i % 2 == 1)
-                for i in range(rows)
-            ]
-            for row, answer in zip(batch, self.run(batch), strict=True):
-                if not ((answer.ids >= 1) & (answer.ids <= self.num_items)).all():
-                    raise BundleError(f"{self.path}: warm-up answer has item ids out of range")
-                if not row.exclude_seen and len(answer.ids) != self.num_items:
-                    raise BundleError(f"{self.path}: warm-up scores are not all finite")
-                if np.any(np.diff(answer.scores) > 0):
-                    raise BundleError(f"{self.path}: warm-up scores are not in descending order")
-        if self.filters:
-            self.warm_up_filters(rng, batch_size, history)
-
-    def warm_up_filters(self, rng: np.random.Generator, batch_size: int, history: int) -> None:
-        """The filter inputs must hold: nothing excluded or blocked comes back, only candidates."""
-        blocked = rng.integers(1, self.num_items + 1, size=3)
-        batch = []
-        for i in range(batch_size):
-            candidates = rng.integers(1, self.num_items + 1, size=20) if i % 2 else None
-            exclude = rng.integers(1, self.num_items + 1, size=5)
-            batch.append(
-                Row(
-                    rng.integers(1, self.num_items + 1, size=history), 10, True, exclude, candidates
-                )
-            )
-        for row, answer in zip(batch, self.run(batch, blocked), strict=True):
-            returned = set(answer.ids.tolist())
-            if returned & (set(row.exclude.tolist()) | set(blocked.tolist())):
-                raise BundleError(f"{self.path}: warm-up returned an excluded or blocked item")
-            if row.candidates is not None and not returned <= set(row.candidates.tolist()):
-                raise BundleError(f"{self.path}: warm-up returned an item outside the candidates")

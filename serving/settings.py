@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -76,6 +77,17 @@ class Settings(BaseSettings):
     )
     quantized: bool = Field(
         False, description="serve model.int8.onnx when the bundle has one (else model.onnx)"
+    )
+    retrieval: Literal["auto", "exact"] = Field(
+        "auto",
+        description="auto: a bundle with retrieval/ (large catalogues) answers from its ANN "
+        "shortlist, re-ranked exactly; exact: always score every item with model.onnx",
+    )
+    ann_shortlist: int = Field(
+        100, ge=10, le=10_000, description="items the ANN index returns per request, at least"
+    )
+    ann_ef_search: int = Field(
+        128, ge=16, le=10_000, description="HNSW search depth (recall against time)"
     )
     model_process: bool = Field(
         True,

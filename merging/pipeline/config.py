@@ -14,6 +14,7 @@ from pydantic import Field, model_validator
 from merging.fisher import FisherConfig
 from merging.methods import METHODS, NEEDS_BASE, MergeConfig
 from merging.pipeline.tracking import TrackingSpec
+from serving.bundle import RETRIEVAL_MIN_ITEMS
 from serving.settings import check_run_id
 from training.config import ExperimentConfig, StrictModel
 from training.pool import POOL_STRATEGIES, PoolConfig, PoolSettings, PoolStrategy
@@ -110,6 +111,12 @@ class ExportSpec(StrictModel):
     )
     full_scores: bool = Field(False, description="add the all_scores output to the graph")
     parity_sequences: int = Field(256, ge=8, description="sequences of the parity check at export")
+    retrieval_min_items: int | None = Field(
+        RETRIEVAL_MIN_ITEMS,
+        ge=1,
+        description="catalogues of at least this many items also get an ANN index and a user "
+        "encoder (retrieval/): the service then scores a shortlist, not every item (None: never)",
+    )
     checkpoint_copy: bool = Field(
         True,
         description="also put the model's safetensors and config into the bundle's checkpoint/ "
