@@ -39,7 +39,8 @@ ITEM_VECTORS = "item_vectors.npy"  # (N, D) float32 item representations: simila
 RETRIEVAL_DIR = "retrieval"
 USER_ENCODER = "user_encoder.onnx"  # item_ids (B, L) -> user (B, D)
 ITEM_BIAS = "item_bias.npy"  # (N,) float32 output bias
-ITEM_INDEX = "item_index.faiss"  # HNSW, inner product over [W_j, b_j]
+ITEM_INDEX = "item_index.faiss"  # HNSW (L2) over [W_j, b_j, lift]: query [h, 1, 0]
+INDEX_KIND = "faiss-hnsw-l2-mips"  # the manifest's retrieval.index
 # Catalogues from this size get retrieval/ at export (below it exact serving is as fast:
 # docs/results/retrieval.md).
 RETRIEVAL_MIN_ITEMS = 100_000
@@ -116,7 +117,8 @@ class Bundle:
     @property
     def has_retrieval(self) -> bool:
         """Whether the bundle carries retrieval/ (user encoder, output bias, ANN index)."""
-        return isinstance(self.manifest.get("retrieval"), dict)
+        retrieval = self.manifest.get("retrieval")
+        return isinstance(retrieval, dict) and retrieval.get("index") == INDEX_KIND
 
     def model_file(self, quantized: bool) -> Path:
         """model.int8.onnx when asked for and present, else model.onnx."""

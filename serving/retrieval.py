@@ -3,8 +3,9 @@
 For bundles that carry retrieval/ (merging/retrieval_export.py), the service
 does not score every item: the user encoder turns a history into the state h
 the output layer scores (z_j = W_j . h + b_j), the HNSW index returns the
-`shortlist` items of the highest [W_j, b_j] . [h, 1], and those are scored
-exactly with W and b, so every returned score is the model's own logit.
+`shortlist` items nearest to [h, 1, 0] (by construction the items of the
+highest logits, merging/retrieval_export.py), and those are scored exactly with
+W and b, so every returned score is the model's own logit.
 
 Business rules hold as on the exact path: the history (exclude_seen),
 `exclude_items` and unavailable items are never returned, `candidates` are
@@ -81,7 +82,7 @@ class RetrievalModel(RankingModel):
             self.num_items,
             (self.num_items,),
             self.num_items,
-            dim + 1,
+            dim + 2,
         ):
             raise BundleError(
                 f"{self.path.parent}: retrieval files disagree: {self.num_items} items, vectors "
@@ -132,9 +133,8 @@ class RetrievalModel(RankingModel):
         if width >= self.num_items:
             return out  # as good as scoring everything
         self.index.hnsw.efSearch = max(self.ef_search, width)
-        queries = np.concatenate(
-            [users[searched], np.ones((len(searched), 1), dtype=np.float32)], axis=1
-        )
+        ones, zeros = (np.full((len(searched), 1), v, dtype=np.float32) for v in (1.0, 0.0))
+        queries = np.concatenate([users[searched], ones, zeros], axis=1)
         _, found = self.index.search(np.ascontiguousarray(queries), width)
         for position, i in enumerate(searched):
             ids = found[position]
