@@ -49,6 +49,7 @@ def main() -> None:
     args = parser.parse_args()
     import faiss
     import usearch.index  # pip install usearch: only this comparison needs it
+
     catalogue, queries = vectors(args.items, args.clustered)
 
     faiss.omp_set_num_threads(2)
