@@ -14,7 +14,9 @@ budget of --epochs epochs per member, counting a shared phase:
   initialisation;
 - `population:PULL:EVERY`: members from their own initialisations, E epochs at
   once, pulled toward their mean every EVERY steps (PAPA);
-  `population:PULL:EVERY:shared` from one initialisation (`pool.shared_init`).
+  `population:PULL:EVERY:shared` from one initialisation (`pool.shared_init`);
+  `population:P/epoch:EVERY` sets the pull compounded over an epoch instead
+  (`pool.pull_per_epoch`).
 
 A `+align` suffix (e.g. `scratch+align`) reuses that strategy's trained pool and
 merges it after weight matching (merging/alignment.py): the barrier is then
@@ -128,14 +130,20 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
+PER_EPOCH = "/epoch"  # population:0.15/epoch:10 - the pull compounded over an epoch
+
+
 def parse_strategy(text: str) -> PoolConfig:
     name, *values = text.split(":")
     if name == "spawn" and len(values) == 1:
         return PoolConfig(strategy="spawn", spawn_epoch=int(values[0]))
     if name == "population" and len(values) in (2, 3) and values[2:] in ([], ["shared"]):
+        per_epoch = values[0].endswith(PER_EPOCH)
+        pull = float(values[0].removesuffix(PER_EPOCH))
         return PoolConfig(
             strategy="population",
-            pull=float(values[0]),
+            pull=0.0 if per_epoch else pull,
+            pull_per_epoch=pull if per_epoch else None,
             exchange_every=int(values[1]),
             shared_init=values[2:] == ["shared"],
         )
@@ -201,7 +209,10 @@ def train_pool(
         )
     pull = pool.pull if pool.strategy == "population" else 0.0
     loader = functools.partial(load_data, Path(args.data))
-    results = train_population(members, loader, pull, pool.exchange_every, resume=True)
+    per_epoch = pool.pull_per_epoch if pool.strategy == "population" else None
+    results = train_population(
+        members, loader, pull, pool.exchange_every, resume=True, pull_per_epoch=per_epoch
+    )
     return {name: Path(r["run_dir"]) for name, r in results.items()}, shared + len(members) * (
         args.epochs - shared
     )

@@ -59,6 +59,13 @@ class PoolSettings(StrictModel):
     exchange_every: int = Field(
         10, ge=1, description="population: optimiser steps between two exchanges"
     )
+    pull_per_epoch: float | None = Field(
+        None,
+        ge=0.0,
+        lt=1.0,
+        description="population: the pull compounded over one epoch; when set, it replaces "
+        "pull, so that one value means the same on data sets of any size (None: use pull)",
+    )
     shared_init: bool = Field(
         False,
         description="population: members start from one initialisation (the experiment's "

@@ -174,7 +174,14 @@ def population_stage(run: StageContext, experiments: dict[str, dict[str, Any]]) 
     num_gpus = run.config.resources.num_gpus
     outputs = tuple(f"models/{name}" for name in experiments)
     return run.task_stage(
-        POPULATION, task, experiments, pool.pull, pool.exchange_every, num_gpus, outputs=outputs
+        POPULATION,
+        task,
+        experiments,
+        pool.pull,
+        pool.exchange_every,
+        num_gpus,
+        pool.pull_per_epoch,
+        outputs=outputs,
     )
 
 
@@ -253,6 +260,7 @@ def train_population_members(
     pull: float,
     exchange_every: int,
     num_gpus: float = 0.0,
+    pull_per_epoch: float | None = None,
 ) -> dict[str, dict[str, Any]]:
     """The pool as a population (training/population.py): one actor per member.
 
@@ -280,6 +288,7 @@ def train_population_members(
         num_gpus=num_gpus,
         resume=True,
         on_finish=functools.partial(publish_run, context),
+        pull_per_epoch=pull_per_epoch,
     )
     return {
         name: {

@@ -22,7 +22,11 @@ def describe_pool(pool: dict[str, Any] | None) -> str | None:
     strategy = pool["strategy"]
     detail = {
         "spawn": f" (shared {pool['spawn_epoch']} epochs)",
-        "population": f" (pull {pool['pull']:g} every {pool['exchange_every']} steps"
+        "population": (
+            f" (pull {pool['pull_per_epoch']:g} per epoch"
+            if pool.get("pull_per_epoch") is not None
+            else f" (pull {pool['pull']:g} every {pool['exchange_every']} steps"
+        )
         + (", one initialisation)" if pool.get("shared_init") else ")"),
     }.get(strategy, "")
     parts = [

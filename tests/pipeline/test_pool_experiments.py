@@ -25,3 +25,21 @@ def test_members_start_from_their_own_initialisations_by_default() -> None:
     for setting in ("population", "scratch"):
         members = recipe_experiments(tiny_pipeline(setting=setting, recipes=RECIPES))
         assert [m["train"]["init_seed"] for m in members.values()] == [None, None]
+
+
+def test_the_report_names_the_pull_as_configured() -> None:
+    from merging.pipeline.publish import describe_pool
+    from training.pool import PoolConfig
+
+    def line(**settings: object) -> str | None:
+        pool = PoolConfig(strategy="population", **settings).model_dump(mode="json")  # type: ignore[arg-type]
+        return describe_pool({**pool, "members": 2, "member_epochs_budget": 30})
+
+    assert (
+        line(pull=0.05)
+        == "population (pull 0.05 every 10 steps): 2 members, 30 member-epochs at most"
+    )
+    assert str(line(pull_per_epoch=0.15)).startswith("population (pull 0.15 per epoch)")
+    assert str(line(shared_init=True)).startswith(
+        "population (pull 0.05 every 10 steps, one initialisation)"
+    )

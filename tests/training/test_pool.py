@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from tests.support import tiny_experiment
 from training.pool import POOL_STRATEGIES, PoolConfig
-from training.population import MemberSpec, population_mean, train_population
+from training.population import MemberSpec, exchange_pull, population_mean, train_population
 from training.prepare import load_data
 from training.run import train
 from training.run_folder import LAST, load_run_checkpoint
@@ -66,6 +66,20 @@ def test_pull_zero_is_independent_training_bit_for_bit(
     )
 
 
+def test_a_pull_per_epoch_replaces_the_pull_per_exchange(
+    ray_local, small_data_dir: Path, tmp_path: Path
+) -> None:
+    """pull_per_epoch 0 overrides a strong pull: independent training again, bit for bit."""
+    specs = [member("a", tmp_path / "p", seed=3), member("b", tmp_path / "p", seed=4)]
+    train_population(specs, loader(small_data_dir), pull=0.5, exchange_every=3, pull_per_epoch=0.0)
+    alone = [member("a", tmp_path / "q", seed=3), member("b", tmp_path / "q", seed=4)]
+    train_population(alone, loader(small_data_dir), pull=0.0, exchange_every=3)
+    for name in ("a", "b"):
+        got, want = weights(tmp_path / "p" / name, True), weights(tmp_path / "q" / name, True)
+        for key in want:
+            assert torch.equal(got[key], want[key]), key
+
+
 def test_full_pull_makes_members_one_model(ray_local, small_data_dir: Path, tmp_path: Path) -> None:
     """Pull 1 replaces every member by the mean at each exchange: after the last one they agree."""
     specs = [member("a", tmp_path, seed=3), member("b", tmp_path, seed=4)]
@@ -87,6 +101,21 @@ def test_a_gentle_pull_brings_members_closer(
         return float(sum(((a[k] - b[k]) ** 2).sum() for k in a if a[k].is_floating_point()))
 
     assert distance(tmp_path / "pulled", 0.2) < 0.5 * distance(tmp_path / "free", 0.0)
+
+
+def test_exchange_pull_compounds_to_the_pull_per_epoch() -> None:
+    # Beauty: 175 steps per epoch, an exchange every 10 -> 17.5 exchanges compound to 16%.
+    per_exchange = exchange_pull(0.16, 175, 10)
+    assert per_exchange == pytest.approx(0.00991, abs=1e-4)
+    assert 1 - (1 - per_exchange) ** 17.5 == pytest.approx(0.16)
+    # ML-1M's 48 steps need a stronger pull per exchange for the same per-epoch pull.
+    assert exchange_pull(0.16, 48, 10) > 3 * per_exchange
+    assert exchange_pull(0.0, 48, 10) == 0.0
+    assert exchange_pull(0.3, 5, 10) == pytest.approx(0.3)  # fewer steps than one exchange
+    with pytest.raises(ValueError):
+        exchange_pull(1.0, 48, 10)
+    with pytest.raises(ValidationError):
+        PoolConfig(strategy="population", pull_per_epoch=1.0)
 
 
 def test_population_mean_is_the_elementwise_mean() -> None:
