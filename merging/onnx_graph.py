@@ -157,12 +157,8 @@ def example_inputs(num_items: int) -> tuple[Tensor, ...]:
 def export_onnx(model: SequenceRecommender, path: Path, *, full_scores: bool = False) -> dict:
     """Export `model`'s inference path to one ONNX file; return the manifest's "onnx" fields.
 
-    Uses the torch.export-based exporter with explicit dynamic batch and sequence
-    dimensions. There is no fallback to the TorchScript exporter: a model it
-    cannot export is an error.
+    Explicit dynamic batch, sequence and filter dimensions (`save_onnx`).
     """
-    import onnx
-
     graph = TopKRecommender(model, full_scores).eval()
     batch = torch.export.Dim("batch", min=1)
     seq = torch.export.Dim("seq", min=1)
@@ -180,14 +176,32 @@ def export_onnx(model: SequenceRecommender, path: Path, *, full_scores: bool = F
         {0: blocked},
     )
     outputs = (*OUTPUTS, FULL_SCORES_OUTPUT) if full_scores else OUTPUTS
+    save_onnx(graph, example_inputs(model.config.num_items), shapes, INPUTS, outputs, path)
+    return graph_info(path)
+
+
+def save_onnx(
+    module: nn.Module,
+    example: tuple[Tensor, ...],
+    shapes: tuple[Any, ...],
+    inputs: tuple[str, ...],
+    outputs: tuple[str, ...],
+    path: Path,
+) -> None:
+    """Export `module` with the torch.export-based exporter into one checked, reproducible file.
+
+    There is no fallback to the TorchScript exporter: a module it cannot export is an error.
+    """
+    import onnx
+
     try:
         with quiet_tools():
             program = torch.onnx.export(
-                graph,
-                example_inputs(model.config.num_items),
+                module,
+                example,
                 dynamo=True,
                 dynamic_shapes=shapes,
-                input_names=list(INPUTS),
+                input_names=list(inputs),
                 output_names=list(outputs),
                 opset_version=OPSET,
                 verbose=False,
@@ -202,7 +216,6 @@ def export_onnx(model: SequenceRecommender, path: Path, *, full_scores: bool = F
     onnx.checker.check_model(proto)
     # One self-contained file: a model past protobuf's 2 GiB limit fails here, loudly.
     onnx.save(proto, str(path))
-    return graph_info(path)
 
 
 def strip_debug_metadata(proto: Any) -> None:

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from merging.onnx_graph import OPSET, ExportError, quiet_tools, strip_debug_metadata
+from merging.onnx_graph import ExportError, save_onnx
 from serving.bundle import INDEX_KIND, ITEM_BIAS, ITEM_INDEX, RETRIEVAL_DIR, USER_ENCODER
 from training.model import SequenceRecommender
 
@@ -90,32 +90,12 @@ def index_vectors(weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
 
 
 def export_user_encoder(model: SequenceRecommender, path: Path) -> None:
-    import onnx
-
     batch, seq = torch.export.Dim("batch", min=1), torch.export.Dim("seq", min=1)
     example = torch.tensor([[0, 1, 2], [1, 2, 3]], dtype=torch.int64).clamp(
         max=model.config.num_items
     )
-    try:
-        with quiet_tools():
-            program = torch.onnx.export(
-                UserEncoder(model).eval(),
-                (example,),
-                dynamo=True,
-                dynamic_shapes=({0: batch, 1: seq},),
-                input_names=["item_ids"],
-                output_names=["user"],
-                opset_version=OPSET,
-                verbose=False,
-            )
-    except Exception as err:
-        raise ExportError(f"the user encoder could not be exported: {err}") from err
-    if program is None:
-        raise ExportError("torch.onnx.export returned no program for the user encoder")
-    proto = program.model_proto
-    strip_debug_metadata(proto)
-    onnx.checker.check_model(proto)
-    onnx.save(proto, str(path))
+    shapes = ({0: batch, 1: seq},)
+    save_onnx(UserEncoder(model).eval(), (example,), shapes, ("item_ids",), ("user",), path)
 
 
 def check_encoder(model: SequenceRecommender, path: Path, histories: list[np.ndarray]) -> None:
