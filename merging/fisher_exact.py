@@ -33,7 +33,7 @@ from torch.func import functional_call, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from merging.fisher_accumulator import FisherAccumulator, parameter_name
-from training.model import PAD_ID, SequenceRecommender
+from training.model import PAD_ID, HiddenState, SequenceRecommender
 
 # (p (N,) float64 on CPU) -> (columns (K,), weights (K,)): the items of one sequence.
 ItemSelector = Callable[[Tensor], tuple[Tensor, Tensor]]
@@ -41,17 +41,6 @@ ItemSelector = Callable[[Tensor], tuple[Tensor, Tensor]]
 # The fused CPU attention kernel has no vmap batching rule (functorch falls back to
 # a slow loop and warns); the math backend is plain matmuls and softmax, which vmap.
 _VMAP_ATTENTION = [SDPBackend.MATH]
-
-
-class _HiddenState(nn.Module):
-    """Makes `model.hidden` a forward, so that functional_call can run it."""
-
-    def __init__(self, model: SequenceRecommender) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, history: Tensor) -> Tensor:
-        return self.model.hidden(history)
 
 
 class Linearisation:
@@ -66,7 +55,7 @@ class Linearisation:
         if model.config.modality:
             raise ValueError("the linearisation assumes ID-only items (W = the ID table)")
         self.model = model
-        wrapper = _HiddenState(model)
+        wrapper = HiddenState(model)
         embedding_name = parameter_name(model, model.item_embedding.weight)
         table = model.item_embedding.weight.detach()
         params = {n: p.detach() for n, p in model.named_parameters() if n != embedding_name}

@@ -29,11 +29,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import Tensor, nn
 
 from merging.onnx_graph import ExportError, save_onnx
 from serving.bundle import INDEX_KIND, ITEM_BIAS, ITEM_INDEX, RETRIEVAL_DIR, USER_ENCODER
-from training.model import SequenceRecommender
+from training.model import HiddenState, SequenceRecommender
 
 # HNSW graph degree and build depth: recall >= 0.99 at shortlist 100 on the scale
 # benchmark's catalogues (docs/results/retrieval.md); the index costs ~M * 8 bytes per item.
@@ -41,17 +40,6 @@ HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 128
 # The user vectors of the encoder must match torch's states this closely.
 ENCODER_MAX_ABS_DIFF = 1e-3
-
-
-class UserEncoder(nn.Module):
-    """The inference path up to the output layer: (B, L) histories -> (B, D) states."""
-
-    def __init__(self, model: SequenceRecommender) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, item_ids: Tensor) -> Tensor:
-        return self.model.hidden(item_ids)
 
 
 def scoring_vectors(model: SequenceRecommender) -> tuple[np.ndarray, np.ndarray]:
@@ -95,7 +83,7 @@ def export_user_encoder(model: SequenceRecommender, path: Path) -> None:
         max=model.config.num_items
     )
     shapes = ({0: batch, 1: seq},)
-    save_onnx(UserEncoder(model).eval(), (example,), shapes, ("item_ids",), ("user",), path)
+    save_onnx(HiddenState(model).eval(), (example,), shapes, ("item_ids",), ("user",), path)
 
 
 def check_encoder(model: SequenceRecommender, path: Path, histories: list[np.ndarray]) -> None:

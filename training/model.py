@@ -415,6 +415,22 @@ class SequenceRecommender(nn.Module):
         return self.logits(history)
 
 
+class HiddenState(nn.Module):
+    """`model.hidden` as a module's forward: (B, L) histories -> (B, D) states.
+
+    What the exact Fisher differentiates (merging/fisher_exact.py, via
+    functional_call) and what a bundle's user encoder exports
+    (merging/retrieval_export.py): the inference path up to the output layer.
+    """
+
+    def __init__(self, model: SequenceRecommender) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, history: Tensor) -> Tensor:
+        return self.model.hidden(history)
+
+
 def build_model(config: ModelConfig, seed: int | None = None) -> SequenceRecommender:
     """A freshly initialised model; `seed` makes the initialisation reproducible."""
     if seed is None:
