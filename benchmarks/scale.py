@@ -127,9 +127,8 @@ def make_data(args: argparse.Namespace, items: int, folder: Path) -> tuple[dict,
     config = synthetic_config(args, items, users)
     log_folder = folder / "log"
     generate_s, _ = timed(lambda: write_parquet(config, log_folder))
-    prepare_s, data = timed(
-        lambda: prepare(log_folder, folder / "data", "auto", None, ColumnNames())
-    )
+    prepare_s, _ = timed(lambda: prepare(log_folder, folder / "data", "auto", None, ColumnNames()))
+    data = SequenceData.load(folder / "data")
     shutil.rmtree(log_folder)
     figures = {
         "users": data.num_users,

@@ -19,10 +19,10 @@ def cmd_data_prepare(args: argparse.Namespace) -> None:
     columns = ColumnNames(
         user=args.user_column, item=args.item_column, timestamp=args.time_column or None
     )
-    data = prepare(Path(args.input), Path(args.output), args.format, args.k_core, columns, args.sep)
+    meta = prepare(Path(args.input), Path(args.output), args.format, args.k_core, columns, args.sep)
     print(
-        f"{args.output}: {data.num_users} users, {data.num_items} items, "
-        f"{data.num_interactions} interactions, {data.fingerprint}"
+        f"{args.output}: {meta['num_users']} users, {meta['num_items']} items, "
+        f"{meta['num_interactions']} interactions, {meta['fingerprint']}"
     )
 
 

@@ -1,60 +1,40 @@
-"""From a raw log to `SequenceData`: time order, k-core, item numbering, and `prepare` itself.
+"""From a raw log to a prepared folder or `SequenceData`: `prepare`, `build_sequences`, `load_data`.
 
-`build_sequences` orders each user's interactions in time, applies an optional
-iterative k-core and numbers the items 1..N (0 is padding, N+1 the [MASK]
-token of BERT4Rec), keeping each interaction's timestamp when the log has
-them. `prepare` is the body of `fishrec data prepare`: read a log
-(training/readers.py), build, save the prepared folder
-(training/sequence_data.py). `load_data` opens either a prepared folder or a
-raw log, so every command accepts both.
+The rules: each user's interactions in time order, an optional iterative
+k-core, items numbered 1..N (0 is padding, N+1 the [MASK] token of BERT4Rec),
+each interaction's timestamp kept when the log has them. One implementation
+applies them, the streaming `SequenceBuilder` (training/sequence_builder.py):
+`prepare` (the body of `fishrec data prepare`) feeds it a log chunk by chunk
+(training/readers.py), so memory stays bounded by a chunk plus the
+vocabulary; `build_sequences` feeds it a log already in memory and reads the
+result back. `load_data` opens either a prepared folder or a raw log, so every
+command accepts both.
 
 This module must not import torch: the data tools run without it.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
+import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from training.data_error import DataError
+from training.files import replace_directory, staging_dir
 from training.interactions import ColumnNames, Interactions
-from training.readers import read_log
+from training.readers import iter_log
+from training.sequence_builder import SequenceBuilder
 from training.sequence_data import META_FILE, SEQUENCES_FILE, SequenceData
-from training.vocabulary import Vocabulary
 
 logger = logging.getLogger(__name__)
-
-
-def _factorize(values: np.ndarray) -> tuple[np.ndarray, list[str]]:
-    """(codes 0..K-1 in order of first appearance, the K distinct values as str)."""
-    table: dict[Any, int] = {}
-    codes = np.fromiter(
-        (table.setdefault(value, len(table)) for value in values), dtype=np.int64, count=len(values)
-    )
-    return codes, [str(value) for value in table]
-
-
-def _k_core(users: np.ndarray, items: np.ndarray, k: int) -> np.ndarray:
-    """Mask of the interactions kept by the iterative k-core on users and items."""
-    keep = np.ones(len(users), dtype=bool)
-    num_users, num_items = int(users.max()) + 1, int(items.max()) + 1
-    while True:
-        user_counts = np.bincount(users[keep], minlength=num_users)
-        item_counts = np.bincount(items[keep], minlength=num_items)
-        new_keep = keep & (user_counts[users] >= k) & (item_counts[items] >= k)
-        if new_keep.sum() == keep.sum():
-            return keep
-        keep = new_keep
 
 
 def build_sequences(
     interactions: Interactions, k_core: int | None = None, source: str = "", fmt: str = ""
 ) -> SequenceData:
-    """Chronological per-user sequences with items numbered 1..N.
+    """Chronological per-user sequences with items numbered 1..N, built in memory.
 
     Users keep the order of their first appearance in the log; each user's
     interactions are sorted by timestamp, ties (and logs without timestamps)
@@ -64,61 +44,31 @@ def build_sequences(
     repeated interactions: a log may legitimately record a repeat, and dropping
     rows silently would change the data behind the user's back.
     """
-    if len(interactions) == 0:
-        raise DataError(f"{source or 'interactions'}: no interactions")
-    user_codes, user_names = _factorize(interactions.users)
-    item_codes, item_names = _factorize(interactions.items)
-    stamps = interactions.timestamps
-    if stamps is not None and not np.isfinite(stamps).all():
-        raise DataError(f"{source or 'interactions'}: timestamps must be finite numbers")
-    if k_core is not None and k_core > 1:
-        keep = _k_core(user_codes, item_codes, k_core)
-        user_codes, item_codes = user_codes[keep], item_codes[keep]
-        stamps = None if stamps is None else stamps[keep]
-        if not len(user_codes):
-            raise DataError(f"{source or 'interactions'}: nothing is left after the {k_core}-core")
-    # lexsort is stable: equal (user, timestamp) keys keep their file order.
-    order = (
-        np.argsort(user_codes, kind="stable")
-        if stamps is None
-        else np.lexsort((stamps, user_codes))
-    )
-    user_codes, item_codes = user_codes[order], item_codes[order]
-    stamps = None if stamps is None else stamps[order].astype(np.float64)
-    present_users, lengths = np.unique(user_codes, return_counts=True)
-    distinct, first_seen = np.unique(item_codes, return_index=True)
-    by_appearance = distinct[np.argsort(first_seen)]
-    internal_of = np.zeros(len(item_names), dtype=np.int64)
-    internal_of[by_appearance] = np.arange(1, len(by_appearance) + 1)
-    flat = internal_of[item_codes]
-    sequences = np.split(flat, np.cumsum(lengths)[:-1])
-    timestamps = None if stamps is None else np.split(stamps, np.cumsum(lengths)[:-1])
-    vocab = Vocabulary(tuple(item_names[code] for code in by_appearance))
-    users = tuple(user_names[code] for code in present_users)
-    meta = {
-        "source": source,
-        "format": fmt,
-        "k_core": k_core,
-        "raw": {
-            "users": len(user_names),
-            "items": len(item_names),
-            "interactions": len(interactions),
-        },
-        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-    }
-    data = SequenceData(sequences, users, vocab, meta, timestamps)
-    logger.info(
-        "built %d users, %d items, %d interactions from %s (k-core %s; raw %d/%d/%d)",
-        data.num_users,
-        data.num_items,
-        data.num_interactions,
-        source or "interactions",
-        k_core,
-        len(user_names),
-        len(item_names),
-        len(interactions),
-    )
-    return data
+    return _build_in_memory([interactions], k_core, source, fmt)
+
+
+def _build_in_memory(
+    chunks: Iterable[Interactions], k_core: int | None, source: str, fmt: str
+) -> SequenceData:
+    with tempfile.TemporaryDirectory(prefix="fishrec-data-") as folder:
+        _build(chunks, Path(folder) / "data", k_core, source, fmt)
+        return SequenceData.load(Path(folder) / "data")
+
+
+def _build(
+    chunks: Iterable[Interactions], output: Path, k_core: int | None, source: str, fmt: str
+) -> dict[str, Any]:
+    """Stream `chunks` into a prepared folder at `output`, which appears only once complete."""
+    with (
+        staging_dir(output) as scratch,
+        staging_dir(output) as staging,
+        SequenceBuilder(scratch, source, fmt) as builder,
+    ):
+        for chunk in chunks:
+            builder.add(chunk)
+        meta = builder.finish(staging, k_core)
+        replace_directory(staging, output)
+    return meta
 
 
 def prepare(
@@ -128,21 +78,20 @@ def prepare(
     k_core: int | None = None,
     columns: ColumnNames = ColumnNames(),  # noqa: B008 (frozen, so safe as a default)
     sep: str | None = None,
-) -> SequenceData:
-    """Read a raw log, build the sequences and save the canonical folder; returns the data.
+) -> dict[str, Any]:
+    """Read a raw log chunk by chunk, build the sequences and save the canonical folder.
 
-    Every error is raised before anything is written, and the folder appears
-    only once complete, so a failure leaves no partial output behind.
+    Returns the folder's meta (counts, fingerprint): the data itself is not
+    read back, so memory stays bounded (`SequenceData.load` opens it). Every error is raised before
+    the folder is written, and the folder appears only once complete, so a
+    failure leaves no partial output behind; scratch files live beside the
+    output until the build ends.
     """
-    interactions, formats = read_log(input_path, fmt, columns, sep)
-    data = build_sequences(
-        interactions,
-        k_core=k_core,
-        source=_source_name(input_path),
-        fmt=",".join(sorted(set(formats))),
-    )
-    data.save(Path(output))
-    return data
+    formats, chunks = iter_log(input_path, fmt, columns, sep)
+    fmt_names = ",".join(sorted(set(formats)))
+    meta = _build(chunks, Path(output), k_core, _source_name(input_path), fmt_names)
+    logger.info("saved the prepared folder %s (%s)", output, meta["fingerprint"])
+    return meta
 
 
 def _source_name(source: str | Path) -> str:
@@ -160,7 +109,5 @@ def load_data(path: str | Path) -> SequenceData:
         raise DataError(f"{path}: not a complete prepared data folder (no {META_FILE})")
     if Path(path).is_dir() and not any(Path(path).iterdir()):
         raise DataError(f"{path}: not a prepared data folder (no {META_FILE}) and no log files")
-    interactions, formats = read_log(path)
-    return build_sequences(
-        interactions, source=_source_name(path), fmt=",".join(sorted(set(formats)))
-    )
+    formats, chunks = iter_log(path)
+    return _build_in_memory(chunks, None, _source_name(path), ",".join(sorted(set(formats))))

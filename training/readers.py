@@ -1,9 +1,11 @@
 """Readers of raw interaction logs: the registry `READERS`, one reader per format.
 
 A reader turns a file into `Interactions` (training/interactions.py: external
-ids as strings, optional timestamps); `read_interactions` picks one by name or
-by the file's content (`detect_format`), and `read_log` reads a log split over
-several files. Every error names the file and the line, and nothing is written
+ids as strings, optional timestamps), yielded in chunks so that a log larger
+than memory streams through `fishrec data prepare`; `iter_interactions` picks a
+reader by name or by the file's content (`detect_format`), `iter_log` reads a
+log split over several files, and `read_interactions` and `read_log` gather
+the chunks into one `Interactions` for the callers that want the whole log. Every error names the file and the line, and nothing is written
 by a reader (training/prepare.py builds the sequences, training/sequence_data.py
 saves them).
 
@@ -21,7 +23,7 @@ Gzip-compressed text is read as is. This module must not import torch.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -61,13 +63,13 @@ def detect_format(path: Path) -> str:
     )
 
 
-def read_interactions(
+def iter_interactions(
     path: Path,
     fmt: str = "auto",
     columns: ColumnNames = ColumnNames(),  # noqa: B008 (frozen, so safe as a default)
     sep: str | None = None,
-) -> Interactions:
-    """Read a raw log of any supported format (`fmt="auto"` detects it)."""
+) -> Iterator[Interactions]:
+    """A raw log file of any supported format (`fmt="auto"` detects it), chunk by chunk."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
@@ -77,6 +79,28 @@ def read_interactions(
             f"{path}: unknown format {fmt!r}; expected auto or one of {', '.join(FORMATS)}"
         )
     return READERS[fmt](path, columns, sep)
+
+
+def read_interactions(
+    path: Path,
+    fmt: str = "auto",
+    columns: ColumnNames = ColumnNames(),  # noqa: B008 (frozen, so safe as a default)
+    sep: str | None = None,
+) -> Interactions:
+    """A raw log file of any supported format, whole."""
+    return concatenate(list(iter_interactions(path, fmt, columns, sep)))
+
+
+def concatenate(chunks: list[Interactions]) -> Interactions:
+    """One `Interactions` of consecutive chunks (all timed, or none)."""
+    if len(chunks) == 1:
+        return chunks[0]
+    timed = [chunk.timestamps is not None for chunk in chunks]
+    return Interactions(
+        np.concatenate([chunk.users for chunk in chunks]),
+        np.concatenate([chunk.items for chunk in chunks]),
+        np.concatenate([chunk.timestamps for chunk in chunks]) if all(timed) else None,
+    )
 
 
 # ---- logs in several files ---------------------------------------------------------
@@ -107,13 +131,13 @@ def input_files(source: str | Path) -> list[Path]:
     return [path]
 
 
-def read_log(
+def iter_log(
     source: str | Path,
     fmt: str = "auto",
     columns: ColumnNames = ColumnNames(),  # noqa: B008 (frozen, so safe as a default)
     sep: str | None = None,
-) -> tuple[Interactions, list[str]]:
-    """Every file of `source` read as one log, in name order; also the format of each.
+) -> tuple[list[str], Iterator[Interactions]]:
+    """(the format of each file, every file of `source` read as one log in name order, chunked).
 
     Each file is read (and its format detected) on its own, so errors name the
     file and the line. Either every file has timestamps or none has: a mix has
@@ -121,34 +145,44 @@ def read_log(
     """
     files = input_files(source)
     formats = [detect_format(f) if fmt == "auto" else fmt for f in files]
-    parts = [
-        read_interactions(f, kind, columns, sep) for f, kind in zip(files, formats, strict=True)
-    ]
-    if len(parts) == 1:
-        return parts[0], formats
-    timed = [p.timestamps is not None for p in parts]
-    if any(timed) and not all(timed):
-        untimed = [str(f) for f, t in zip(files, timed, strict=True) if not t]
-        raise DataError(
-            f"{source}: some files have timestamps and {untimed[:3]} do not; a log needs "
-            "timestamps in every file or in none (then the file order is the time order)"
-        )
-    stamps = [p.timestamps for p in parts if p.timestamps is not None]
-    joined = Interactions(
-        np.concatenate([p.users for p in parts]),
-        np.concatenate([p.items for p in parts]),
-        np.concatenate(stamps) if all(timed) else None,
-    )
-    return joined, formats
+    return formats, _chunks_of(source, files, formats, columns, sep)
 
 
-# A reader: (path, column names, separator) -> Interactions; formats that fix their
-# own layout ignore the columns and the separator.
-Reader = Callable[[Path, ColumnNames, "str | None"], Interactions]
+def _chunks_of(
+    source: str | Path, files: list[Path], formats: list[str], columns: ColumnNames, sep: str | None
+) -> Iterator[Interactions]:
+    timed: list[tuple[Path, bool]] = []
+    for path, kind in zip(files, formats, strict=True):
+        for chunk in iter_interactions(path, kind, columns, sep):
+            if not timed or timed[-1][0] != path:
+                timed.append((path, chunk.timestamps is not None))
+            if len({has for _, has in timed}) > 1:
+                untimed = [str(f) for f, has in timed if not has]
+                raise DataError(
+                    f"{source}: some files have timestamps and {untimed[:3]} do not; a log needs "
+                    "timestamps in every file or in none (then the file order is the time order)"
+                )
+            yield chunk
+
+
+def read_log(
+    source: str | Path,
+    fmt: str = "auto",
+    columns: ColumnNames = ColumnNames(),  # noqa: B008 (frozen, so safe as a default)
+    sep: str | None = None,
+) -> tuple[Interactions, list[str]]:
+    """Every file of `source` read as one log, whole (see `iter_log`); also the format of each."""
+    formats, chunks = iter_log(source, fmt, columns, sep)
+    return concatenate(list(chunks)), formats
+
+
+# A reader: (path, column names, separator) -> the file's Interactions in chunks, in
+# file order; formats that fix their own layout ignore the columns and the separator.
+Reader = Callable[[Path, ColumnNames, "str | None"], Iterator[Interactions]]
 
 READERS: dict[str, Reader] = {
-    "ratings": lambda path, columns, sep: read_ratings(path),
-    "sequences": lambda path, columns, sep: read_sequences(path),
+    "ratings": lambda path, columns, sep: iter([read_ratings(path)]),
+    "sequences": lambda path, columns, sep: iter([read_sequences(path)]),
     "csv": read_csv,
     "recbole": lambda path, columns, sep: read_recbole(path, columns),
     "parquet": lambda path, columns, sep: read_parquet(path, columns),

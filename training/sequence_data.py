@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,20 +34,25 @@ import numpy as np
 from training.config import SplitSpec
 from training.data_error import DataError
 from training.files import replace_directory, sha256_file, staging_dir
-from training.json_files import read_json, write_json
+from training.json_files import read_json
+from training.prepared_files import (
+    CONTENT_FILES,
+    DATA_SCHEMA,
+    META_FILE,
+    SEQUENCES_FILE,
+    USERS_FILE,
+    USERS_SCHEMA,
+    VOCAB_FILE,
+    FolderContent,
+    fingerprint,
+    write_folder,
+)
 from training.splits import SPLITS, Split
 from training.vocabulary import Vocabulary
 
 logger = logging.getLogger(__name__)
 
-DATA_SCHEMA = "fishrec.data/1"
-USERS_SCHEMA = "fishrec.users/1"
-
-SEQUENCES_FILE = "sequences.safetensors"
-VOCAB_FILE = "vocab.json"
-USERS_FILE = "users.json"
-META_FILE = "meta.json"
-_CONTENT_FILES = (SEQUENCES_FILE, VOCAB_FILE, USERS_FILE)
+__all__ = ["DATA_SCHEMA", "META_FILE", "SEQUENCES_FILE", "USERS_FILE", "VOCAB_FILE", "SequenceData"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -102,23 +105,20 @@ class SequenceData:
     @functools.cached_property
     def fingerprint(self) -> str:
         """sha256 of sequences, vocabulary and users in a fixed byte layout (not of meta)."""
-        items, offsets = self._flat
-        digest = hashlib.sha256(b"fishrec.sequences/1\n")
-        for strings in (self.vocab.items, self.users):
-            blob = json.dumps(list(strings), ensure_ascii=False).encode("utf-8")
-            digest.update(len(blob).to_bytes(8, "little") + blob)
-        digest.update(offsets.astype("<i8").tobytes())
-        digest.update(items.astype("<i8").tobytes())
-        if self.timestamps is not None:  # data without times keeps its fingerprint
-            digest.update(b"timestamps\n" + self._flat_timestamps.astype("<f8").tobytes())
-        return "sha256:" + digest.hexdigest()
+        return fingerprint(self._content())
 
-    @functools.cached_property
-    def _flat_timestamps(self) -> np.ndarray:
-        assert self.timestamps is not None
-        if not self.timestamps:
-            return np.zeros(0, np.float64)
-        return np.concatenate(self.timestamps).astype(np.float64)
+    def _content(self) -> FolderContent:
+        """The data as the prepared folder's writer sees it (each array one chunk)."""
+        items, offsets = self._flat
+        stamps = None
+        if self.timestamps is not None:
+            flat_stamps = (
+                np.concatenate(self.timestamps).astype(np.float64)
+                if self.timestamps
+                else np.zeros(0, np.float64)
+            )
+            stamps = lambda: [flat_stamps]  # noqa: E731 (a one-chunk stream)
+        return FolderContent(self.vocab, self.users, offsets, lambda: [items], stamps)
 
     @functools.cached_property
     def _split(self) -> Split:
@@ -150,32 +150,8 @@ class SequenceData:
         )
 
     def _write(self, folder: Path) -> None:
-        from safetensors.numpy import save
-
-        items, offsets = self._flat
-        # int32 halves the file; ids beyond 2**31 would need int64, which load also accepts.
-        small = self.num_items < np.iinfo(np.int32).max
-        tensors = {"items": items.astype(np.int32 if small else np.int64), "offsets": offsets}
-        if self.timestamps is not None:
-            tensors["timestamps"] = self._flat_timestamps
-        # Bytes written by us, not save_file: its file is private (mode 600) whatever the umask.
-        blob = save(tensors, metadata={"schema": "fishrec.sequences/1"})
-        (folder / SEQUENCES_FILE).write_bytes(blob)
-        self.vocab.save(folder / VOCAB_FILE)
-        write_json(folder / USERS_FILE, {"schema": USERS_SCHEMA, "users": list(self.users)})
-        files = {name: sha256_file(folder / name) for name in _CONTENT_FILES}
-        meta = {
-            **{key: value for key, value in self.meta.items() if key != "split"},
-            "schema": DATA_SCHEMA,
-            "num_users": self.num_users,
-            "num_items": self.num_items,
-            "num_interactions": self.num_interactions,
-            "fingerprint": self.fingerprint,
-            "files": files,
-        }
-        if self.split_spec != SplitSpec():
-            meta["split"] = self.split_spec.model_dump()
-        write_json(folder / META_FILE, meta)
+        split = self.split_spec.model_dump() if self.split_spec != SplitSpec() else None
+        write_folder(folder, self._content(), self.meta, split)
 
     @classmethod
     def load(cls, directory: Path) -> SequenceData:
@@ -209,9 +185,9 @@ class SequenceData:
 
 
 def _verify_files(directory: Path, files: Any) -> None:
-    if not isinstance(files, dict) or set(_CONTENT_FILES) - set(files):
-        raise DataError(f"{directory / META_FILE}: expected the sha256 of {list(_CONTENT_FILES)}")
-    for name in _CONTENT_FILES:
+    if not isinstance(files, dict) or set(CONTENT_FILES) - set(files):
+        raise DataError(f"{directory / META_FILE}: expected the sha256 of {list(CONTENT_FILES)}")
+    for name in CONTENT_FILES:
         path = directory / name
         if not path.is_file():
             raise DataError(f"{path}: missing")

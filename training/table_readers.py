@@ -3,8 +3,10 @@
 Delimited text (CSV/TSV, RecBole's atomic `.inter`) is read by pyarrow, which
 is fast, and read again by the csv module only when pyarrow refuses a file, so
 that errors name the line (see `_read_delimited`). Parquet is read by pyarrow
-alone. pyarrow is imported inside the readers: importing this module costs
-nothing to the data tools that never read a table.
+alone. Every reader yields the file in chunks of about `CHUNK_BYTES` of text or
+`CHUNK_ROWS` Parquet rows, so `fishrec data prepare` never holds a whole file
+(training/sequence_builder.py). pyarrow is imported inside the readers:
+importing this module costs nothing to the data tools that never read a table.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from training.interactions import ColumnNames, Interactions, as_object_array, pa
 from training.text_readers import Table, first_line, read_text, split_lines
 
 TABLE_SEPARATORS = (",", "\t", ";", "|")
+CHUNK_BYTES = 64 << 20  # text per chunk: ~2M rows of a short CSV
+CHUNK_ROWS = 1 << 21  # Parquet rows per chunk
 
 
 @dataclass(frozen=True)
@@ -36,7 +40,7 @@ class _Candidates:
     timestamp: tuple[str, ...]
 
 
-def read_csv(path: Path, columns: ColumnNames, sep: str | None) -> Interactions:
+def read_csv(path: Path, columns: ColumnNames, sep: str | None) -> Iterator[Interactions]:
     """CSV/TSV with a header; columns other than user, item and timestamp are ignored."""
     names = _Candidates(
         (columns.user,), (columns.item,), (columns.timestamp,) if columns.timestamp else ()
@@ -44,7 +48,7 @@ def read_csv(path: Path, columns: ColumnNames, sep: str | None) -> Interactions:
     return _read_delimited(path, sep or _sniff_separator(path), names, header_types=False)
 
 
-def read_recbole(path: Path, columns: ColumnNames) -> Interactions:
+def read_recbole(path: Path, columns: ColumnNames) -> Iterator[Interactions]:
     """RecBole atomic `.inter`; `name:type` headers, RecBole's user_id/item_id as fallbacks."""
     names = _Candidates(
         (columns.user, "user_id"),
@@ -58,22 +62,34 @@ class _ExactReaderNeeded(Exception):
     """pyarrow refused the file or a value: the exact reader reads it again to name the line."""
 
 
-def _read_delimited(path: Path, sep: str, names: _Candidates, header_types: bool) -> Interactions:
-    """A delimited table with a header, read by pyarrow; errors by the exact reader.
+def _read_delimited(
+    path: Path, sep: str, names: _Candidates, header_types: bool
+) -> Iterator[Interactions]:
+    """A delimited table with a header, read by pyarrow in chunks; errors by the exact reader.
 
     pyarrow parses quoting, undoes gzip and decodes only the wanted columns,
     several times faster than the csv module, but its errors count rows, not
     lines (blank lines and quoted line breaks shift them). A file it refuses is
-    read again by the csv module, which names the line; errors are rare, so
-    valid files never pay for the second reader.
+    read again by the csv module, which names the line (or, for a file only
+    pyarrow refuses, yields the rows pyarrow had not yet given: both skip blank
+    lines, so rows match one to one); errors are rare, so valid files never pay
+    for the second reader.
     """
+    done = 0
     try:
-        return _read_delimited_arrow(path, sep, names, header_types)
+        for chunk in _read_delimited_arrow(path, sep, names, header_types):
+            done += len(chunk)
+            yield chunk
     except _ExactReaderNeeded:
         header, table = _read_table(path, sep)
         if header_types:
             header = [name.split(":", 1)[0] for name in header]
-        return _table_columns(path, header, table, names)
+        rest = _table_columns(path, header, table, names)
+        yield Interactions(
+            rest.users[done:],
+            rest.items[done:],
+            None if rest.timestamps is None else rest.timestamps[done:],
+        )
 
 
 # ---- the fast reader: pyarrow ----------------------------------------------------
@@ -81,9 +97,8 @@ def _read_delimited(path: Path, sep: str, names: _Candidates, header_types: bool
 
 def _read_delimited_arrow(
     path: Path, sep: str, names: _Candidates, header_types: bool
-) -> Interactions:
+) -> Iterator[Interactions]:
     import pyarrow as pa
-    import pyarrow.compute as pc
     import pyarrow.csv as pacsv
 
     raw_header = _header_fields(path, sep)
@@ -97,10 +112,12 @@ def _read_delimited_arrow(
         # reader does) or duplicate names (pyarrow selects by name): the exact reader.
         raise _ExactReaderNeeded
     wanted = [raw_header[index] for index in found if index is not None]
+    rows = 0
     try:
         with pa.input_stream(str(path), compression="gzip" if _is_gzip(path) else None) as f:
-            table = pacsv.read_csv(
+            reader = pacsv.open_csv(
                 f,
+                read_options=pacsv.ReadOptions(block_size=CHUNK_BYTES),
                 parse_options=pacsv.ParseOptions(
                     delimiter=sep, quote_char='"' if _quotes_allowed(sep) else False
                 ),
@@ -110,17 +127,24 @@ def _read_delimited_arrow(
                     strings_can_be_null=False,
                 ),
             )
+            for batch in reader:
+                if batch.num_rows:
+                    rows += batch.num_rows
+                    yield _arrow_chunk(path, batch, wanted, bool(names.timestamp))
     except (pa.ArrowInvalid, UnicodeDecodeError):
         raise _ExactReaderNeeded from None
-    if table.num_rows == 0:
+    if rows == 0:
         raise DataError(f"{path}: no interactions below the header")
+
+
+def _arrow_chunk(path: Path, batch: Any, wanted: list[str], timed: bool) -> Interactions:
+    import pyarrow.compute as pc
+
     users, items = (
-        pc.utf8_trim_whitespace(table.column(name)).to_numpy(zero_copy_only=False).astype(object)
+        pc.utf8_trim_whitespace(batch.column(name)).to_numpy(zero_copy_only=False).astype(object)
         for name in wanted[:2]
     )
-    timestamps = None
-    if names.timestamp:
-        timestamps = _arrow_timestamps(path, table.column(wanted[2]))
+    timestamps = _arrow_timestamps(path, batch.column(wanted[2])) if timed else None
     return Interactions(users, items, timestamps)
 
 
@@ -264,37 +288,55 @@ def _sniff_separator(path: Path) -> str:
 # ---- Parquet ---------------------------------------------------------------------
 
 
-def read_parquet(path: Path, columns: ColumnNames) -> Interactions:
-    """A Parquet table with user, item (and timestamp) columns; pyarrow is imported here only."""
+def read_parquet(path: Path, columns: ColumnNames) -> Iterator[Interactions]:
+    """A Parquet table with user, item (and timestamp) columns, in chunks of `CHUNK_ROWS` rows."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     wanted = [columns.user, columns.item] + ([columns.timestamp] if columns.timestamp else [])
     try:
-        found = pq.read_schema(path).names
-        missing = [name for name in wanted if name not in found]
-        if missing:
-            raise DataError(
-                f"{path}: expected columns {wanted}, missing {missing}; columns found: {found}"
-            )
-        table = pq.read_table(path, columns=wanted)  # other columns are never decoded
+        parquet = pq.ParquetFile(path)
+        found = parquet.schema_arrow.names
     except (pa.ArrowException, OSError) as error:
         raise DataError(f"{path}: expected a Parquet file: {error}") from None
-    for name in wanted:
-        if table.column(name).null_count:
+    missing = [name for name in wanted if name not in found]
+    if missing:
+        raise DataError(
+            f"{path}: expected columns {wanted}, missing {missing}; columns found: {found}"
+        )
+    first_row = 0
+    batches = parquet.iter_batches(batch_size=CHUNK_ROWS, columns=wanted)  # others never decoded
+    while True:
+        try:
+            batch = next(batches, None)
+        except (pa.ArrowException, OSError) as error:
+            raise DataError(f"{path}: expected a Parquet file: {error}") from None
+        if batch is None:
+            return
+        yield _parquet_chunk(path, batch, columns, first_row)
+        first_row += batch.num_rows
+
+
+def _parquet_chunk(path: Path, batch: Any, columns: ColumnNames, first_row: int) -> Interactions:
+    import pyarrow as pa
+
+    for name in batch.schema.names:
+        if batch.column(name).null_count:
             row = int(
-                np.flatnonzero(table.column(name).is_null().to_numpy(zero_copy_only=False))[0]
+                np.flatnonzero(batch.column(name).is_null().to_numpy(zero_copy_only=False))[0]
             )
-            raise DataError(f"{path}: row {row + 1}: expected a value in column {name!r}, got null")
-    users = table.column(columns.user).cast(pa.string()).to_numpy(zero_copy_only=False)
-    items = table.column(columns.item).cast(pa.string()).to_numpy(zero_copy_only=False)
+            raise DataError(
+                f"{path}: row {first_row + row + 1}: expected a value in column {name!r}, got null"
+            )
+    users = batch.column(columns.user).cast(pa.string()).to_numpy(zero_copy_only=False)
+    items = batch.column(columns.item).cast(pa.string()).to_numpy(zero_copy_only=False)
     timestamps = None
     if columns.timestamp:
-        timestamps = _arrow_seconds(path, table.column(columns.timestamp))
+        timestamps = _arrow_seconds(path, batch.column(columns.timestamp), first_row)
     return Interactions(users.astype(object), items.astype(object), timestamps)
 
 
-def _arrow_seconds(path: Path, column: Any) -> np.ndarray:
+def _arrow_seconds(path: Path, column: Any, first_row: int) -> np.ndarray:
     """An Arrow timestamp, date, number or string column as float64 seconds."""
     import pyarrow as pa
 
@@ -311,4 +353,5 @@ def _arrow_seconds(path: Path, column: Any) -> np.ndarray:
         if np.isfinite(values).all():
             return values
         values = values.astype(str)
-    return parse_timestamps(path, list(map(str, values)), range(1, len(values) + 1))
+    rows = range(first_row + 1, first_row + len(values) + 1)
+    return parse_timestamps(path, list(map(str, values)), rows)

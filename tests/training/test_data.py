@@ -386,14 +386,16 @@ def test_fingerprint_is_pinned_and_content_sensitive(small: SequenceData) -> Non
     assert len(prints | {other_cut.fingerprint}) == 4
 
 
-def test_prepare_writes_the_folder_and_returns_the_data(tmp_path: Path) -> None:
+def test_prepare_writes_the_folder_and_returns_its_meta(tmp_path: Path) -> None:
     path = write(tmp_path, "ratings.dat", RATINGS)
-    data = prepare(path, tmp_path / "prepared", k_core=2)
+    written = prepare(path, tmp_path / "prepared", k_core=2)
+    data = SequenceData.load(tmp_path / "prepared")
     # 12 and 13 go; then user 2 (one item left); then item 10 (one interaction left).
     assert externals(data) == {"1": ["11", "11"]}
     meta = json.loads((tmp_path / "prepared" / "meta.json").read_text())
     assert meta["format"] == "ratings" and meta["k_core"] == 2
-    assert meta["fingerprint"] == data.fingerprint
+    assert meta["fingerprint"] == data.fingerprint == written["fingerprint"]
+    assert (written["num_users"], written["num_items"], written["num_interactions"]) == (1, 1, 2)
     assert set(meta["files"]) == {"sequences.safetensors", "vocab.json", "users.json"}
 
 
@@ -461,7 +463,8 @@ def test_a_folder_of_daily_partitions_is_one_log_in_time_order(tmp_path: Path) -
     _partition(logs / "2026-12-02.csv.gz", ["u1,b,200", "u2,c,201"], compress=True)
     _partition(logs / "2026-12-03.csv", ["u1,c,300", "u1,d,50"])  # a late row: time decides
     (logs / ".partial.csv").write_text("garbage")  # hidden files are skipped
-    data = prepare(logs, tmp_path / "out")
+    prepare(logs, tmp_path / "out")
+    data = SequenceData.load(tmp_path / "out")
     sequences = {
         user: [data.vocab.external(int(i)) for i in seq]
         for user, seq in zip(data.users, data.sequences, strict=True)

@@ -35,7 +35,8 @@ d,z,3
 def timed(tmp_path: Path) -> SequenceData:
     path = tmp_path / "log.csv"
     path.write_text(LOG)
-    return prepare(path, tmp_path / "prepared")
+    prepare(path, tmp_path / "prepared")
+    return SequenceData.load(tmp_path / "prepared")
 
 
 def named(data: SequenceData, ids: np.ndarray) -> list[str]:
