@@ -84,13 +84,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--mean-length", type=float, default=20.0)
     parser.add_argument("--steps", type=int, default=3, help="timed training steps per loss")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds of HTTP load")
-    parser.add_argument(
-        "--data-users",
-        type=int,
-        default=None,
-        help="also write and prepare a log of this many users on the largest catalogue "
-        "(data stages only; peak memory of prepare)",
-    )
     parser.add_argument("--work", default="/tmp/fishrec-bench-scale")
     parser.add_argument("--json", default="benchmarks/results/scale.json")
     return parser.parse_args()
@@ -288,34 +281,6 @@ def measure_in(args: argparse.Namespace, items: int, folder: Path) -> dict[str, 
     return figures
 
 
-def data_only(args: argparse.Namespace, items: int, users: int) -> dict[str, Any]:
-    """Write a log of `users` users and prepare it in a child process (its peak RSS)."""
-    folder = Path(args.work) / f"data-u{users}-n{items}"
-    return cached(folder, lambda folder: data_only_in(args, items, users, folder))
-
-
-def data_only_in(args: argparse.Namespace, items: int, users: int, folder: Path) -> dict[str, Any]:
-    import resource
-    import subprocess
-
-    config = synthetic_config(args, items, users)
-    generate_s, written = timed(lambda: write_parquet(config, folder / "log"))
-    command = [sys.executable, "-m", "merging.main", "data", "prepare"]
-    command += ["--input", str(folder / "log"), "--output", str(folder / "data")]
-    prepare_s, _ = timed(lambda: subprocess.run(command, check=True, capture_output=True))
-    figures = {
-        "users": users,
-        "items": items,
-        "interactions": written.rows,
-        "log_mb": written.bytes / 1e6,
-        "generate_s": generate_s,
-        "prepare_s": prepare_s,
-        "prepare_peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
-    }
-    shutil.rmtree(folder / "log")
-    return figures
-
-
 def growth_exponent(sizes: list[float], costs: list[float]) -> float:
     """a of cost ~ n^a: the least-squares slope on log-log."""
     if len(sizes) < 2:
@@ -395,20 +360,12 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     rows = [measure(args, items) for items in args.items]
     exponents = report(rows)
-    big = data_only(args, max(args.items), args.data_users) if args.data_users else None
-    if big:
-        print(
-            f"data only, {big['users']:,} users x {big['items']:,} items: "
-            f"{big['interactions']:,} interactions ({big['log_mb']:.0f} MB Parquet) written in "
-            f"{big['generate_s']:.0f} s, prepared in {big['prepare_s']:.0f} s at "
-            f"{big['prepare_peak_rss_mb']:.0f} MB peak RSS"
-        )
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     if len(rows) > 1:
         plot(rows, Path(args.json).with_suffix(".png"))
     Path(args.json).write_text(
         json.dumps(
-            {"settings": vars(args), "rows": rows, "exponents": exponents, "data_only": big},
+            {"settings": vars(args), "rows": rows, "exponents": exponents},
             indent=2,
         )
         + "\n"

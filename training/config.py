@@ -184,6 +184,13 @@ class TrainConfig(StrictModel):
         "first batches of each new length are slow)",
     )
     clip_grad_norm: float | None = Field(5.0, description="clip the global gradient norm")
+    sparse_items: bool = Field(
+        False,
+        description="under sampled softmax (recipe negatives), update only the item-table rows "
+        "a step touches (its items, targets and negatives) with lazy Adam, so a step's cost "
+        "stops growing with the catalogue and data-parallel workers send only those rows; "
+        "ID-only models",
+    )
     patience: int = Field(5, ge=1, description="epochs without validation gain before stopping")
     eval_every: int = Field(1, ge=1, description="validate every N epochs")
     validate_initial: bool = Field(

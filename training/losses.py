@@ -6,7 +6,7 @@ every contrastive recipe adds its own term to them (training/recipes/).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -225,17 +225,24 @@ def negative_pool(targets: Tensor, sampling: Sampling) -> tuple[Tensor, Tensor]:
 
 
 def sampled_logits(
-    states: Tensor, weight: Tensor, bias: Tensor, targets: Tensor, pool: Tensor, log_weight: Tensor
+    states: Tensor,
+    rows: Callable[[Tensor], Tensor],
+    bias: Tensor,
+    targets: Tensor,
+    pool: Tensor,
+    log_weight: Tensor,
 ) -> Tensor:
     """(M, 1 + K): each row's target logit, then the pool's logits plus their log-weights.
 
-    The target keeps its exact logit, so cross-entropy at column 0 is the full
-    cross-entropy with only the negatives' part of the partition sum estimated
-    (correcting the target too would bias it). Pool entries equal to a row's
-    target are masked (-inf): they are that row's positive, not a negative.
+    `rows(ids)` gives the output vectors of item ids (`SequenceRecommender.item_rows`):
+    only the targets' and the pool's are read. The target keeps its exact logit,
+    so cross-entropy at column 0 is the full cross-entropy with only the
+    negatives' part of the partition sum estimated (correcting the target too
+    would bias it). Pool entries equal to a row's target are masked (-inf): they
+    are that row's positive, not a negative.
     """
-    positive = (states * weight[targets - 1]).sum(-1) + bias[targets - 1]  # (M,)
-    negative = states @ weight[pool - 1].T + bias[pool - 1] + log_weight  # (M, K)
+    positive = (states * rows(targets)).sum(-1) + bias[targets - 1]  # (M,)
+    negative = states @ rows(pool).T + bias[pool - 1] + log_weight  # (M, K)
     negative = negative.masked_fill(pool[None, :] == targets[:, None], float("-inf"))
     return torch.cat([positive[:, None], negative], dim=1)
 
@@ -248,11 +255,10 @@ def item_cross_entropy(
     sampling None: softmax over the whole catalogue (chunked, exact). Otherwise a
     sampled softmax with logQ correction, for catalogues too large for that.
     """
-    weight, bias = model.output_weight(), model.output_bias
     if sampling is None:
-        return linear_cross_entropy(states, weight, bias, targets - 1)
+        return linear_cross_entropy(states, model.output_weight(), model.output_bias, targets - 1)
     pool, log_weight = negative_pool(targets, sampling)
-    logits = sampled_logits(states, weight, bias, targets, pool, log_weight)
+    logits = sampled_logits(states, model.item_rows, model.output_bias, targets, pool, log_weight)
     return F.cross_entropy(logits, torch.zeros_like(targets))
 
 

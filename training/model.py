@@ -334,6 +334,17 @@ class SequenceRecommender(nn.Module):
             return self.item_embedding(item_ids)
         return F.embedding(item_ids, self.item_representations(), padding_idx=PAD_ID)
 
+    def item_rows(self, item_ids: Tensor) -> Tensor:
+        """Rows of `item_representations()` for some ids, (..., D): what a sampled softmax reads.
+
+        Plain models gather from the table itself, so a sparse table (the
+        trainer's `sparse_items`) gets a gradient over these rows only.
+        """
+        if not self.config.modality:
+            table = self.item_embedding
+            return F.embedding(item_ids, table.weight, padding_idx=PAD_ID, sparse=table.sparse)
+        return self.item_representations()[item_ids]
+
     def output_weight(self) -> Tensor:
         """W: the representations of the real items, (N, D); shared with the input."""
         return self.item_representations()[1 : self.config.num_items + 1]

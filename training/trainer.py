@@ -40,7 +40,7 @@ from training.config import ExperimentConfig
 from training.data_parallel import Objective, Parallel, wrap_for_ddp
 from training.evaluate import Evaluator
 from training.initial_model import initial_model, item_features_for
-from training.optimizer import apply_schedule, build_optimizer
+from training.optimizer import apply_schedule, build_optimizer, clip_gradients
 from training.recipes import FeatureRecipe, Recipe, build_recipe
 from training.run_folder import BEST, LAST, load_run_checkpoint
 from training.sequence_data import SequenceData
@@ -138,13 +138,32 @@ class Trainer:
         scales = (
             self.recipe.lr_scales(self.model) if isinstance(self.recipe, FeatureRecipe) else None
         )
-        self.optimizer = build_optimizer([self.model, self.recipe], self.cfg, scales)
+        self.optimizer = build_optimizer(
+            [self.model, self.recipe], self.cfg, scales, self._sparse_item_table()
+        )
         self.objective: nn.Module = Objective(self.model, self.recipe)
         if parallel is not None:
             self.objective = wrap_for_ddp(self.objective, self.recipe)
         steps_per_epoch = math.ceil(len(self.train_sequences) / self.cfg.batch_size)
         self.total_steps = max(1, steps_per_epoch * self.cfg.epochs)
         self.state = TrainState(history=[])
+
+    def _sparse_item_table(self) -> nn.Parameter | None:
+        """`train.sparse_items`: the item table, made to take sparse gradients; else None."""
+        if not self.cfg.sparse_items:
+            return None
+        if self.recipe.sampling() is None:
+            raise ValueError(
+                "train.sparse_items needs a sampled softmax (recipe negatives > 0 or "
+                "in_batch_negatives): the full softmax reads every item's row at every step"
+            )
+        if self.model_config.modality or isinstance(self.recipe, FeatureRecipe):
+            raise ValueError(
+                "train.sparse_items is for ID-only models: item features make every row "
+                "depend on the shared adaptor, so every step reaches every row"
+            )
+        self.model.item_embedding.sparse = True
+        return self.model.item_embedding.weight
 
     # ---- persistence ---------------------------------------------------------------
 
@@ -336,7 +355,7 @@ class Trainer:
         loss.backward()
         if self.cfg.clip_grad_norm:
             params = [p for g in self.optimizer.param_groups for p in g["params"]]
-            nn.utils.clip_grad_norm_(params, self.cfg.clip_grad_norm)
+            clip_gradients(params, self.cfg.clip_grad_norm)
         apply_schedule(self.optimizer, self.state.step, self.total_steps, self.cfg)
         self.optimizer.step()
         self.state.step += 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -60,11 +61,19 @@ def test_two_workers_survive_a_dead_worker_and_resume(
 
 def test_a_zero_cpu_ray_task_drives_the_workers(small_data, tmp_path: Path) -> None:
     # What the merge job does for a stage with train.workers > 1: the stage's task
-    # holds no CPU, so the workers can take both of the cluster's CPUs.
+    # holds no CPU, so the workers can take both of the cluster's CPUs. The stage
+    # trains under sampled softmax with sparse item rows: DDP all-reduces the
+    # table's sparse gradients (only the rows a step touched).
     import ray
 
-    task = ray.remote(train).options(num_cpus=0)
-    result = ray.get(
-        task.remote(distributed(epochs=1), small_data, tmp_path / "stage"), timeout=300
+    config = tiny_experiment(
+        train__epochs=1,
+        train__workers=2,
+        train__num_threads=1,
+        train__sparse_items=True,
+        recipe__params={"negatives": 64},
     )
+    task = ray.remote(train).options(num_cpus=0)
+    result = ray.get(task.remote(config, small_data, tmp_path / "stage"), timeout=300)
     assert result.best_epoch == 1 and (tmp_path / "stage" / "best" / "checkpoint.json").is_file()
+    assert result.history[0]["workers"] == 2 and math.isfinite(result.history[0]["loss"])

@@ -33,6 +33,11 @@ from training.recipes import RecipeParams, build_recipe
 from training.run import train
 
 
+def rows_of(weight: torch.Tensor):
+    """Output vectors of item ids 1..N from an (N, D) weight, as `item_rows` gives them."""
+    return lambda ids: weight[ids - 1]
+
+
 def hand_info_nce(
     views: list[list[float]], temperature: float, weights: list[list[float]] | None = None
 ) -> float:
@@ -242,7 +247,7 @@ def test_corrected_negatives_estimate_the_partition_sum_without_bias(
     for _ in range(3000):
         targets = draw_targets(counts, len(states))
         pool, log_weight = negative_pool(targets, setting)
-        logits = sampled_logits(states, weight, bias, targets, pool, log_weight)
+        logits = sampled_logits(states, rows_of(weight), bias, targets, pool, log_weight)
         estimates.append(logits[:, 1:].exp().sum(1))
         full = (states @ weight.T + bias).exp()
         exacts.append(full.sum(1) - full.gather(1, targets[:, None] - 1)[:, 0])
@@ -264,11 +269,11 @@ def test_many_negatives_approach_the_full_cross_entropy_and_need_the_correction(
     errors = {}
     for name in ("uniform", "popularity"):
         pool, log_weight = negative_pool(targets, sampling(counts, name, n, False))
-        logits = sampled_logits(states, weight, bias, targets, pool, log_weight)
+        logits = sampled_logits(states, rows_of(weight), bias, targets, pool, log_weight)
         errors[name] = abs(F.cross_entropy(logits, torch.zeros_like(targets)).item() - full)
         if name == "popularity":
             naive = uncorrected_as_uniform(log_weight, n, 50)
-            logits = sampled_logits(states, weight, bias, targets, pool, naive)
+            logits = sampled_logits(states, rows_of(weight), bias, targets, pool, naive)
             errors["uncorrected"] = abs(
                 F.cross_entropy(logits, torch.zeros_like(targets)).item() - full
             )
@@ -283,7 +288,7 @@ def test_in_batch_negatives_are_masked_where_they_are_the_rows_target() -> None:
     assert pool.tolist() == [3, 5, 7]  # one column per distinct target, with its count
     p = counts / counts.sum()
     assert float(log_weight[0]) == pytest.approx(math.log(2 / (3 * float(p[2]))))
-    logits = sampled_logits(states[:4], weight, bias, targets, pool, log_weight)
+    logits = sampled_logits(states[:4], rows_of(weight), bias, targets, pool, log_weight)
     negative = logits[:, 1:]
     assert negative.isinf().tolist() == [
         [True, False, False],
@@ -294,7 +299,7 @@ def test_in_batch_negatives_are_masked_where_they_are_the_rows_target() -> None:
     # With draws too: every entry equal to the row's target and only those are masked.
     torch.manual_seed(2)
     pool, log_weight = negative_pool(targets, sampling(counts, "popularity", 64, True))
-    logits = sampled_logits(states[:4], weight, bias, targets, pool, log_weight)
+    logits = sampled_logits(states[:4], rows_of(weight), bias, targets, pool, log_weight)
     assert torch.equal(logits[:, 1:].isinf(), pool[None, :] == targets[:, None])
     assert torch.isfinite(logits[:, 0]).all()
     assert torch.isfinite(F.cross_entropy(logits, torch.zeros_like(targets)))
