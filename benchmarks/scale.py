@@ -48,7 +48,7 @@ from training.config import TrainConfig
 from training.data_parallel import Objective
 from training.interactions import ColumnNames
 from training.model import ModelConfig, build_model
-from training.optimizer import build_optimizer
+from training.optimizer import build_optimizer, clip_gradients
 from training.prepare import prepare
 from training.recipes import build_recipe
 from training.sequence_data import SequenceData
@@ -146,12 +146,19 @@ def new_model(num_items: int):  # type: ignore[no-untyped-def]
     return build_model(config, seed=0)
 
 
-def step_seconds(data: SequenceData, params: dict[str, Any], steps: int) -> float:
-    """Median seconds of one optimiser step (loss, backward, clip, AdamW)."""
+def step_seconds(
+    data: SequenceData, params: dict[str, Any], steps: int, sparse: bool = False
+) -> float:
+    """Median seconds of one optimiser step (loss, backward, clip, AdamW).
+
+    sparse: `train.sparse_items` (sparse item-table gradients, lazy Adam for the table).
+    """
     model = new_model(data.num_items).train()
     train = [seq for seq in data.split().train if len(seq) >= 2]
     recipe = build_recipe("sasrec", params, model.config, train, None)
-    optimizer = build_optimizer([model, recipe], TrainConfig())
+    model.item_embedding.sparse = sparse
+    table = model.item_embedding.weight if sparse else None
+    optimizer = build_optimizer([model, recipe], TrainConfig(), None, table)
     objective = Objective(model, recipe)
     rng = np.random.default_rng(0)
     batches = iterate_batches(train, BATCH, MAX_LEN + 1, "last", rng)
@@ -160,7 +167,7 @@ def step_seconds(data: SequenceData, params: dict[str, Any], steps: int) -> floa
         loss = objective(next(batches))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        clip_gradients(list(model.parameters()), 5.0)
         optimizer.step()
 
     return median_seconds(step, steps)

@@ -58,7 +58,9 @@ class Linearisation:
         wrapper = HiddenState(model)
         embedding_name = parameter_name(model, model.item_embedding.weight)
         table = model.item_embedding.weight.detach()
-        params = {n: p.detach() for n, p in model.named_parameters() if n != embedding_name}
+        # h does not depend on the output bias: its VJP would be K x N zeros.
+        constant = {embedding_name, parameter_name(model, model.output_bias)}
+        params = {n: p.detach() for n, p in model.named_parameters() if n not in constant}
         self.input_ids = model.prediction_input(history)[0]  # (L',) ids the embedding looks up
         offset = table.new_zeros(1, len(self.input_ids), table.shape[1])  # (1, L', D)
         current: dict[str, Tensor] = {}
@@ -121,9 +123,10 @@ def exact_identity(
     h, p = lin.h, lin.p
     weight = model.output_weight().detach()  # (N, D)
     u = weight - p @ weight  # (N, D): u_j = w_j − w̄
-    # C and its eigenpairs in float64: D×D is tiny and eigh is sensitive.
-    pu = u.double()
-    cov = (pu * p.double()[:, None]).T @ pu  # (D, D)
+    # The sum over N items as one matrix product in the model's precision (relative
+    # error ~3e-7 at 7.7e5 items against float64, at a third of the time); the D×D
+    # result and its eigenpairs in float64, where eigh is sensitive.
+    cov = ((u * p[:, None]).T @ u).double()  # (D, D)
     eigenvalues, eigenvectors = torch.linalg.eigh(cov)  # ascending
     eigenvalues = eigenvalues.flip(0).clamp_min(0.0)
     eigenvectors = eigenvectors.flip(1)
