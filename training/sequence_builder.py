@@ -287,7 +287,27 @@ class _SortedBlock:
 
 
 def _encode(codes: dict[Any, int], values: np.ndarray) -> np.ndarray:
-    """Integer codes of `values`, new values numbered in order of first appearance."""
+    """Integer codes of `values`, new values numbered in order of first appearance.
+
+    Strings are hashed by pyarrow first (`dictionary_encode`, in C): the Python
+    dict then sees each distinct value of the chunk once, not every row.
+    """
+    try:
+        import pyarrow as pa
+    except ImportError:  # the data tools' base install: row by row
+        return _encode_rows(codes, values)
+    try:
+        encoded = pa.array(values, type=pa.string()).dictionary_encode()
+    except (TypeError, ValueError, pa.ArrowException):
+        return _encode_rows(codes, values)  # not all strings: row by row
+    if encoded.null_count:
+        return _encode_rows(codes, values)
+    # The chunk's dictionary is in order of first appearance, as the rows would be.
+    distinct = _encode_rows(codes, encoded.dictionary.to_numpy(zero_copy_only=False))
+    return distinct[encoded.indices.to_numpy()]
+
+
+def _encode_rows(codes: dict[Any, int], values: np.ndarray) -> np.ndarray:
     return np.fromiter(
         (codes.setdefault(value, len(codes)) for value in values), dtype=np.int64, count=len(values)
     )

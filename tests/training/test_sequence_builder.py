@@ -206,3 +206,18 @@ def test_parquet_is_read_in_chunks_and_a_null_names_its_row(
     with pytest.raises(DataError, match="row 751: expected a value in column 'item'"):
         prepare(path, tmp_path / "out2")
     assert not (tmp_path / "out2").exists()
+
+
+def test_ids_that_are_not_strings_are_numbered_row_by_row_the_same_way() -> None:
+    as_text = build_sequences(
+        Interactions(
+            np.array(["7", "5", "7"], dtype=object), np.array(["a", "b", "c"], dtype=object), None
+        )
+    )
+    as_numbers = build_sequences(
+        Interactions(
+            np.array([7, 5, 7], dtype=object), np.array(["a", "b", "c"], dtype=object), None
+        )
+    )
+    assert as_numbers.fingerprint == as_text.fingerprint
+    assert named(as_numbers) == (["7", "5"], [["a", "c"], ["b"]])
