@@ -79,14 +79,19 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--items", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
-    parser.add_argument("--users-per-item", type=float, default=0.2)
-    parser.add_argument("--mean-length", type=float, default=20.0)
+    add_catalogue_flags(parser)
     parser.add_argument("--steps", type=int, default=3, help="timed training steps per loss")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds of HTTP load")
     parser.add_argument("--work", default="/tmp/fishrec-bench-scale")
     parser.add_argument("--json", default="benchmarks/results/scale.json")
     return parser.parse_args()
+
+
+def add_catalogue_flags(parser: argparse.ArgumentParser) -> None:
+    """The synthetic catalogues' sizes and shape (`make_data`), for the benchmarks that reuse them."""
+    parser.add_argument("--items", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    parser.add_argument("--users-per-item", type=float, default=0.2)
+    parser.add_argument("--mean-length", type=float, default=20.0)
 
 
 def timed(function: Callable[[], Any]) -> tuple[float, Any]:

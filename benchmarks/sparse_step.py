@@ -37,9 +37,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--items", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
-    parser.add_argument("--users-per-item", type=float, default=0.2)
-    parser.add_argument("--mean-length", type=float, default=20.0)
+    scale.add_catalogue_flags(parser)
     parser.add_argument("--steps", type=int, default=9, help="timed steps per median")
     parser.add_argument("--rounds", type=int, default=3, help="dense/sparse pairs per catalogue")
     parser.add_argument("--work", type=Path, default=Path("/tmp/fishrec-bench-sparse"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from training.config import ExperimentConfig, set_dotted
@@ -61,3 +62,18 @@ def tiny_pipeline(**overrides: Any):  # type: ignore[no-untyped-def]
     for key, value in overrides.items():
         set_dotted(values, key.replace("__", "."), value)
     return PipelineConfig.model_validate(values)
+
+
+def train_killed_and_resumed(config: ExperimentConfig, data: Any, run: Path) -> Any:
+    """Train in `run`, the process dying right after epoch 2 was saved, then `--resume`."""
+    import pytest
+
+    from training.run import train
+
+    def killed_after_two(entry: dict) -> None:
+        if entry["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(config, data, run, on_epoch=killed_after_two)
+    return train(config, data, run, resume=True)

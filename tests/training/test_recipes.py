@@ -11,7 +11,7 @@ import torch
 from pydantic import ValidationError
 from safetensors.torch import load_file
 
-from tests.support import tiny_experiment
+from tests.support import tiny_experiment, train_killed_and_resumed
 from training.batching import Batch, iterate_batches
 from training.config import ExperimentConfig
 from training.losses import info_nce
@@ -249,13 +249,7 @@ def test_ehrec_resume_carries_k_stat(small_data, tmp_path: Path) -> None:
     config = tiny_experiment(recipe__name="ehrec", train__epochs=3)
     straight = train(config, small_data, tmp_path / "straight")
 
-    def killed_after_two(entry: dict) -> None:
-        if entry["epoch"] == 2:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train(config, small_data, tmp_path / "resumed", on_epoch=killed_after_two)
-    resumed = train(config, small_data, tmp_path / "resumed", resume=True)
+    resumed = train_killed_and_resumed(config, small_data, tmp_path / "resumed")
     assert [e["recipe/k_stat"] for e in straight.history] == [
         e["recipe/k_stat"] for e in resumed.history
     ]

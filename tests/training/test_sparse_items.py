@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.support import tiny_experiment
+from tests.support import tiny_experiment, train_killed_and_resumed
 from training.batching import iterate_batches
 from training.config import TrainConfig
 from training.data_parallel import Objective
@@ -92,13 +92,7 @@ def test_a_run_with_sparse_items_learns_resumes_and_refuses_what_it_cannot_do(
     assert history[-1]["loss"] < history[0]["loss"]
     assert straight.best_score > 0.02
 
-    def killed_after_two(entry: dict) -> None:
-        if entry["epoch"] == 2:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train(config, small_data, tmp_path / "resumed", on_epoch=killed_after_two)
-    resumed = train(config, small_data, tmp_path / "resumed", resume=True)
+    resumed = train_killed_and_resumed(config, small_data, tmp_path / "resumed")
     assert resumed.history[-1]["loss"] == pytest.approx(history[-1]["loss"], rel=1e-6)
 
     full_softmax = tiny_experiment(train__epochs=1, train__sparse_items=True)

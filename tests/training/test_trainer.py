@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from merging.main import main
-from tests.support import tiny_experiment
+from tests.support import tiny_experiment, train_killed_and_resumed
 from training.run import train
 from training.run_folder import load_run_checkpoint
 from training.synthetic import SyntheticConfig, generate
@@ -68,13 +68,7 @@ def test_resume_continues_the_same_run(small_data, tmp_path: Path) -> None:
     config = tiny_experiment(train__epochs=3)
     straight = train(config, small_data, tmp_path / "straight")
 
-    def killed_after_two(entry: dict) -> None:
-        if entry["epoch"] == 2:
-            raise KeyboardInterrupt  # the process dies right after epoch 2 was saved
-
-    with pytest.raises(KeyboardInterrupt):
-        train(config, small_data, tmp_path / "resumed", on_epoch=killed_after_two)
-    resumed = train(config, small_data, tmp_path / "resumed", resume=True)
+    resumed = train_killed_and_resumed(config, small_data, tmp_path / "resumed")
     a = load_file(str(tmp_path / "straight" / "last" / "model.safetensors"))
     b = load_file(str(tmp_path / "resumed" / "last" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
