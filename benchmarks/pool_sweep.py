@@ -66,7 +66,7 @@ from merge_baselines import (  # benchmarks/merge_baselines.py
 from recipes import PLAIN, base_experiment, experiment_parser, parse_recipe  # benchmarks/recipes.py
 
 from merging.alignment import match_weights
-from merging.landscape import flat_weights, line_profile, validation_probe
+from merging.landscape import flat_weights, line_barrier, line_profile, validation_probe
 from merging.merge import merge_checkpoints
 from merging.methods import NEEDS_FISHERS, MergeConfig
 from merging.significance import paired_comparison
@@ -304,12 +304,12 @@ def barrier(runs: dict[str, Path], data: SequenceData, users: int, align: bool) 
     probe = validation_probe(data.split(), users=users, seed=0)
     line = line_profile(start.state_dict(), end, start, probe, points=9, extend=0.0)
     ends = (line["ndcg@10"][0] + line["ndcg@10"][-1]) / 2
-    inner = line["ndcg@10"][1:-1]
+    dip, relative = line_barrier(line)
     return {
         **line,
         "users": len(probe.split.users),
-        "barrier": ends - min(inner),
-        "barrier_relative": (ends - min(inner)) / ends,
+        "barrier": dip,
+        "barrier_relative": relative,
         "midpoint_gain": line["ndcg@10"][4] - ends,
     }
 
@@ -533,8 +533,8 @@ def control_table(strategies: dict[str, dict[str, Any]]) -> str:
 
 
 def barrier_text(line: dict[str, Any]) -> str:
-    relative = line.get("barrier_relative")
-    return f"{line['barrier']:+.4f}" + ("" if relative is None else f" ({relative:+.1%})")
+    dip, relative = line_barrier(line)
+    return f"{dip:+.4f} ({relative:+.1%})"
 
 
 def plot(strategies: dict[str, dict[str, Any]], path: Path, title: str) -> None:
@@ -562,9 +562,7 @@ def plot(strategies: dict[str, dict[str, Any]], path: Path, title: str) -> None:
     top.set_ylabel("test NDCG@10 vs best member (%)")
     top.legend(fontsize=8)
     top.set_title(title, fontsize=9)
-    barriers = [
-        100 * s["line"].get("barrier_relative", s["line"]["barrier"]) for s in strategies.values()
-    ]
+    barriers = [100 * line_barrier(s["line"])[1] for s in strategies.values()]
     bottom.bar(x, barriers, color="tab:red")
     bottom.axhline(0, color="black", linewidth=0.8)
     bottom.set_ylabel("barrier: dip below the ends\nof the line between two members (%)")

@@ -193,3 +193,18 @@ def line_profile(
         "ndcg@10": [s["ndcg@10"] for s in scores],
         "loss": [s["loss"] for s in scores],
     }
+
+
+def line_barrier(line: Mapping[str, Any], metric: str = "ndcg@10") -> tuple[float, float]:
+    """The largest dip of a `line_profile` below the straight line between its ends.
+
+    Frankle et al. (2020): sup_t (1 - t) f(0) + t f(1) - f(t), over the measured
+    interior points; also relative to the straight line at that point. Negative:
+    the whole line lies above the straight one (no barrier). Against the ends'
+    mean instead, two members of unequal quality would make a monotone line look
+    like a barrier.
+    """
+    t, values = line["t"], line[metric]
+    straight = [(1 - x) * values[0] + x * values[-1] for x in t]
+    dip, at = max((straight[i] - values[i], straight[i]) for i in range(1, len(t) - 1))
+    return float(dip), float(dip / at)

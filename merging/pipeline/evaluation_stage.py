@@ -161,10 +161,9 @@ def evaluate_baselines(
 
 
 def member_line(first: Any, second: Any, data: Any, users: int) -> dict[str, Any]:
-    """Validation NDCG@10 on the line between two members, and the dip below their ends."""
-    from merging.landscape import line_profile, validation_probe
+    """Validation NDCG@10 on the line between two members, and its barrier (`line_barrier`)."""
+    from merging.landscape import line_barrier, line_profile, validation_probe
 
     probe = validation_probe(data.split(), users=users, seed=0)
     line = line_profile(first.state_dict(), second.state_dict(), first, probe, points=9, extend=0.0)
-    values = line["ndcg@10"]
-    return {**line, "barrier": (values[0] + values[-1]) / 2 - min(values[1:-1])}
+    return {**line, "barrier": line_barrier(line)[0]}

@@ -110,3 +110,17 @@ def test_the_landscape_grid_covers_every_model_and_is_plotted(
     assert (tmp_path / "plane.png").stat().st_size > 1000 and (
         tmp_path / "line.png"
     ).stat().st_size > 1000
+
+
+def test_the_barrier_is_the_dip_below_the_straight_line_between_the_ends() -> None:
+    from merging.landscape import line_barrier
+
+    t = [0.0, 0.25, 0.5, 0.75, 1.0]
+    dip, relative = line_barrier({"t": t, "ndcg@10": [0.06, 0.05, 0.04, 0.05, 0.06]})
+    assert dip == pytest.approx(0.02) and relative == pytest.approx(1 / 3)
+    # Unequal members, a straight-ish monotone line: no barrier, though the lowest
+    # interior point is far below the ends' mean.
+    dip, _ = line_barrier({"t": t, "ndcg@10": [0.06, 0.0552, 0.0502, 0.0451, 0.04]})
+    assert dip < 0
+    dip, relative = line_barrier({"t": t, "ndcg@10": [0.06, 0.05, 0.045, 0.035, 0.04]})
+    assert dip == pytest.approx(0.01) and relative == pytest.approx(0.01 / 0.045)
