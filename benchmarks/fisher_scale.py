@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from results_file import write_results  # benchmarks/results_file.py
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -96,9 +98,7 @@ def main() -> None:
                 )
             rows.append(row)
             print(json.dumps(row))
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    settings = {key: str(value) for key, value in vars(args).items()}
-    args.json.write_text(json.dumps({"settings": settings, "rows": rows}, indent=2) + "\n")
+    write_results(args.json, args, rows=rows)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from results_file import write_results  # benchmarks/results_file.py
 
 from training.synthetic import SyntheticConfig
 from training.synthetic_log import write_parquet
@@ -176,10 +177,7 @@ def main() -> None:
     for users in sorted(args.users):
         rows.append(measure(args, users))
         exponents = report(rows)
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        settings = {key: str(value) for key, value in vars(args).items()}
-        payload = {"settings": settings, "rows": rows, "exponents": exponents}
-        args.json.write_text(json.dumps(payload, indent=2) + "\n")
+        write_results(args.json, args, rows=rows, exponents=exponents)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ within 1.5x for sparse). Data folders are kept in --work and reused.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import statistics
 import sys
@@ -26,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import scale  # the catalogues, the model and the timed step of the scale benchmark
+from results_file import write_results  # benchmarks/results_file.py
 
 from training.sequence_data import SequenceData
 
@@ -91,10 +91,7 @@ def main() -> None:
             f"step at {last['catalogue']:,} items over the step at {before['catalogue']:,}: "
             f"dense {growth['dense_s']:.2f}x, sparse {growth['sparse_s']:.2f}x"
         )
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    settings = {key: str(value) for key, value in vars(args).items()}
-    payload = {"settings": settings, "rows": rows, "growth_last_two": growth}
-    args.json.write_text(json.dumps(payload, indent=2) + "\n")
+    write_results(args.json, args, rows=rows, growth_last_two=growth)
 
 
 if __name__ == "__main__":
