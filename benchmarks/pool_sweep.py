@@ -30,7 +30,8 @@ serving cost), the uniform average and (unless --no-fisher) the exact-Fisher
 merge, on the test split (full ranking, whole history excluded), each compared
 with the best member on validation by a paired per-user test; each merge's share
 of the ensemble's gain; the barrier on the validation line between the first two
-members (mean of the ends minus the lowest point between them); distances and
+members (the largest dip below the straight line between the ends,
+merging/landscape.line_barrier); distances and
 error inconsistency; training compute in member-epochs and the wall time.
 --control adds one plain model trained for M x E epochs (early stopping as the
 config says: its JSON row says when it stopped).

@@ -13,6 +13,14 @@ the commit before), the same logs up to --baseline-max-users are also prepared
 by that version, in the same run, so the table carries the ratio; the two
 folders' fingerprints must agree.
 
+Drawing the log is slower than preparing it (about 6 minutes per million users
+on one core here). --tile K writes the logs of more than --tile-above users as
+K copies of the log of users/K users, each copy's users renumbered (copy c's
+user uN becomes u(N + c * users/K)): a log of that many distinct users and
+interactions, with each behaviour K times over, for the price of one copy (the
+row says tile K; the prepare step does not depend on what users do, only on how
+many rows, users and items there are).
+
 Logs and figures are kept in --work and reused when run again (delete a size's
 folder to remeasure); each size's row goes to --json as soon as it exists.
 """
@@ -48,6 +56,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--items", type=int, default=1_000_000, help="catalogue of the generator")
     parser.add_argument("--mean-length", type=float, default=20.0)
     parser.add_argument("--k-core", type=int, default=None, help="prepare with this k-core")
+    parser.add_argument("--tile", type=int, default=1, help="copies of a smaller log (see above)")
+    parser.add_argument("--tile-above", type=int, default=2_500_000, help="users: tile above this")
     parser.add_argument("--baseline-src", type=Path, default=None, help="another checkout")
     parser.add_argument("--baseline-max-users", type=int, default=1_000_000)
     parser.add_argument("--work", type=Path, default=Path("/tmp/fishrec-bench-prepare"))
@@ -73,6 +83,40 @@ def synthetic_log(args: argparse.Namespace, users: int) -> tuple[Path, dict[str,
         facts = {"interactions": written.rows, "log_mb": written.bytes / 1e6}
         facts["generate_s"] = time.perf_counter() - start
         done.write_text(json.dumps(facts))
+    return folder, json.loads(done.read_text())
+
+
+def tiled_log(args: argparse.Namespace, users: int) -> tuple[Path, dict[str, Any]]:
+    """`users` users as --tile renumbered copies of the log of users / --tile users."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from training.files import atomic_directory
+
+    if users % args.tile:
+        raise SystemExit(f"--tile {args.tile} does not divide {users} users")
+    drawn = users // args.tile
+    source, facts = synthetic_log(args, drawn)
+    folder = args.work / f"log-u{users}-n{args.items}-tile{args.tile}"
+    done = folder.with_suffix(".json")
+    if not done.exists():
+        start, size = time.perf_counter(), 0
+        with atomic_directory(folder) as staging:
+            for copy in range(args.tile):
+                for part in sorted(source.glob("*.parquet")):
+                    table = pq.read_table(part)
+                    numbers = pc.utf8_slice_codeunits(table["user"], 1).cast("int64")
+                    renamed = pc.binary_join_element_wise(
+                        "u", pc.add(numbers, copy * drawn).cast("string"), ""
+                    )
+                    table = table.set_column(0, "user", renamed)
+                    path = staging / f"copy-{copy}-{part.name}"
+                    pq.write_table(table, path, compression="zstd")
+                    size += path.stat().st_size
+                log.info("log: copy %d of %d written", copy + 1, args.tile)
+        tiled = {"interactions": facts["interactions"] * args.tile, "log_mb": size / 1e6}
+        tiled |= {"generate_s": time.perf_counter() - start, "tile": args.tile, "drawn": facts}
+        done.write_text(json.dumps(tiled))
     return folder, json.loads(done.read_text())
 
 
@@ -117,10 +161,12 @@ def run_prepare(src: Path, log_folder: Path, output: Path, k_core: int | None) -
 
 
 def measure(args: argparse.Namespace, users: int) -> dict[str, Any]:
-    done = args.work / f"figures-u{users}-n{args.items}-k{args.k_core}.json"
+    tiled = args.tile > 1 and users > args.tile_above
+    tag = f"-tile{args.tile}" if tiled else ""
+    done = args.work / f"figures-u{users}-n{args.items}-k{args.k_core}{tag}.json"
     if done.exists():
         return json.loads(done.read_text())
-    log_folder, facts = synthetic_log(args, users)
+    log_folder, facts = tiled_log(args, users) if tiled else synthetic_log(args, users)
     log.info("%d users: %d interactions; preparing", users, facts["interactions"])
     row = {
         "log_users": users,

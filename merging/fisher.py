@@ -233,7 +233,8 @@ def _run_per_sequence(
     for done, (sequence_id, seq) in enumerate(zip(ids, sequences, strict=True), start=1):
         history = torch.as_tensor(seq[:-1], dtype=torch.long, device=device)[None]  # (1, L)
         if engine == "exact":
-            exact_identity(model, history, spec.n, accumulator)
+            rank, items = (None, spec.n) if spec.name == "truncated" else (spec.n, None)
+            exact_identity(model, history, rank, accumulator, items)
         else:
             generator = sequence_generator(config.seed, sequence_id)
             select = _deduped(_selector(spec, int(seq[-1]) - 1, generator))

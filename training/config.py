@@ -191,6 +191,12 @@ class TrainConfig(StrictModel):
         "stops growing with the catalogue and data-parallel workers send only those rows; "
         "ID-only models",
     )
+    user_bootstrap: bool = Field(
+        False,
+        description="train on a bootstrap sample of the training users (as many, drawn with "
+        "replacement, from seed): each pool member its own data view (bagging); validation "
+        "and test are unchanged",
+    )
     patience: int = Field(5, ge=1, description="epochs without validation gain before stopping")
     eval_every: int = Field(1, ge=1, description="validate every N epochs")
     validate_initial: bool = Field(

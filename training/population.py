@@ -76,7 +76,7 @@ class Member:
         self.name = spec.name
         self.trainer = Trainer(
             config,
-            load_data() if callable(load_data) else _load_path(load_data),
+            load_data(),
             Path(spec.run_dir),
             init=Path(spec.init) if spec.init else None,
         )
@@ -131,12 +131,6 @@ class Member:
             "history": result.history,
             "metrics": result.metrics,
         }
-
-
-def _load_path(path: str) -> SequenceData:  # TEMPORARY: a sweep started before the change
-    from training.prepare import load_data
-
-    return load_data(Path(path))
 
 
 def exchange_pull(pull_per_epoch: float, steps_per_epoch: int, exchange_every: int) -> float:

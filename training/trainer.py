@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -60,6 +60,21 @@ def resolve_device(name: str) -> torch.device:
 
 def epoch_seed(seed: int, epoch: int) -> int:
     return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+
+
+T = TypeVar("T")
+# Tags the bootstrap's stream apart from the epochs' (epoch_seed(seed, epoch)).
+BOOTSTRAP_STREAM = 2**31 - 1
+
+
+def bootstrap_users(sequences: list[T], seed: int) -> list[T]:
+    """As many sequences as given, drawn with replacement (a pool member's own data view).
+
+    The count stays, so members with and without a bootstrap take the same steps
+    per epoch (a population exchanges at the same points of every member's epoch).
+    """
+    rng = np.random.default_rng(epoch_seed(seed, BOOTSTRAP_STREAM))
+    return [sequences[i] for i in rng.integers(0, len(sequences), size=len(sequences))]
 
 
 @dataclass
@@ -117,6 +132,8 @@ class Trainer:
         self.train_sequences = [seq for seq in self.split.train if len(seq) >= 2]
         if not self.train_sequences:
             raise ValueError("no training sequence has two or more items")
+        if self.cfg.user_bootstrap:
+            self.train_sequences = bootstrap_users(self.train_sequences, self.cfg.seed)
         self.evaluator = Evaluator(
             self.split, seed=self.cfg.eval_seed, batch_size=self.cfg.eval_batch_size
         )

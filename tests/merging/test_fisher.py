@@ -113,6 +113,44 @@ def test_truncation_reports_the_dropped_eigenvalue_mass() -> None:
     assert 0.0 < masses[0] < masses[1] < 1.0
 
 
+def test_truncated_covariance_is_exact_over_every_item_and_a_lower_bound_below() -> None:
+    model = tiny_model("sasrec")
+    exact = fisher(model, "exact")
+    whole = compute_fisher(model, sequences(), FisherConfig(estimator=f"truncated:{NUM_ITEMS}"))
+    assert whole.mean_dropped_mass == 0.0
+    assert relative_error(whole.mean(torch.float64), exact) < 1e-12
+    errors, masses = [], []
+    for items in (12, 3):
+        result = compute_fisher(model, sequences(), FisherConfig(estimator=f"truncated:{items}"))
+        estimate = result.mean(torch.float64)
+        # Only the tail's spread is left out of C: the Jacobian part can only shrink,
+        # the output and cross terms stay exact.
+        for name in exact:
+            assert bool((estimate[name] <= exact[name] * (1 + 1e-9) + 1e-15).all()), name
+        errors.append(relative_error(estimate, exact))
+        masses.append(result.mean_dropped_mass)
+    assert 0.0 < errors[0] < errors[1]
+    assert 0.0 < masses[0] < masses[1] < 1.0
+
+
+def test_truncated_covariance_leaves_out_the_tails_spread() -> None:
+    from merging.fisher_exact import _covariance
+
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(50, 4, generator=generator, dtype=torch.float64)
+    p = torch.softmax(3 * torch.randn(50, generator=generator, dtype=torch.float64), 0)
+    mean = p @ weight
+    exact, none_left = _covariance(weight, p, mean, None)
+    truncated, left_out = _covariance(weight, p, mean, 10)
+    assert none_left == 0.0
+    torch.testing.assert_close(torch.trace(truncated) + left_out, torch.trace(exact))
+    assert bool((torch.linalg.eigvalsh(exact - truncated) > -1e-12).all())  # a lower bound
+    tail = p.topk(50).indices[10:]
+    u = weight[tail] - mean
+    spread = u - (p[tail] @ u) / p[tail].sum()
+    assert left_out == pytest.approx(float(p[tail] @ spread.square().sum(1)), rel=1e-9)
+
+
 # ---- item-list estimators ---------------------------------------------------------------
 
 
@@ -210,10 +248,13 @@ def test_shards_add_up_to_the_whole() -> None:
 def test_parse_estimator() -> None:
     assert str(parse_estimator("sample:50")) == "sample:50"
     assert parse_estimator("exact").n is None and parse_estimator("exact:16").n == 16
-    assert set(ESTIMATORS) == {"exact", "full", "random", "topk", "sample", "target", "empirical"}
+    assert set(ESTIMATORS) == {
+        *("exact", "truncated", "full", "random", "topk", "sample", "target", "empirical")
+    }
     for bad, message in [
         ("samples:5", "unknown"),
         ("sample", "needs a count"),
+        ("truncated", "needs a count"),
         ("target:3", "takes no count"),
         ("topk:0", "positive integer"),
         ("topk:x", "positive integer"),

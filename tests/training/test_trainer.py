@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -173,3 +174,23 @@ def test_compiled_blocks_train_like_eager_ones(small_data, tmp_path: Path) -> No
     assert set(a) == set(b)  # compiling in place keeps the parameter names
     assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
     assert compiled.history[0]["loss"] == pytest.approx(eager.history[0]["loss"], rel=1e-4)
+
+
+def test_user_bootstrap_is_a_seeded_view_of_as_many_users(small_data, tmp_path: Path) -> None:
+    from training.trainer import Trainer
+
+    def sequences(**train: Any) -> list[tuple[int, ...]]:
+        config = tiny_experiment(**{f"train__{k}": v for k, v in train.items()})
+        trainer = Trainer(config, small_data, tmp_path / "run")
+        return [tuple(seq) for seq in trainer.train_sequences]
+
+    everyone = sequences()
+    bagged = sequences(user_bootstrap=True, seed=3)
+    # As many sequences (so a population's members still exchange at the same steps),
+    # drawn with replacement from the users: some twice, about 1/e of them not at all.
+    assert len(bagged) == len(everyone)
+    assert set(bagged) <= set(everyone)
+    missing = 1 - len(set(bagged)) / len(set(everyone))
+    assert 0.3 < missing < 0.45, missing
+    assert bagged == sequences(user_bootstrap=True, seed=3)
+    assert bagged != sequences(user_bootstrap=True, seed=4)
