@@ -101,20 +101,37 @@ def assert_published(store: ArtifactStore, run_id: str, tmp_path: Path) -> None:
 def test_the_job_spreads_over_two_nodes_with_data_and_artifacts_on_s3(
     s3_bucket: str, small_data_dir: Path, tmp_path: Path
 ) -> None:
-    """No shared disk at all: the prepared data folder and the artifact root are on the bucket."""
+    """No shared disk at all: the prepared data folder and the artifact root are on the bucket.
+
+    The bucket already holds two published runs (the newest, a fake, is LATEST) and a
+    failed run's work folder: the gate cannot load the fake champion and publishes, and
+    retention (keep 2) removes the oldest run and the stale work folder from the bucket.
+    """
     artifacts = f"{s3_bucket}/fishrec"
     ArtifactStore(s3_bucket).upload_folder(small_data_dir, "data/small")
-    config = write_config(tmp_path, experiment__data__path=f"{s3_bucket}/data/small")
+    store = ArtifactStore(artifacts)
+    for day, old in enumerate(["old-1", "old-2"], start=1):
+        manifest = {"created": f"2026-11-0{day}T03:00:00+00:00"}
+        store.write_text(f"runs/{old}/manifest.json", json.dumps(manifest))
+    store.write_text("LATEST", "old-2\n")
+    store.write_text("work/failed-night/stages/data.json", "{}")
+    config = write_config(
+        tmp_path, experiment__data__path=f"{s3_bucket}/data/small", retention__keep_runs=2
+    )
     with two_node_cluster() as (cluster, _, scratch):
         command = job_command(config, artifacts, cluster.address, "two-nodes")
         result = subprocess.run(command, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stderr[-4000:]
         # Both nodes worked on the run, each in its own scratch folder.
         assert worked_on(scratch["head"]) and worked_on(scratch["worker"]), scratch
-    store = ArtifactStore(artifacts)
     assert_published(store, "two-nodes", tmp_path)
     manifest = json.loads(store.read_text("runs/two-nodes/manifest.json"))
     assert manifest["data_fingerprint"] == load_data(small_data_dir).fingerprint
+    outcome = json.loads(store.read_text("work/two-nodes/outcome.json"))
+    assert outcome["outcome"] == "published" and outcome["gate"]["champion"] is None
+    assert "old-2 is not a loadable bundle" in outcome["gate"]["note"]
+    assert store.listdir("runs") == ["old-2", "two-nodes"]
+    assert store.listdir("work") == ["two-nodes"]
 
 
 def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 300) -> None:
