@@ -14,7 +14,9 @@ budget of --epochs epochs per member, counting a shared phase:
   initialisation;
 - `population:PULL:EVERY`: members from their own initialisations, E epochs at
   once, pulled toward their mean every EVERY steps (PAPA);
-  `population:PULL:EVERY:shared` from one initialisation (`pool.shared_init`);
+  `population:PULL:EVERY:shared` from one initialisation (`pool.shared_init`),
+  `population:PULL:EVERY:cosine` with the pull decaying to 0 over training
+  (`pool.pull_schedule`);
   `population:P/epoch:EVERY` sets the pull compounded over an epoch instead
   (`pool.pull_per_epoch`).
 
@@ -75,7 +77,7 @@ from training.config import ExperimentConfig
 from training.diagnostics import error_inconsistency
 from training.evaluate import Evaluator
 from training.flags import add_override_flags
-from training.pool import PoolConfig
+from training.pool import PULL_SCHEDULES, PoolConfig
 from training.population import MemberSpec, train_population
 from training.prepare import load_data
 from training.run import train
@@ -99,8 +101,8 @@ def parse_args() -> argparse.Namespace:
         "--strategies",
         nargs="+",
         default=["scratch", "spawn:0", "spawn:2", "spawn:6", "population:0.1:10"],
-        help="scratch | spawn:S | population:PULL:EVERY[:shared], each optionally +align (merge after "
-        "weight matching)",
+        help="scratch | spawn:S | population:PULL:EVERY[:shared][:cosine], each optionally "
+        "+align (merge after weight matching)",
     )
     parser.add_argument("--epochs", type=int, default=12, help="epochs per member, shared included")
     parser.add_argument("--seed", type=int, default=0)
@@ -138,19 +140,24 @@ def parse_strategy(text: str) -> PoolConfig:
     name, *values = text.split(":")
     if name == "spawn" and len(values) == 1:
         return PoolConfig(strategy="spawn", spawn_epoch=int(values[0]))
-    if name == "population" and len(values) in (2, 3) and values[2:] in ([], ["shared"]):
+    flags = set(values[2:])
+    if name == "population" and len(values) >= 2 and flags <= {"shared", *PULL_SCHEDULES}:
         per_epoch = values[0].endswith(PER_EPOCH)
         pull = float(values[0].removesuffix(PER_EPOCH))
+        schedules = flags & set(PULL_SCHEDULES)
         return PoolConfig(
             strategy="population",
             pull=0.0 if per_epoch else pull,
             pull_per_epoch=pull if per_epoch else None,
             exchange_every=int(values[1]),
-            shared_init=values[2:] == ["shared"],
+            shared_init="shared" in flags,
+            pull_schedule=schedules.pop() if len(schedules) == 1 else "constant",
         )
     if name == "scratch" and not values:
         return PoolConfig(strategy="scratch")
-    raise ValueError(f"strategy {text!r}: use scratch, spawn:S or population:PULL:EVERY[:shared]")
+    raise ValueError(
+        f"strategy {text!r}: use scratch, spawn:S or population:PULL:EVERY[:shared][:SCHEDULE]"
+    )
 
 
 # ---- training ----------------------------------------------------------------------------
@@ -212,7 +219,13 @@ def train_pool(
     loader = functools.partial(load_data, Path(args.data))
     per_epoch = pool.pull_per_epoch if pool.strategy == "population" else None
     results = train_population(
-        members, loader, pull, pool.exchange_every, resume=True, pull_per_epoch=per_epoch
+        members,
+        loader,
+        pull,
+        pool.exchange_every,
+        resume=True,
+        pull_per_epoch=per_epoch,
+        pull_schedule=pool.pull_schedule,
     )
     return {name: Path(r["run_dir"]) for name, r in results.items()}, shared + len(members) * (
         args.epochs - shared

@@ -16,7 +16,8 @@ strategy places the members somewhere on that trade-off:
 - `population`: members train at once from their own initialisations (or, with
   `shared_init`, from one: no permutation between them to undo) and are
   pulled toward their mean every `exchange_every` steps (PAPA,
-  training/population.py), as Ray actors.
+  training/population.py), as Ray actors; `pull_schedule: cosine` lets the
+  pull fade to 0 over training (one basin early, room to differ late).
 
 The merge job (`setting` in the pipeline config) and the benchmarks
 (benchmarks/pool_sweep.py, benchmarks/merge_baselines.py) read the same config.
@@ -39,6 +40,14 @@ POOL_STRATEGIES: dict[str, str] = {
     "population": "members train at once, pulled toward their mean every exchange_every steps",
 }
 PoolStrategy = Literal["finetune", "scratch", "spawn", "population"]
+
+# name -> one line: how the population's pull changes over training (the CLI, the docs)
+PULL_SCHEDULES: dict[str, str] = {
+    "constant": "the same pull at every exchange",
+    "cosine": "the pull decays from `pull` to 0 along a half cosine over the members' steps "
+    "(one basin early, room to differ late)",
+}
+PullSchedule = Literal["constant", "cosine"]
 
 
 class PoolSettings(StrictModel):
@@ -66,6 +75,11 @@ class PoolSettings(StrictModel):
         description="population: the pull compounded over one epoch; when set, it replaces "
         "pull, so that one value means the same on data sets of any size (None: use pull)",
     )
+    pull_schedule: PullSchedule = Field(
+        "constant",
+        description="population: "
+        + "; ".join(f"{name}: {line}" for name, line in PULL_SCHEDULES.items()),
+    )
     shared_init: bool = Field(
         False,
         description="population: members start from one initialisation (the experiment's "
@@ -84,6 +98,8 @@ class PoolConfig(PoolSettings):
     def _known(self) -> PoolConfig:
         if self.strategy not in POOL_STRATEGIES:  # Literal and registry must agree
             raise ValueError(f"unknown pool strategy {self.strategy!r}")
+        if self.pull_schedule not in PULL_SCHEDULES:
+            raise ValueError(f"unknown pull schedule {self.pull_schedule!r}")
         return self
 
     @property

@@ -27,6 +27,7 @@ go on without it.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -105,6 +106,10 @@ class Member:
                 taken += 1
         return self.trainer.done
 
+    def progress(self) -> float:
+        """Share of this member's optimiser steps taken (0 at the start, 1 at the end)."""
+        return self.trainer.state.step / self.trainer.total_steps
+
     def weights(self) -> dict[str, np.ndarray]:
         return {
             name: parameter.detach().cpu().numpy()
@@ -146,6 +151,19 @@ def exchange_pull(pull_per_epoch: float, steps_per_epoch: int, exchange_every: i
     return 1.0 - (1.0 - pull_per_epoch) ** (1.0 / exchanges)
 
 
+def scheduled_pull(pull: float, schedule: str, progress: float) -> float:
+    """The pull of an exchange at `progress` (share of the members' steps taken).
+
+    `constant`: `pull` throughout; `cosine`: pull * (1 + cos(pi * progress)) / 2, from
+    `pull` at the start to 0 at the end (training/pool.py PULL_SCHEDULES).
+    """
+    if schedule == "constant":
+        return pull
+    if schedule == "cosine":
+        return pull * 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
+    raise ValueError(f"unknown pull schedule {schedule!r}")
+
+
 def population_mean(weights: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return {name: np.mean([w[name] for w in weights], axis=0) for name in weights[0]}
 
@@ -160,11 +178,15 @@ def train_population(
     resume: bool = False,
     on_finish: FinishHook | None = None,
     pull_per_epoch: float | None = None,
+    pull_schedule: str = "constant",
 ) -> dict[str, dict[str, Any]]:
     """Train every member at once on Ray, pulling them toward their mean; name -> result.
 
     `pull_per_epoch` (when given) replaces `pull` by the per-exchange pull that
     compounds to it over an epoch of these members (`exchange_pull`).
+    `pull_schedule` scales it at each exchange by the members' progress
+    (`scheduled_pull`), read from the members' own step counts so that a resumed
+    population continues the schedule where it stopped.
 
     Needs a running Ray (`ray.init` or the job's session). Each member is an
     actor with `threads` CPUs that loads the data itself (`load_data` is shipped
@@ -176,6 +198,7 @@ def train_population(
         raise ValueError("a population needs at least one member")
     if not 0.0 <= pull <= 1.0:
         raise ValueError(f"pull must lie in [0, 1], got {pull}")
+    scheduled_pull(pull, pull_schedule, 0.0)  # an unknown schedule fails before any actor starts
     # Every member must be alive at once (they step together): on a cluster smaller
     # than members x threads, each actor reserves its share of the CPUs instead.
     cpus = min(float(threads), ray.cluster_resources().get("CPU", threads) / len(members))
@@ -194,20 +217,23 @@ def train_population(
     while active:
         done = ray.get([a.advance.remote(exchange_every) for a in active.values()])
         if pull > 0 and len(active) > 1:
+            progress = ray.get(next(iter(active.values())).progress.remote())
+            strength = scheduled_pull(pull, pull_schedule, progress)
             weights = ray.get([a.weights.remote() for a in active.values()])
             mean = ray.put(population_mean(weights))
-            ray.get([a.pull.remote(mean, pull) for a in active.values()])
+            ray.get([a.pull.remote(mean, strength) for a in active.values()])
             exchanges += 1
         active = {
             n: a for (n, a), finished in zip(active.items(), done, strict=True) if not finished
         }
     results = dict(zip(actors, ray.get([a.finish.remote() for a in actors.values()]), strict=True))
     log.info(
-        "population of %d: %d exchanges (pull %.3g every %d steps) in %.0f s",
+        "population of %d: %d exchanges (pull %.3g every %d steps, %s) in %.0f s",
         len(members),
         exchanges,
         pull,
         exchange_every,
+        pull_schedule,
         time.perf_counter() - start,
     )
     for a in actors.values():

@@ -181,6 +181,7 @@ def population_stage(run: StageContext, experiments: dict[str, dict[str, Any]]) 
         pool.exchange_every,
         num_gpus,
         pool.pull_per_epoch,
+        pool.pull_schedule,
         outputs=outputs,
     )
 
@@ -261,6 +262,7 @@ def train_population_members(
     exchange_every: int,
     num_gpus: float = 0.0,
     pull_per_epoch: float | None = None,
+    pull_schedule: str = "constant",
 ) -> dict[str, dict[str, Any]]:
     """The pool as a population (training/population.py): one actor per member.
 
@@ -289,6 +291,7 @@ def train_population_members(
         resume=True,
         on_finish=functools.partial(publish_run, context),
         pull_per_epoch=pull_per_epoch,
+        pull_schedule=pull_schedule,
     )
     return {
         name: {

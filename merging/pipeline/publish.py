@@ -27,6 +27,11 @@ def describe_pool(pool: dict[str, Any] | None) -> str | None:
             if pool.get("pull_per_epoch") is not None
             else f" (pull {pool['pull']:g} every {pool['exchange_every']} steps"
         )
+        + (
+            f", {pool['pull_schedule']} decay"
+            if pool.get("pull_schedule", "constant") != "constant"
+            else ""
+        )
         + (", one initialisation)" if pool.get("shared_init") else ")"),
     }.get(strategy, "")
     parts = [

@@ -43,3 +43,6 @@ def test_the_report_names_the_pull_as_configured() -> None:
     assert str(line(shared_init=True)).startswith(
         "population (pull 0.05 every 10 steps, one initialisation)"
     )
+    assert str(line(pull_schedule="cosine", shared_init=True)).startswith(
+        "population (pull 0.05 every 10 steps, cosine decay, one initialisation)"
+    )

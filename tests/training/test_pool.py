@@ -11,7 +11,13 @@ from pydantic import ValidationError
 
 from tests.support import tiny_experiment
 from training.pool import POOL_STRATEGIES, PoolConfig
-from training.population import MemberSpec, exchange_pull, population_mean, train_population
+from training.population import (
+    MemberSpec,
+    exchange_pull,
+    population_mean,
+    scheduled_pull,
+    train_population,
+)
 from training.prepare import load_data
 from training.run import train
 from training.run_folder import LAST, load_run_checkpoint
@@ -101,6 +107,32 @@ def test_a_gentle_pull_brings_members_closer(
         return float(sum(((a[k] - b[k]) ** 2).sum() for k in a if a[k].is_floating_point()))
 
     assert distance(tmp_path / "pulled", 0.2) < 0.5 * distance(tmp_path / "free", 0.0)
+
+
+def test_a_decaying_pull_leaves_members_further_apart_than_a_constant_one(
+    ray_local, small_data_dir: Path, tmp_path: Path
+) -> None:
+    def distance(folder: Path, schedule: str) -> float:
+        specs = [member("a", folder, seed=3), member("b", folder, seed=4)]
+        train_population(
+            specs, loader(small_data_dir), pull=0.5, exchange_every=2, pull_schedule=schedule
+        )
+        a, b = (weights(folder / name, last=True) for name in ("a", "b"))
+        return float(sum(((a[k] - b[k]) ** 2).sum() for k in a if a[k].is_floating_point()))
+
+    # The cosine pull is strong only early: by the end the members drift apart again.
+    assert distance(tmp_path / "cosine", "cosine") > 2 * distance(tmp_path / "constant", "constant")
+    with pytest.raises(ValueError, match="unknown pull schedule"):
+        specs = [member("a", tmp_path / "x", seed=3), member("b", tmp_path / "x", seed=4)]
+        train_population(specs, loader(small_data_dir), 0.5, 2, pull_schedule="sawtooth")
+
+
+def test_scheduled_pull_decays_along_a_half_cosine() -> None:
+    assert scheduled_pull(0.05, "constant", 0.7) == 0.05
+    assert scheduled_pull(0.05, "cosine", 0.0) == pytest.approx(0.05)
+    assert scheduled_pull(0.05, "cosine", 0.5) == pytest.approx(0.025)
+    assert scheduled_pull(0.05, "cosine", 1.0) == pytest.approx(0.0, abs=1e-12)
+    assert scheduled_pull(0.05, "cosine", 1.3) == pytest.approx(0.0, abs=1e-12)
 
 
 def test_exchange_pull_compounds_to_the_pull_per_epoch() -> None:
