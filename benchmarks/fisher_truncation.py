@@ -80,6 +80,7 @@ def fishers(
 ) -> tuple[dict[str, Path], list[dict[str, Any]]]:
     """Each estimator's Fisher file of `run`, and a row per estimator (time, error)."""
     paths, rows, exact = {}, [], None
+    checkpoint_fisher(run, data, FisherConfig(num_sequences=2))  # warm-up: not timed
     for spec in ["exact", *(f"truncated:{k}" for k in args.items)]:
         config = FisherConfig(estimator=spec, num_sequences=args.sequences)
         start = time.perf_counter()
