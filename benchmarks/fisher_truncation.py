@@ -6,14 +6,13 @@
         --items 10 100 1000 --json benchmarks/results/fisher-truncation-beauty.json
 
 `truncated:K` (merging/fisher_exact.py) builds the output covariance of the
-exact identity from the K most probable items and the rest as one point at
-their mean: O(K D²) per sequence instead of O(N D²). It leaves out the tail's
-spread, so how good it is depends on how much of p the top K hold: a trained
-model's. For each trained run (--runs, the pool's members) and each K, on the
-same --sequences training sequences: seconds per sequence, the relative error
-of the Fisher against exact (||F_K - F|| / ||F|| over all parameters, and over
-the item table alone), the share of the covariance's trace left out, and the
-mass of p in the top K. Then the members are merged with each Fisher (Fisher
+exact identity from the K most probable items exactly and K draws from the
+rest: O(K D²) per sequence instead of O(N D²), unbiased, so its error is the
+draws' noise, which shrinks as the top K hold more of p and as sequences add
+up. For each trained run (--runs, the pool's members) and each K, on the same
+--sequences training sequences: seconds per sequence, the relative error of
+the Fisher against exact (||F_K - F|| / ||F|| over all parameters, and over the
+item table alone), and the mass of p in the top K. Then the members are merged with each Fisher (Fisher
 merge, the job's default) and every merge is evaluated on the test split (full
 ranking, whole history excluded) against the exact-Fisher merge, paired per
 user: the error that matters is the one the merged model shows.
@@ -93,7 +92,6 @@ def fishers(
         row["relative_error_item_table"] = relative_error(
             {TABLE: mean[TABLE]}, {TABLE: exact[TABLE]}
         )
-        row["dropped_trace_share"] = result.mean_dropped_mass
         rows.append(row)
         log.info("%s %s: %s", run.name, spec, json.dumps(row))
         paths[spec] = folder / f"{run.name}-{spec.replace(':', '-')}.safetensors"

@@ -59,7 +59,7 @@ def cmd_fisher(args: argparse.Namespace) -> None:
     result, metadata = checkpoint_fisher(Path(args.checkpoint), data, config, args.device)
     save_fisher(Path(args.out), result.file_tensors(), metadata)
     mass = result.mean_dropped_mass
-    dropped = f", share of the covariance left out {mass:.3g}" if mass else ""
+    dropped = f", dropped eigenvalue mass {mass:.3g}" if mass else ""
     print(f"{args.out}: Fisher {result.estimator} over {result.count} sequences{dropped}")
 
 

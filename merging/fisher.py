@@ -232,11 +232,11 @@ def _run_per_sequence(
     step = max(1, len(sequences) // 10)
     for done, (sequence_id, seq) in enumerate(zip(ids, sequences, strict=True), start=1):
         history = torch.as_tensor(seq[:-1], dtype=torch.long, device=device)[None]  # (1, L)
+        generator = sequence_generator(config.seed, sequence_id)
         if engine == "exact":
             rank, items = (None, spec.n) if spec.name == "truncated" else (spec.n, None)
-            exact_identity(model, history, rank, accumulator, items)
+            exact_identity(model, history, rank, accumulator, items, generator)
         else:
-            generator = sequence_generator(config.seed, sequence_id)
             select = _deduped(_selector(spec, int(seq[-1]) - 1, generator))
             run(model, history, select, accumulator, config.max_gradients)
         if done % step == 0:

@@ -6,7 +6,7 @@ registry of names (docs/merging.md):
 | spec        | items j and weights                                        |
 |-------------|------------------------------------------------------------|
 | `exact[:r]` | all items, exactly, in D VJPs (top r eigenpairs if r given) |
-| `truncated:K` | as exact, the covariance from the K most probable items  |
+| `truncated:K` | as exact, C from the K most probable items and K draws   |
 | `full`      | all items by brute force: |V| VJPs (the reference)          |
 | `random:n`  | n items uniformly without replacement, weight p_j |V| / n    |
 | `topk:n`    | the n most probable items, weight p_j                       |
@@ -92,8 +92,8 @@ ESTIMATORS: dict[str, EstimatorKind] = {
         None,
         "required",
         "exact",
-        "exact, with the output covariance from the n most probable items (the rest at "
-        "their mean): O(n D²) instead of O(|V| D²) at large catalogues",
+        "exact, with the output covariance from the n most probable items and n draws "
+        "from the rest (unbiased): O(n D²) instead of O(|V| D²) at large catalogues",
     ),
     "full": EstimatorKind(
         _all_items, "never", "autograd", "all items by brute force (|V| VJPs): the reference"

@@ -39,7 +39,7 @@ class FisherResult:
     count: int
     estimator: str
     batch_shortcut: bool = False
-    dropped_mass: float = 0.0  # exact:r, truncated:K: Σ over sequences of the share of C left out
+    dropped_mass: float = 0.0  # exact:r: Σ over sequences of the dropped eigenvalue share
     extra: dict[str, Any] = field(default_factory=dict)
     # Input Grams of the linear layers (merging/regmean.py), summed over `gram_rows` rows.
     grams: dict[str, Tensor] = field(default_factory=dict)
