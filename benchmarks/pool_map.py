@@ -36,13 +36,15 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def pool_label(path: Path, name: str, settings: dict[str, Any]) -> str:
-    """The strategy, with what set the file's pool apart (members, overrides)."""
+def pool_label(name: str, settings: dict[str, Any], epochs: Any) -> str:
+    """The strategy, with what set the file's pool apart (members, epochs, overrides)."""
     members = settings.get("members") or []
-    extra = [f"{len(members)} members: {' '.join(sorted(set(members)))}"] if members else []
-    extra += [o.replace("train.", "") for o in settings.get("overrides") or []]
     default = members in ([], ["plain", "plain"])
-    return name + ("" if default and len(extra) <= 1 else f" ({', '.join(extra)})")
+    extra = [] if default else [f"{len(members)} members: {' '.join(sorted(set(members)))}"]
+    if settings.get("epochs") != epochs:
+        extra.append(f"{settings.get('epochs')} epochs per member")
+    extra += [o.replace("train.", "") for o in settings.get("overrides") or []]
+    return name + (f" ({', '.join(extra)})" if extra else "")
 
 
 def control(paths: list[Path], seed: str) -> float | None:
@@ -55,10 +57,11 @@ def control(paths: list[Path], seed: str) -> float | None:
 
 
 def points(paths: list[Path], seed: str, merge: str) -> list[dict[str, Any]]:
-    found = []
+    found, epochs = [], None  # the first file's epochs per member; others are labelled
     for path in paths:
         results = json.loads(path.read_text())
         settings = results.get("settings", {})
+        epochs = settings.get("epochs") if epochs is None else epochs
         strategies = results["seeds"].get(seed, {}).get("strategies", {})
         for name, row in strategies.items():
             if merge not in row["merge_gain"] or not row.get("line"):
@@ -66,7 +69,7 @@ def points(paths: list[Path], seed: str, merge: str) -> list[dict[str, Any]]:
             best = row["rows"][row["best_member"]]["test"]
             found.append(
                 {
-                    "pool": pool_label(path, name, settings),
+                    "pool": pool_label(name, settings, epochs),
                     "best_member": best,
                     "ensemble": row["rows"]["ensemble"]["test"],
                     "merged": row["rows"][merge]["test"],
