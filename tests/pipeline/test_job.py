@@ -331,6 +331,8 @@ def test_the_gate_refuses_a_worse_model_until_forced(finished_run, tmp_path: Pat
         merge__methods=["uniform"],
         merge__publish="uniform",
         merge__finetune_epochs=0,
+        fisher__num_sequences=16,  # the gate is under test here, not the Fisher or the plots
+        report__landscape_users=0,
     )
     config = tmp_path / "worse.yaml"
     config.write_text(yaml.safe_dump(worse.model_dump(mode="json")))
